@@ -1,0 +1,99 @@
+"""Frozen, validated, JSON-serialisable configs for each stage. No torch import here."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from vtprune.errors import ConfigError
+
+METHODS = ("none", "gprune")
+DEGREE_MODES = ("mask", "nonzero")
+POSITION_MODES = ("original", "contiguous")
+
+
+def parse_keep(text: str) -> int | float:
+    """Parse a ``--keep`` value: ``64`` is a token count, ``0.25`` or ``25%`` is a keep ratio."""
+    raw = text.strip()
+    try:
+        if raw.endswith("%"):
+            return float(raw[:-1]) / 100.0
+        if any(c in raw for c in ".eE"):
+            return float(raw)
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"--keep {text!r} is neither a token count (e.g. 64) nor a ratio (e.g. 0.25 or 25%)") from None
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """How visual tokens are pruned before the language model.
+
+    Args:
+        method: ``none`` (keep everything) or ``gprune`` (ALGORITHMS.md §1).
+        keep: an ``int`` K is the total number of prunable visual tokens kept per image, split over the
+            image's groups in proportion to their sizes (static shapes); a ``float`` rho in (0, 1] keeps
+            ``floor(rho * N_g)`` tokens of each group g (the reference code's behaviour).
+        theta: cosine threshold for graph edges.
+        tau: softmax temperature of the transition matrix.
+        iters: propagation steps T.
+        degree: ``mask`` counts neighbours in fp32 (clean); ``nonzero`` counts ``P > 0`` in the model dtype
+            (bit-faithful to the reference code under fp16).
+        positions: ``original`` keeps each kept token's unpruned position id (gaps; the reference);
+            ``contiguous`` renumbers the pruned sequence 0..n-1 (a variant).
+    """
+
+    method: str = "none"
+    keep: int | float | None = None
+    theta: float = 0.5
+    tau: float = 0.03
+    iters: int = 5
+    degree: str = "mask"
+    positions: str = "original"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown pruning method {self.method!r}; choose one of {', '.join(METHODS)}")
+        self._check_keep()
+        if not -1.0 <= self.theta <= 1.0:
+            raise ConfigError(f"theta={self.theta} must be a cosine in [-1, 1]")
+        if not (self.tau > 0 and math.isfinite(self.tau)):
+            raise ConfigError(f"tau={self.tau} must be a positive finite temperature")
+        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0:
+            raise ConfigError(f"iters={self.iters!r} must be an integer >= 0")
+        if self.degree not in DEGREE_MODES:
+            raise ConfigError(f"degree={self.degree!r} must be one of {', '.join(DEGREE_MODES)}")
+        if self.positions not in POSITION_MODES:
+            raise ConfigError(f"positions={self.positions!r} must be one of {', '.join(POSITION_MODES)}")
+
+    def _check_keep(self) -> None:
+        keep = self.keep
+        if self.method == "none":
+            if keep not in (None, 1.0):
+                raise ConfigError("--keep only applies to a pruning method; method 'none' keeps every token")
+            return
+        if keep is None:
+            raise ConfigError(f"method {self.method!r} needs a budget: --keep K (a count) or --keep 0.25 (a ratio)")
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+            raise ConfigError(f"keep={keep!r} must be an int count or a float ratio")
+        if isinstance(keep, int) and keep <= 0:
+            raise ConfigError(f"--keep {keep} must be a positive token count")
+        if isinstance(keep, float) and not 0.0 < keep <= 1.0:
+            raise ConfigError(f"--keep {keep} must be a ratio in (0, 1] or a positive integer count")
+
+    @property
+    def prunes(self) -> bool:
+        return self.method != "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PruneConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(f"unknown PruneConfig fields: {', '.join(sorted(unknown))}")
+        return cls(**data)

@@ -1,0 +1,47 @@
+"""One base exception and a few typed subclasses.
+
+User errors (bad input, missing files, unsupported models) derive from ``VtpruneError`` and are turned
+into one line on stderr with exit code 2 by the CLI. ``InternalError`` marks our own bugs.
+"""
+
+from __future__ import annotations
+
+
+class VtpruneError(Exception):
+    """Base class for every error a user can cause and fix."""
+
+
+class ConfigError(VtpruneError):
+    """A configuration value is out of range or inconsistent."""
+
+
+class CheckpointError(VtpruneError):
+    """A checkpoint directory is missing, malformed or holds weights we refuse to load."""
+
+
+class UnsupportedModelError(CheckpointError):
+    """The checkpoint's architecture has no registered adapter."""
+
+
+class PickleWeightsError(CheckpointError):
+    """The checkpoint only holds pickle weights (.bin/.pt) and pickle loading was not allowed."""
+
+
+class InputError(VtpruneError):
+    """An image or prompt cannot be used as given."""
+
+
+class BudgetError(ConfigError):
+    """A token budget does not fit the visual tokens the model produced."""
+
+
+class BackendUnavailableError(VtpruneError):
+    """An optional backend is not installed; the message names the extra to install."""
+
+
+class ValidationError(VtpruneError):
+    """Outputs of two backends or two code paths disagree."""
+
+
+class InternalError(Exception):
+    """A bug in vtprune, not in the user's input. Deliberately not a VtpruneError."""

@@ -1,0 +1,57 @@
+"""Prefill compute accounting (ALGORITHMS.md §4.4), in multiply-accumulates (MACs; FLOPs = 2 x MACs).
+
+Per decoder layer, for n tokens (SwiGLU MLP, GQA-aware attention projections):
+    n*d*(2*d_q + 2*d_kv)   q, k, v, o projections (d_q = heads*head_dim, d_kv = kv_heads*head_dim)
+  + 2*n^2*d_q              QK^T and attention x V, the full square (no causal halving)
+  + 3*n*d*m                gate, up and down projections
+which is the spec's 4*n*d^2 + 2*n^2*d + 3*n*d*m when d_q = d_kv = d. The LM head adds d*V for the one
+position whose logits prefill needs. G-Prune adds N^2*D (similarity) + T*N^2 (propagation) per group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class TextDims:
+    """Decoder shape facts."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+
+def prefill_macs(dims: TextDims, n: int) -> int:
+    """MACs of one prefill over ``n`` tokens, logits for the last position only."""
+    d, dq, dkv = dims.hidden, dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
+    per_layer = n * d * (2 * dq + 2 * dkv) + 2 * n * n * dq + 3 * n * d * dims.intermediate
+    return dims.layers * per_layer + d * dims.vocab
+
+
+def gprune_macs(group_sizes: Sequence[int], dim: int, iters: int) -> int:
+    """MACs of the G-Prune stage: similarity matrix plus T mat-vec propagation steps, per group."""
+    return sum(n * n * dim + iters * n * n for n in group_sizes)
+
+
+@dataclass(frozen=True)
+class FlopsReport:
+    """Prefill MACs with and without pruning, and the pruning stage's own cost."""
+
+    prefill_macs_unpruned: int
+    prefill_macs_pruned: int
+    prune_stage_macs: int
+
+    @property
+    def saved_fraction(self) -> float:
+        """Fraction of unpruned prefill MACs saved, net of the pruning stage's cost."""
+        spent = self.prefill_macs_pruned + self.prune_stage_macs
+        return 1.0 - spent / self.prefill_macs_unpruned
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self) | {"saved_fraction": self.saved_fraction}

@@ -1,0 +1,152 @@
+"""The adapter contract: the only place that knows where a VLM family keeps its parts.
+
+An adapter wraps a loaded transformers model and its processor and exposes the seams the generic
+pipeline needs: inputs from (image, prompt), visual tokens with their layout, text embeddings, the
+unpruned position ids, the decoder stack and the LM head. The pipeline owns the forward pass; no
+transformers class is patched.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from vtprune.errors import InputError
+from vtprune.flops import TextDims
+from vtprune.prune import VisualLayout
+
+
+@dataclass
+class VisualTokens:
+    """One image's visual tokens as they enter the language model."""
+
+    embeds: Tensor  # (B, N_v, D)
+    layout: VisualLayout
+
+
+class VlmAdapter(ABC):
+    """Base class; one subclass per VLM family, registered with ``@register_adapter``."""
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    hf_class: ClassVar[str]
+    image_slot: ClassVar[str]  # what a raw prompt must contain where the image goes
+
+    def __init__(self, model: nn.Module, processor: Any, path: Path) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.path = path
+
+    # --- loading -----------------------------------------------------------------------------
+    @classmethod
+    def load_model(cls, path: Path, dtype: torch.dtype, use_safetensors: bool) -> nn.Module:
+        import transformers
+
+        model_cls = getattr(transformers, cls.hf_class)
+        return model_cls.from_pretrained(
+            str(path), dtype=dtype, use_safetensors=use_safetensors, local_files_only=True, trust_remote_code=False
+        )
+
+    @classmethod
+    @abstractmethod
+    def load_processor(cls, path: Path) -> Any:
+        ...
+
+    # --- prompt and inputs -------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    def format_prompt(self, question: str) -> str:
+        """The checkpoint's chat template around one image and the question, else the family default."""
+        template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+        if template:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return self.default_prompt(question)
+
+    @abstractmethod
+    def default_prompt(self, question: str) -> str:
+        ...
+
+    def check_prompt(self, prompt: str) -> None:
+        if prompt.count(self.image_slot) != 1:
+            found = prompt.count(self.image_slot)
+            raise InputError(
+                f"a raw prompt needs exactly one image slot {self.image_slot!r} (found {found}); "
+                "add it where the image goes, or drop --raw-prompt to use the chat template"
+            )
+
+    @property
+    def min_image_side(self) -> int:
+        return self.patch_size
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.model.config.vision_config.patch_size)
+
+    @abstractmethod
+    def prepare(self, image: Any, prompt: str) -> dict[str, Tensor]:
+        """Processor outputs for one image and a prompt that holds one image slot."""
+        ...
+
+    # --- model seams -------------------------------------------------------------------------
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @abstractmethod
+    def encode_image(self, inputs: dict[str, Tensor]) -> VisualTokens:
+        ...
+
+    def position_ids(self, inputs: dict[str, Tensor]) -> Tensor:
+        """Unpruned position ids of the whole prompt: (B, L) for 1-D RoPE."""
+        ids = inputs["input_ids"]
+        return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The decoder stack (embeddings in, final-norm hidden states out)."""
+        return self.model.model.language_model
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    @property
+    def text_config(self) -> Any:
+        return self.model.config.text_config
+
+    def text_dims(self) -> TextDims:
+        c = self.text_config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return TextDims(
+            layers=c.num_hidden_layers,
+            hidden=c.hidden_size,
+            intermediate=c.intermediate_size,
+            heads=c.num_attention_heads,
+            kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+            head_dim=head_dim,
+            vocab=c.vocab_size,
+        )
+
+    def eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), self.text_config, self.model.config):
+            eos = getattr(source, "eos_token_id", None)
+            if eos is not None:
+                ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()

@@ -1,0 +1,94 @@
+"""Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): native dynamic resolution, 2x2 patch merger,
+M-RoPE (temporal, height, width) position ids. Pruning acts on the merger output; kept tokens keep
+their unpruned M-RoPE ids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vtprune.models import register_adapter
+from vtprune.models.base import VisualTokens, VlmAdapter
+from vtprune.models.llava import single_group
+
+
+@dataclass
+class QwenVLProcessor:
+    """Image processor + tokenizer, without the video processor.
+
+    ``Qwen2_5_VLProcessor`` builds a video processor that needs torchvision, which cannot be installed
+    next to the CPU torch here (PLATFORM.md §4); images need only these two parts.
+    """
+
+    image_processor: Any
+    tokenizer: Any
+    image_token: str = "<|image_pad|>"
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+@register_adapter
+class Qwen25VLAdapter(VlmAdapter):
+    family = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)
+    hf_class = "Qwen2_5_VLForConditionalGeneration"
+    image_slot = "<|image_pad|>"
+
+    @classmethod
+    def load_processor(cls, path: Path) -> Any:
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        image_processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        return QwenVLProcessor(image_processor, tokenizer)
+
+    def default_prompt(self, question: str) -> str:
+        return (
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+            f"<|vision_start|>{self.image_slot}<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
+        )
+
+    @property
+    def min_image_side(self) -> int:
+        return self.patch_size * int(self.model.config.vision_config.spatial_merge_size)
+
+    def prepare(self, image: Any, prompt: str) -> dict[str, Tensor]:
+        vision = self.processor.image_processor(images=[image], return_tensors="pt")
+        grid = vision["image_grid_thw"]  # (1, 3): t, h, w in patches
+        merge = int(self.model.config.vision_config.spatial_merge_size)
+        n_tokens = int(grid[0].prod()) // merge**2
+        text = prompt.replace(self.image_slot, self.image_slot * n_tokens)
+        enc = self.tokenizer(text, return_tensors="pt")
+        type_ids = (enc["input_ids"] == self.image_token_id).to(torch.int32)  # 1 = image, 0 = text
+        return {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "pixel_values": vision["pixel_values"],
+            "image_grid_thw": grid,
+            "mm_token_type_ids": type_ids,
+        }
+
+    def encode_image(self, inputs: dict[str, Tensor]) -> VisualTokens:
+        pixels = inputs["pixel_values"].to(self.model.dtype)
+        feats = self.model.model.get_image_features(pixels, inputs["image_grid_thw"]).pooler_output
+        embeds = torch.stack(list(feats))  # (B, N_v, D) merger output, one row per 2x2 patch block
+        return VisualTokens(embeds, single_group(embeds.shape[1]))
+
+    def position_ids(self, inputs: dict[str, Tensor]) -> Tensor:
+        """M-RoPE ids (3, B, L) of the unpruned prompt, from the model's own ``get_rope_index``."""
+        pos, _ = self.model.model.get_rope_index(
+            inputs["input_ids"],
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=inputs.get("attention_mask"),
+        )
+        return pos

@@ -1,0 +1,1 @@
+"""Runtimes: the PyTorch reference pipeline here; ONNX Runtime and TensorRT backends import lazily."""

@@ -1,0 +1,174 @@
+"""Pruned generation in PyTorch: image + prompt -> answer, visual tokens pruned before the LLM.
+
+The pipeline owns the forward pass around the adapter's seams (no transformers class is patched):
+preprocess -> vision -> prune -> prefill -> greedy decode. Kept tokens carry their unpruned position ids
+(M-RoPE ids for Qwen2.5-VL), and decoding continues one past the largest prompt position, exactly where
+the unpruned model would continue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vtprune.config import PruneConfig
+from vtprune.errors import InternalError
+from vtprune.flops import FlopsReport, gprune_macs, prefill_macs
+from vtprune.models.base import VlmAdapter
+from vtprune.prune import VisualLayout, group_budgets, select_visual
+from vtprune.prune.select import gather_positions, gather_tokens
+from vtprune.runtime.images import check_image_size
+from vtprune.runtime.timing import StageTimer
+
+
+@dataclass
+class Prefill:
+    """The (pruned) prompt as it enters the decoder. Batch size 1."""
+
+    embeds: Tensor  # (1, n, D)
+    position_ids: Tensor  # (1, n), or (3, 1, n) for M-RoPE
+    seq_keep: Tensor  # (1, n) indices into the unpruned prompt of length L
+    visual_keep: Tensor  # (1, K) indices into the image's N_v visual tokens
+    prompt_len: int  # L, the unpruned prompt length
+    layout: VisualLayout
+
+
+@dataclass
+class Generation:
+    """What ``PrunedVlm.generate`` returns; ``to_dict`` is the CLI's ``--json`` output."""
+
+    answer: str
+    token_ids: list[int]
+    method: str
+    keep: int | float | None
+    visual_tokens_total: int
+    visual_tokens_kept: int
+    prompt_tokens: int
+    prefill_tokens: int
+    flops: FlopsReport
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["flops"] = self.flops.to_dict()
+        return out
+
+
+class PrunedVlm:
+    """A loaded VLM adapter plus a pruning config, driven as one generation pipeline."""
+
+    def __init__(self, adapter: VlmAdapter, cfg: PruneConfig) -> None:
+        self.adapter = adapter
+        self.cfg = cfg
+
+    def inputs(self, image: Any, prompt: str, raw_prompt: bool = False) -> dict[str, Tensor]:
+        """Processor outputs for one image and a question (or a raw prompt holding the image slot)."""
+        check_image_size(image, self.adapter.min_image_side)
+        if raw_prompt:
+            self.adapter.check_prompt(prompt)
+        text = prompt if raw_prompt else self.adapter.format_prompt(prompt)
+        return self.adapter.prepare(image, text)
+
+    @torch.inference_mode()
+    def build_prefill(self, inputs: dict[str, Tensor], timer: StageTimer | None = None) -> Prefill:
+        """Vision encoder, pruning and merge: the decoder's input embeddings and position ids."""
+        timer = timer or StageTimer()
+        ids = inputs["input_ids"]
+        if ids.shape[0] != 1:
+            raise InternalError("the PyTorch pipeline runs one prompt at a time")
+        with timer.stage("vision"):
+            visual = self.adapter.encode_image(inputs)
+        with timer.stage("prune"):
+            visual_keep = select_visual(visual.embeds, visual.layout, self.cfg)  # (1, K)
+        image_pos = (ids[0] == self.adapter.image_token_id).nonzero().squeeze(-1)  # (N_v,)
+        if image_pos.numel() != visual.layout.num_tokens:
+            raise InternalError(f"{image_pos.numel()} image slots for {visual.layout.num_tokens} visual tokens")
+        embeds = self.adapter.embed_tokens(ids).clone()  # (1, L, D)
+        embeds[:, image_pos] = visual.embeds.to(embeds.dtype)
+        seq_keep = self._sequence_keep(ids.shape[1], image_pos, visual_keep)  # (1, n)
+        positions = self.adapter.position_ids(inputs)
+        if self.cfg.positions == "contiguous":
+            positions = torch.arange(seq_keep.shape[1]).expand_as(gather_positions(positions, seq_keep))
+        else:
+            positions = gather_positions(positions, seq_keep)
+        return Prefill(
+            gather_tokens(embeds, seq_keep), positions, seq_keep, visual_keep, ids.shape[1], visual.layout
+        )
+
+    @staticmethod
+    def _sequence_keep(length: int, image_pos: Tensor, visual_keep: Tensor) -> Tensor:
+        is_text = torch.ones(length, dtype=torch.bool)
+        is_text[image_pos] = False
+        text_pos = torch.arange(length)[is_text]
+        return torch.cat([text_pos, image_pos[visual_keep[0]]]).sort().values.unsqueeze(0)  # (1, n) ascending
+
+    def decoder_step(self, embeds: Tensor, positions: Tensor, cache: Any) -> Tensor:
+        """Run the decoder on new tokens with the cache; returns final-norm hidden states (1, t, D)."""
+        past = cache.get_seq_length()
+        # An explicit all-ones mask: with no mask, transformers reads position-id gaps as packed sequences.
+        mask = torch.ones(embeds.shape[0], past + embeds.shape[1], dtype=torch.long)
+        out = self.adapter.decoder(
+            inputs_embeds=embeds, position_ids=positions, attention_mask=mask, past_key_values=cache, use_cache=True
+        )
+        return out.last_hidden_state
+
+    def new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.adapter.text_config)
+
+    @torch.inference_mode()
+    def prompt_logits(self, prefill: Prefill) -> Tensor:
+        """Logits at every prefill position (1, n, V); for parity checks against transformers."""
+        hidden = self.decoder_step(prefill.embeds, prefill.position_ids, self.new_cache())
+        return self.adapter.lm_head(hidden)
+
+    @torch.inference_mode()
+    def decode(self, prefill: Prefill, max_new_tokens: int, timer: StageTimer | None = None) -> list[int]:
+        """Greedy decoding after a prefill; stops at an EOS token or after ``max_new_tokens``."""
+        timer, cache, eos = timer or StageTimer(), self.new_cache(), self.adapter.eos_token_ids()
+        with timer.stage("prefill"):
+            hidden = self.decoder_step(prefill.embeds, prefill.position_ids, cache)
+            token = self.adapter.lm_head(hidden[:, -1:]).argmax(-1)  # (1, 1)
+        next_pos = prefill.position_ids.amax(dim=-1, keepdim=True) + 1  # one past the unpruned prompt
+        out: list[int] = []
+        with timer.stage("decode"):
+            for step in range(max_new_tokens):
+                out.append(int(token))
+                if out[-1] in eos or step == max_new_tokens - 1:
+                    break
+                hidden = self.decoder_step(self.adapter.embed_tokens(token), next_pos + step, cache)
+                token = self.adapter.lm_head(hidden[:, -1:]).argmax(-1)
+        return out
+
+    def generate(self, image: Any, prompt: str, max_new_tokens: int = 32, raw_prompt: bool = False) -> Generation:
+        """Answer ``prompt`` about ``image`` with pruned visual tokens; per-stage wall times included."""
+        timer = StageTimer()
+        with timer.stage("preprocess"):
+            inputs = self.inputs(image, prompt, raw_prompt)
+        prefill = self.build_prefill(inputs, timer)
+        tokens = self.decode(prefill, max_new_tokens, timer)
+        answer = self.adapter.decode([t for t in tokens if t not in self.adapter.eos_token_ids()])
+        return Generation(
+            answer=answer, token_ids=tokens, method=self.cfg.method, keep=self.cfg.keep,
+            visual_tokens_total=prefill.layout.num_tokens, visual_tokens_kept=int(prefill.visual_keep.shape[1]),
+            prompt_tokens=prefill.prompt_len, prefill_tokens=int(prefill.seq_keep.shape[1]),
+            flops=self.flops(prefill), timings_ms=dict(timer.ms),
+        )  # fmt: skip
+
+    def flops(self, prefill: Prefill) -> FlopsReport:
+        dims = self.adapter.text_dims()
+        sizes = [int(g.numel()) for g in prefill.layout.groups]
+        stage = gprune_macs(sizes, prefill.embeds.shape[-1], self.cfg.iters) if self.cfg.prunes else 0
+        return FlopsReport(prefill_macs(dims, prefill.prompt_len), prefill_macs(dims, prefill.seq_keep.shape[1]), stage)
+
+
+def budget_summary(layout: VisualLayout, cfg: PruneConfig) -> dict[str, int]:
+    """Kept tokens per group name (plus ``always``) for reports."""
+    if not cfg.prunes:
+        return {name: int(g.numel()) for name, g in zip(layout.names, layout.groups)}
+    budgets = group_budgets([int(g.numel()) for g in layout.groups], cfg.keep)
+    return dict(zip(layout.names, budgets)) | {"always": int(layout.always_keep.numel())}
