@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random checkpoints written once per session and loaded like a user's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vtprune.models.tiny import TINY_MODELS
+
+FAMILIES = {"tiny-llava": "llava", "tiny-llava-next": "llava_next", "tiny-qwen2.5-vl": "qwen2_5_vl"}
+assert set(FAMILIES) == set(TINY_MODELS), "every tiny model needs a family entry here"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A vtprune cache dir holding the tiny checkpoints (built once per test session)."""
+    from vtprune.models.tiny import materialize
+
+    root = tmp_path_factory.mktemp("vtprune-cache")
+    for name in TINY_MODELS:
+        materialize(name, root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(cache_dir: Path) -> dict[str, Path]:
+    """Checkpoint directory of each tiny model."""
+    return {name: cache_dir / "tiny" / name for name in TINY_MODELS}
+
+
+_ADAPTERS: dict = {}
+
+
+@pytest.fixture(params=sorted(TINY_MODELS))
+def tiny_adapter(request: pytest.FixtureRequest, tiny_dirs: dict[str, Path]):
+    """A loaded adapter per tiny family (loaded from its directory, cached for the session)."""
+    from vtprune.models import load_vlm
+
+    name = request.param
+    if name not in _ADAPTERS:
+        _ADAPTERS[name] = load_vlm(tiny_dirs[name])
+    return _ADAPTERS[name]
+
+
+@pytest.fixture(scope="session")
+def scene():
+    """A synthetic 320x240 RGB scene with two shapes."""
+    from vtprune.demo import scene_image
+
+    return scene_image()
+
+
+@pytest.fixture
+def png(tmp_path: Path, scene) -> Path:
+    """The scene written to a PNG file."""
+    path = tmp_path / "scene.png"
+    scene.save(path)
+    return path
