@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -86,6 +87,22 @@ def ckpt_dir(tmp: Path, files: dict[str, str | bytes]) -> Path:
     return d
 
 
+def tiny_copy(tmp: Path, tiny_dir: Path, drop: tuple[str, ...] = ()) -> Path:
+    """A copy of a tiny checkpoint with the files in ``drop`` removed (an incomplete download)."""
+    d = tmp / "ckpt"
+    shutil.copytree(tiny_dir, d)
+    for name in drop:
+        (d / name).unlink()
+    return d
+
+
+def truncated_weights(tmp: Path, tiny_dir: Path) -> Path:
+    d = tiny_copy(tmp, tiny_dir)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return d
+
+
 def llava_config(tiny_dirs: dict[str, Path]) -> str:
     return (tiny_dirs["tiny-llava"] / "config.json").read_text()
 
@@ -120,8 +137,11 @@ CASES: dict[str, Case] = {
         ("pytorch_model.bin", "--allow-pickle")),
     "ckpt-no-weights": lambda t, d, p: (
         _model(str(ckpt_dir(t, {"config.json": llava_config(d)})), p), ("no weights",)),
-    "ckpt-corrupt-safetensors": lambda t, d, p: (
-        _model(str(ckpt_dir(t, {"config.json": llava_config(d), "model.safetensors": os.urandom(256)})), p), ()),
+    "ckpt-truncated-safetensors": lambda t, d, p: (_model(str(truncated_weights(t, d["tiny-llava"])), p), ()),
+    "ckpt-no-processor-config": lambda t, d, p: (
+        _model(str(tiny_copy(t, d["tiny-llava"], ("processor_config.json",))), p), ()),
+    "ckpt-no-tokenizer": lambda t, d, p: (
+        _model(str(tiny_copy(t, d["tiny-llava"], ("tokenizer.json", "tokenizer_config.json"))), p), ()),
     # image
     "image-missing": lambda t, d, p: (_model("tiny-llava", t / "missing.png"), ("does not exist",)),
     "image-is-dir": lambda t, d, p: (_model("tiny-llava", t), ("not a file",)),

@@ -23,7 +23,8 @@ def test_parse_keep(text, value):
      ({"method": "gprune", "keep": 0}, "positive"), ({"method": "gprune", "keep": 1.5}, r"\(0, 1\]"),
      ({"method": "none", "keep": 16}, "only applies"), ({"method": "gprune", "keep": 4, "tau": 0.0}, "tau"),
      ({"method": "gprune", "keep": 4, "theta": 2.0}, "theta"), ({"method": "gprune", "keep": 4, "iters": -1}, "iters"),
-     ({"method": "gprune", "keep": 4, "degree": "x"}, "degree"), ({"method": "gprune", "keep": 4, "positions": "x"}, "positions")],
+     ({"method": "gprune", "keep": 4, "degree": "x"}, "degree"),
+     ({"method": "gprune", "keep": 4, "positions": "x"}, "positions")],
 )  # fmt: skip
 def test_config_validation_names_the_bad_value(kwargs, match):
     with pytest.raises(ConfigError, match=match):

@@ -24,7 +24,8 @@ def parse_keep(text: str) -> int | float:
             return float(raw)
         return int(raw)
     except ValueError:
-        raise ConfigError(f"--keep {text!r} is neither a token count (e.g. 64) nor a ratio (e.g. 0.25 or 25%)") from None
+        msg = f"--keep {text!r} is neither a token count (e.g. 64) nor a ratio (e.g. 0.25 or 25%)"
+        raise ConfigError(msg) from None
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,8 @@ def run_demo(model: str, image_path: Path | None, prompt: str, keep: int | float
         result, ms = _timed(PrunedVlm(adapter, cfg), image, prompt)
         label = "unpruned" if not cfg.prunes else "gprune"
         print(f"[{label}{'' if not cfg.prunes else f' --keep {keep}'}] answer: {result.answer}")
-        print(f"    visual tokens {result.visual_tokens_kept}/{result.visual_tokens_total}, {_flops_line(result.flops)}")
+        kept = f"{result.visual_tokens_kept}/{result.visual_tokens_total}"
+        print(f"    visual tokens {kept}, {_flops_line(result.flops)}")
         rows.append((label, ms))
     print(f"\nlatency, median of {REPEATS} runs after warm-up (ms, PyTorch CPU):")
     stages = list(rows[0][1])

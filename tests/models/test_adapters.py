@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from tests.conftest import FAMILIES
+from vtprune.config import PruneConfig
 from vtprune.errors import PickleWeightsError, UnsupportedModelError
 from vtprune.models import adapter_for, adapters, load_vlm
 from vtprune.models.checkpoint import check_weights, read_config
 from vtprune.runtime.pipeline import PrunedVlm
-from vtprune.config import PruneConfig
 
 
 def test_every_registered_family_has_a_tiny_model_and_tests():
@@ -72,7 +72,7 @@ def test_loading_by_name_and_by_directory_agree(tiny_dirs, cache_dir):
     a = load_vlm("tiny-llava", cache_dir=cache_dir)
     b = load_vlm(tiny_dirs["tiny-llava"])
     assert a.path == b.path
-    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb)
 
 
@@ -106,3 +106,13 @@ def test_config_json_is_read_not_executed(tmp_path):
     ckpt.mkdir()
     (ckpt / "config.json").write_text(json.dumps({"model_type": "llava", "auto_map": {"AutoModel": "x.Y"}}))
     assert read_config(ckpt)["model_type"] == "llava"
+
+
+def test_config_without_subconfigs_is_refused_before_building_a_default_model(tmp_path, tiny_dirs):
+    from vtprune.errors import CheckpointError
+
+    ckpt = tmp_path / "c"
+    shutil.copytree(tiny_dirs["tiny-llava"], ckpt)
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(CheckpointError, match="lacks text_config, vision_config"):
+        load_vlm(ckpt)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from vtprune.errors import ConfigError, UnsupportedModelError
+from vtprune.errors import CheckpointError, ConfigError, UnsupportedModelError
 from vtprune.models.base import TextDims, VisualTokens, VlmAdapter
-from vtprune.models.checkpoint import check_weights, read_config
+from vtprune.models.checkpoint import check_config_keys, check_weights, read_config
 
 _ADAPTERS: dict[str, type[VlmAdapter]] = {}
 
@@ -56,9 +56,17 @@ def load_vlm(
     path = tiny.materialize(str(model), cache_dir) if str(model) in tiny.TINY_MODELS else Path(model)
     cfg = read_config(path)
     cls = adapter_for(cfg["model_type"])
+    check_config_keys(path, cfg, cls.required_config_keys)
     weights = check_weights(path, allow_pickle)
-    net = cls.load_model(path, DTYPES[dtype], use_safetensors=weights == "safetensors")
-    return cls(net, cls.load_processor(path), path)
+    from safetensors import SafetensorError
+
+    try:
+        net = cls.load_model(path, DTYPES[dtype], use_safetensors=weights == "safetensors")
+        processor = cls.load_processor(path)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"cannot load checkpoint {path}: {reason}; is it complete and uncorrupted?") from None
+    return cls(net, processor, path)
 
 
 def _import_families() -> None:

@@ -36,6 +36,7 @@ class VlmAdapter(ABC):
     model_types: ClassVar[tuple[str, ...]]
     hf_class: ClassVar[str]
     image_slot: ClassVar[str]  # what a raw prompt must contain where the image goes
+    required_config_keys: ClassVar[tuple[str, ...]] = ("text_config", "vision_config")
 
     def __init__(self, model: nn.Module, processor: Any, path: Path) -> None:
         self.model = model.eval()

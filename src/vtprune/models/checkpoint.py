@@ -28,9 +28,17 @@ def read_config(path: Path) -> dict[str, Any]:
         cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{cfg_file} is not valid JSON ({exc}); re-download or re-save the checkpoint") from None
-    if not isinstance(cfg, dict) or "model_type" not in cfg:
-        raise CheckpointError(f"{cfg_file} has no 'model_type'; it is not a transformers model config")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
+        raise CheckpointError(f"{cfg_file} has no 'model_type' string; it is not a transformers model config")
     return cfg
+
+
+def check_config_keys(path: Path, cfg: dict[str, Any], required: tuple[str, ...]) -> None:
+    """Refuse a config missing the sub-configs its family needs (transformers would silently build a
+    full-size default model from such a config)."""
+    missing = [k for k in required if not isinstance(cfg.get(k), dict)]
+    if missing:
+        raise CheckpointError(f"{path / 'config.json'} lacks {', '.join(missing)}; the config is incomplete")
 
 
 def check_weights(path: Path, allow_pickle: bool) -> str:

@@ -42,6 +42,7 @@ class Qwen25VLAdapter(VlmAdapter):
     model_types = ("qwen2_5_vl",)
     hf_class = "Qwen2_5_VLForConditionalGeneration"
     image_slot = "<|image_pad|>"
+    required_config_keys = ("vision_config",)  # older checkpoints keep text fields at the top level
 
     @classmethod
     def load_processor(cls, path: Path) -> Any:

@@ -78,8 +78,12 @@ def _save_llava(out: Path) -> None:
 
 
 def _save_llava_next(out: Path) -> None:
-    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
-                              LlavaNextProcessor)
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
 
     tok = build_tokenizer()
     pinpoints = [[56, 112], [112, 56], [112, 112], [56, 168], [168, 56]]

@@ -83,7 +83,7 @@ def select_visual(x: Tensor, layout: VisualLayout, cfg: PruneConfig) -> Tensor:
         return torch.arange(layout.num_tokens, device=x.device).expand(batch, -1)
     budgets = group_budgets([int(g.numel()) for g in layout.groups], cfg.keep)
     kept = [layout.always_keep.to(x.device).expand(batch, -1)]
-    for idx, k in zip(layout.groups, budgets):
+    for idx, k in zip(layout.groups, budgets, strict=True):
         idx = idx.to(x.device)
         feats = gather_tokens(x, idx.expand(batch, -1))  # (B, N_g, D)
         local = keep_topk(SCORERS[cfg.method](feats, cfg), k)  # (B, k) into the group

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from vtprune.config import PruneConfig
-from vtprune.errors import InternalError
+from vtprune.errors import InputError, InternalError
 from vtprune.flops import FlopsReport, gprune_macs, prefill_macs
 from vtprune.models.base import VlmAdapter
 from vtprune.prune import VisualLayout, group_budgets, select_visual
@@ -70,7 +70,11 @@ class PrunedVlm:
         if raw_prompt:
             self.adapter.check_prompt(prompt)
         text = prompt if raw_prompt else self.adapter.format_prompt(prompt)
-        return self.adapter.prepare(image, text)
+        try:
+            return self.adapter.prepare(image, text)
+        except ValueError as exc:  # the family's processor rejects the image (e.g. extreme aspect ratio)
+            w, h = image.size
+            raise InputError(f"the {self.adapter.family} processor cannot use this {w}x{h} image: {exc}") from None
 
     @torch.inference_mode()
     def build_prefill(self, inputs: dict[str, Tensor], timer: StageTimer | None = None) -> Prefill:
@@ -169,6 +173,6 @@ class PrunedVlm:
 def budget_summary(layout: VisualLayout, cfg: PruneConfig) -> dict[str, int]:
     """Kept tokens per group name (plus ``always``) for reports."""
     if not cfg.prunes:
-        return {name: int(g.numel()) for name, g in zip(layout.names, layout.groups)}
+        return {name: int(g.numel()) for name, g in zip(layout.names, layout.groups, strict=True)}
     budgets = group_budgets([int(g.numel()) for g in layout.groups], cfg.keep)
-    return dict(zip(layout.names, budgets)) | {"always": int(layout.always_keep.numel())}
+    return dict(zip(layout.names, budgets, strict=True)) | {"always": int(layout.always_keep.numel())}
