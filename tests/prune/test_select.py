@@ -41,6 +41,13 @@ def test_budget_larger_than_tokens_is_an_error():
         group_budgets([10, 20], 31)
 
 
+def test_int_budget_split_follows_capacities_and_clamps():
+    assert group_budgets([16, 20], 40, capacities=[16, 64]) == [8, 20]  # 40 * 16/80 = 8, 32 clamped to 20
+    assert group_budgets([16, 64], 40, capacities=[16, 64]) == [8, 32]
+    with pytest.raises(BudgetError, match="larger than the 80"):
+        group_budgets([16, 20], 81, capacities=[16, 64])
+
+
 def _next_like_layout() -> VisualLayout:
     """base 0..7, then a 2x3 high-res grid with a newline after each row: 8 9 10 [11] 12 13 14 [15]."""
     hr = torch.tensor([8, 9, 10, 12, 13, 14])

@@ -29,7 +29,7 @@ def test_logits_match_transformers_forward(tiny_adapter, scene, cfg):
 
 def test_full_integer_budget_matches_transformers_forward(tiny_adapter, scene):
     inputs = _hf_inputs(tiny_adapter, scene)
-    n = tiny_adapter.encode_image(inputs).layout.prunable
+    n = sum(tiny_adapter.encode_image(inputs).layout.group_capacities)  # every group gets all its tokens
     pipe = PrunedVlm(tiny_adapter, PruneConfig(method="gprune", keep=n))
     with torch.no_grad():
         ref = tiny_adapter.model(**inputs).logits

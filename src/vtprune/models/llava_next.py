@@ -58,5 +58,14 @@ class LlavaNextAdapter(VlmAdapter):
             raise InternalError(f"layout has {code.numel()} tokens, features have {num_tokens}")
         pos = torch.arange(code.numel())
         base, hr = pos[(code >= 0) & (code < per_crop)], pos[code >= per_crop]
-        groups, names = ((base, hr), ("base", "hr")) if hr.numel() else ((base,), ("base",))
-        return VisualLayout(code.numel(), groups, pos[code < 0], names)
+        if not hr.numel():  # the image used the base view only
+            return VisualLayout(code.numel(), (base,), pos[code < 0], ("base",))
+        caps = (per_crop, self.max_grid()[0] * self.max_grid()[1])
+        return VisualLayout(code.numel(), (base, hr), pos[code < 0], ("base", "hr"), caps)
+
+    def max_grid(self) -> tuple[int, int]:
+        """(rows, cols) of the largest high-res token grid any pinpoint resolution gives."""
+        cfg = self.model.config
+        side, per_side = cfg.vision_config.image_size, cfg.vision_config.image_size // cfg.vision_config.patch_size
+        grids = [((h // side) * per_side, (w // side) * per_side) for h, w in cfg.image_grid_pinpoints]
+        return max(grids, key=lambda g: (g[0] * g[1], g[0]))

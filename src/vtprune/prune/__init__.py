@@ -42,29 +42,44 @@ class VisualLayout:
     groups: tuple[Tensor, ...]
     always_keep: Tensor
     names: tuple[str, ...]
+    capacities: tuple[int, ...] | None = None
+
+    @property
+    def sizes(self) -> list[int]:
+        return [int(g.numel()) for g in self.groups]
 
     @property
     def prunable(self) -> int:
-        return sum(int(g.numel()) for g in self.groups)
+        return sum(self.sizes)
+
+    @property
+    def group_capacities(self) -> list[int]:
+        """Largest size each group can have for this model (LLaVA-NeXT's high-res grid varies per image)."""
+        return list(self.capacities) if self.capacities is not None else self.sizes
+
+    def budgets(self, keep: int | float) -> list[int]:
+        return group_budgets(self.sizes, keep, self.group_capacities)
 
 
-def group_budgets(sizes: Sequence[int], keep: int | float) -> list[int]:
+def group_budgets(sizes: Sequence[int], keep: int | float, capacities: Sequence[int] | None = None) -> list[int]:
     """Tokens to keep per group.
 
-    An int K is split over the groups in proportion to their sizes (largest remainders first), so the
-    total is exactly K. A float rho keeps ``max(1, floor(rho * n))`` of each group, as the reference does.
+    An int K is split over the groups in proportion to their *capacities* (largest remainders first), so
+    the split is the same for every image of a model and exported graphs keep static shapes; a group
+    smaller than its share keeps all its tokens. A float rho keeps ``max(1, floor(rho * n))`` of each
+    group, as the reference code does.
     """
-    total = sum(sizes)
+    caps = list(capacities) if capacities is not None else list(sizes)
     if isinstance(keep, float):
         return [min(n, max(1, int(keep * n + 1e-9))) for n in sizes]
-    if keep > total:
-        raise BudgetError(f"--keep {keep} is larger than the {total} prunable visual tokens this image has")
-    shares = [keep * n / total for n in sizes]
-    out = [int(s) for s in shares]
-    order = sorted(range(len(sizes)), key=lambda i: (out[i] - shares[i], i))  # largest remainder first
+    if keep > sum(caps):
+        raise BudgetError(f"--keep {keep} is larger than the {sum(caps)} prunable visual tokens this model has")
+    shares = [keep * c / sum(caps) for c in caps]
+    out = [int(x) for x in shares]
+    order = sorted(range(len(caps)), key=lambda i: (out[i] - shares[i], i))  # largest remainder first
     for i in order[: keep - sum(out)]:
         out[i] += 1
-    return out
+    return [min(k, n) for k, n in zip(out, sizes, strict=True)]
 
 
 def select_visual(x: Tensor, layout: VisualLayout, cfg: PruneConfig) -> Tensor:
@@ -81,7 +96,7 @@ def select_visual(x: Tensor, layout: VisualLayout, cfg: PruneConfig) -> Tensor:
     batch = x.shape[0]
     if not cfg.prunes:
         return torch.arange(layout.num_tokens, device=x.device).expand(batch, -1)
-    budgets = group_budgets([int(g.numel()) for g in layout.groups], cfg.keep)
+    budgets = layout.budgets(cfg.keep)
     kept = [layout.always_keep.to(x.device).expand(batch, -1)]
     for idx, k in zip(layout.groups, budgets, strict=True):
         idx = idx.to(x.device)

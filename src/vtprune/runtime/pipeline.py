@@ -18,7 +18,7 @@ from vtprune.config import PruneConfig
 from vtprune.errors import InputError, InternalError
 from vtprune.flops import FlopsReport, gprune_macs, prefill_macs
 from vtprune.models.base import VlmAdapter
-from vtprune.prune import VisualLayout, group_budgets, select_visual
+from vtprune.prune import VisualLayout, select_visual
 from vtprune.prune.select import gather_positions, gather_tokens
 from vtprune.runtime.images import check_image_size
 from vtprune.runtime.timing import StageTimer
@@ -174,5 +174,4 @@ def budget_summary(layout: VisualLayout, cfg: PruneConfig) -> dict[str, int]:
     """Kept tokens per group name (plus ``always``) for reports."""
     if not cfg.prunes:
         return {name: int(g.numel()) for name, g in zip(layout.names, layout.groups, strict=True)}
-    budgets = group_budgets([int(g.numel()) for g in layout.groups], cfg.keep)
-    return dict(zip(layout.names, budgets, strict=True)) | {"always": int(layout.always_keep.numel())}
+    return dict(zip(layout.names, layout.budgets(cfg.keep), strict=True)) | {"always": int(layout.always_keep.numel())}
