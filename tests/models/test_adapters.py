@@ -116,3 +116,31 @@ def test_config_without_subconfigs_is_refused_before_building_a_default_model(tm
     (ckpt / "config.json").write_text(json.dumps({"model_type": "llava"}))
     with pytest.raises(CheckpointError, match="lacks text_config, vision_config"):
         load_vlm(ckpt)
+
+
+@pytest.mark.parametrize("size", [(240, 320), (100, 150), (150, 100), (56, 56), (300, 60), (60, 300)])
+def test_llava_next_packed_codes_match_the_models_own_packing(tiny_dirs, size):
+    from vtprune.models.llava_next import packed_codes
+
+    adapter = load_vlm(tiny_dirs["tiny-llava-next"])
+    cfg = adapter.config
+    image_size = torch.tensor(size)
+    mine = packed_codes(cfg, image_size)
+    per_crop = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    crops = int(mine.max()) // per_crop + 1
+    coded = torch.arange(crops * per_crop, dtype=torch.float32).view(crops, per_crop, 1)
+    packed, _ = adapter.model.model.pack_image_features(
+        [coded], image_size[None], cfg.vision_feature_select_strategy, image_newline=torch.tensor([-1.0])
+    )
+    assert torch.equal(packed[0][:, 0].long(), mine)
+
+
+def test_qwen_mrope_ids_match_the_models_get_rope_index(tiny_dirs, scene):
+    adapter = load_vlm(tiny_dirs["tiny-qwen2.5-vl"])
+    for image in (scene, scene.resize((60, 200)), scene.resize((300, 56))):
+        inputs = adapter.prepare(image, adapter.format_prompt("what ?"))
+        ref, _ = adapter.model.model.get_rope_index(
+            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"],
+        )  # fmt: skip
+        assert torch.equal(adapter.position_ids(inputs), ref)

@@ -38,8 +38,10 @@ class VlmAdapter(ABC):
     image_slot: ClassVar[str]  # what a raw prompt must contain where the image goes
     required_config_keys: ClassVar[tuple[str, ...]] = ("text_config", "vision_config")
 
-    def __init__(self, model: nn.Module, processor: Any, path: Path) -> None:
-        self.model = model.eval()
+    def __init__(self, model: nn.Module | None, processor: Any, path: Path, config: Any = None) -> None:
+        """``model`` may be None for processing only (ONNX runtimes): then ``config`` is the HF config."""
+        self.model = model.eval() if model is not None else None
+        self.config = model.config if model is not None else config
         self.processor = processor
         self.path = path
 
@@ -89,7 +91,7 @@ class VlmAdapter(ABC):
 
     @property
     def patch_size(self) -> int:
-        return int(self.model.config.vision_config.patch_size)
+        return int(self.config.vision_config.patch_size)
 
     @abstractmethod
     def prepare(self, image: Any, prompt: str) -> dict[str, Tensor]:
@@ -99,7 +101,7 @@ class VlmAdapter(ABC):
     # --- model seams -------------------------------------------------------------------------
     @property
     def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
+        return int(self.config.image_token_id)
 
     @abstractmethod
     def encode_image(self, inputs: dict[str, Tensor]) -> VisualTokens:
@@ -124,7 +126,7 @@ class VlmAdapter(ABC):
 
     @property
     def text_config(self) -> Any:
-        return self.model.config.text_config
+        return self.config.text_config
 
     def text_dims(self) -> TextDims:
         c = self.text_config
@@ -141,7 +143,7 @@ class VlmAdapter(ABC):
 
     def eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
-        for source in (getattr(self.model, "generation_config", None), self.text_config, self.model.config):
+        for source in (getattr(self.model, "generation_config", None), self.text_config, self.config):
             eos = getattr(source, "eos_token_id", None)
             if eos is not None:
                 ids.update(eos if isinstance(eos, (list, tuple)) else [eos])

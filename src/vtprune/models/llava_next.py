@@ -42,30 +42,49 @@ class LlavaNextAdapter(VlmAdapter):
         return VisualTokens(embeds, self.layout(sizes[0], embeds.shape[1]))
 
     def layout(self, image_size: Tensor, num_tokens: int) -> VisualLayout:
-        """Where base, high-res and newline tokens sit, found by packing index codes with the model's
-        own ``pack_image_features`` (so unpadding and newline placement match it exactly)."""
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        cfg = self.model.config
-        per_crop = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
-        crops = image_size_to_num_patches(image_size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-        codes = torch.arange(crops * per_crop, dtype=torch.float32).view(crops, per_crop, 1)
-        packed, _ = self.model.model.pack_image_features(
-            [codes], image_size[None], cfg.vision_feature_select_strategy, image_newline=torch.tensor([-1.0])
-        )
-        code = packed[0][:, 0]  # (N_v,) crop-token code per position, -1 for newline
+        """Where base, high-res and newline tokens sit in the packed sequence (see ``packed_codes``)."""
+        code = packed_codes(self.config, image_size)  # (N_v,)
         if code.numel() != num_tokens:
             raise InternalError(f"layout has {code.numel()} tokens, features have {num_tokens}")
+        per_crop = (self.config.vision_config.image_size // self.config.vision_config.patch_size) ** 2
         pos = torch.arange(code.numel())
         base, hr = pos[(code >= 0) & (code < per_crop)], pos[code >= per_crop]
         if not hr.numel():  # the image used the base view only
             return VisualLayout(code.numel(), (base,), pos[code < 0], ("base",))
-        caps = (per_crop, self.max_grid()[0] * self.max_grid()[1])
-        return VisualLayout(code.numel(), (base, hr), pos[code < 0], ("base", "hr"), caps)
+        rows, cols = max_grid(self.config)
+        return VisualLayout(code.numel(), (base, hr), pos[code < 0], ("base", "hr"), (per_crop, rows * cols))
 
-    def max_grid(self) -> tuple[int, int]:
-        """(rows, cols) of the largest high-res token grid any pinpoint resolution gives."""
-        cfg = self.model.config
-        side, per_side = cfg.vision_config.image_size, cfg.vision_config.image_size // cfg.vision_config.patch_size
-        grids = [((h // side) * per_side, (w // side) * per_side) for h, w in cfg.image_grid_pinpoints]
-        return max(grids, key=lambda g: (g[0] * g[1], g[0]))
+
+def max_grid(config: Any) -> tuple[int, int]:
+    """(rows, cols) of the largest high-res token grid any pinpoint resolution gives."""
+    side = config.vision_config.image_size
+    per_side = side // config.vision_config.patch_size
+    grids = [((h // side) * per_side, (w // side) * per_side) for h, w in config.image_grid_pinpoints]
+    return max(grids, key=lambda g: (g[0] * g[1], g[0]))
+
+
+def packed_codes(config: Any, image_size: Tensor) -> Tensor:
+    """For each position of LLaVA-NeXT's packed visual sequence, the flat index (crop * per_crop + patch)
+    of the vision feature it holds, or -1 for an ``image_newline`` token.
+
+    Mirrors ``LlavaNextModel.pack_image_features``: base crop first, then the high-res crops stitched into
+    one grid, unpadded to the image's aspect ratio, with a newline after each row.
+    """
+    from transformers.models.llava_next.modeling_llava_next import (
+        get_anyres_image_grid_shape,
+        image_size_to_num_patches,
+        unpad_image,
+    )
+
+    side = config.vision_config.image_size
+    per_side = side // config.vision_config.patch_size
+    crops = image_size_to_num_patches(image_size, config.image_grid_pinpoints, side)
+    codes = torch.arange(crops * per_side * per_side)
+    base = codes[: per_side * per_side]
+    if crops == 1:
+        return torch.cat([base, torch.tensor([-1])])
+    gh, gw = get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, side)
+    hr = codes[per_side * per_side :].view(gh, gw, per_side, per_side).permute(0, 2, 1, 3)  # (gh, h, gw, w)
+    hr = unpad_image(hr.reshape(1, gh * per_side, gw * per_side), image_size)[0]  # (rows, cols)
+    hr = torch.cat([hr, torch.full((hr.shape[0], 1), -1)], dim=1)  # newline closes each row
+    return torch.cat([base, hr.flatten()])

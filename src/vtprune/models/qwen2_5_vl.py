@@ -60,12 +60,12 @@ class Qwen25VLAdapter(VlmAdapter):
 
     @property
     def min_image_side(self) -> int:
-        return self.patch_size * int(self.model.config.vision_config.spatial_merge_size)
+        return self.patch_size * int(self.config.vision_config.spatial_merge_size)
 
     def prepare(self, image: Any, prompt: str) -> dict[str, Tensor]:
         vision = self.processor.image_processor(images=[image], return_tensors="pt")
         grid = vision["image_grid_thw"]  # (1, 3): t, h, w in patches
-        merge = int(self.model.config.vision_config.spatial_merge_size)
+        merge = int(self.config.vision_config.spatial_merge_size)
         n_tokens = int(grid[0].prod()) // merge**2
         text = prompt.replace(self.image_slot, self.image_slot * n_tokens)
         enc = self.tokenizer(text, return_tensors="pt")
@@ -85,11 +85,30 @@ class Qwen25VLAdapter(VlmAdapter):
         return VisualTokens(embeds, single_group(embeds.shape[1]))
 
     def position_ids(self, inputs: dict[str, Tensor]) -> Tensor:
-        """M-RoPE ids (3, B, L) of the unpruned prompt, from the model's own ``get_rope_index``."""
-        pos, _ = self.model.model.get_rope_index(
-            inputs["input_ids"],
-            mm_token_type_ids=inputs["mm_token_type_ids"],
-            image_grid_thw=inputs["image_grid_thw"],
-            attention_mask=inputs.get("attention_mask"),
-        )
-        return pos
+        """M-RoPE ids (3, B, L) of the unpruned prompt (same rule as the model's ``get_rope_index``)."""
+        merge = int(self.config.vision_config.spatial_merge_size)
+        return mrope_position_ids(inputs["input_ids"], self.image_token_id, inputs["image_grid_thw"], merge)
+
+
+def mrope_position_ids(input_ids: Tensor, image_token_id: int, grid_thw: Tensor, merge: int) -> Tensor:
+    """M-RoPE (temporal, height, width) ids for prompts with still images: (B, L) -> (3, B, L).
+
+    Text advances all three axes by one per token. An image block of (t, h, w) patches starts at the
+    current position p: ids (p + t_i, p + h_i, p + w_i) over the merged grid; afterwards text resumes
+    at p + max(h, w) / merge. Images are consumed from ``grid_thw`` in order across the batch.
+    """
+    out = torch.zeros(3, *input_ids.shape, dtype=torch.long)
+    grids = iter(grid_thw.tolist())
+    for b, row in enumerate(input_ids.tolist()):
+        pos, i = 0, 0
+        while i < len(row):
+            if row[i] != image_token_id:
+                out[:, b, i] = pos
+                pos, i = pos + 1, i + 1
+                continue
+            t, h, w = next(grids)
+            gt, gh, gw = t, h // merge, w // merge
+            ids = torch.stack(torch.meshgrid(torch.arange(gt), torch.arange(gh), torch.arange(gw), indexing="ij"))
+            out[:, b, i : i + gt * gh * gw] = ids.reshape(3, -1) + pos  # (3, t*h*w) row-major over (t, h, w)
+            pos, i = pos + max(gh, gw), i + gt * gh * gw
+    return out
