@@ -45,3 +45,19 @@ class ValidationError(VtpruneError):
 
 class InternalError(Exception):
     """A bug in vtprune, not in the user's input. Deliberately not a VtpruneError."""
+
+
+class ExportError(VtpruneError):
+    """Exporting a model to ONNX failed."""
+
+
+class AccuracyError(ValidationError):
+    """An exported graph disagrees with the PyTorch reference beyond tolerance; holds a per-output table."""
+
+    def __init__(self, message: str, table: list[dict]) -> None:
+        super().__init__(message)
+        self.table = table
+
+
+class BundleError(VtpruneError):
+    """A bundle directory is missing, incomplete, tampered with, or would overwrite something."""

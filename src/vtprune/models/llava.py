@@ -38,7 +38,21 @@ class LlavaAdapter(VlmAdapter):
         return dict(self.processor(images=image, text=prompt, return_tensors="pt"))
 
     def encode_image(self, inputs: dict[str, Tensor]) -> VisualTokens:
-        pixels = inputs["pixel_values"].to(self.model.dtype)
-        feats = self.model.model.get_image_features(pixel_values=pixels).pooler_output
-        embeds = torch.stack(list(feats))  # (B, N_v, D) projector output, CLS already dropped
+        embeds = self.vision_features(inputs["pixel_values"].to(self.model.dtype))  # (B, N_v, D)
         return VisualTokens(embeds, single_group(embeds.shape[1]))
+
+    def vision_features(self, pixel_values: Tensor) -> Tensor:
+        """Projector output (B, N, D) of images (B, 3, H, W); traceable (no per-image Python lists)."""
+        return clip_projector_features(self.model.model, self.config, pixel_values)
+
+
+def clip_projector_features(model: Any, config: Any, pixel_values: Tensor) -> Tensor:
+    """Vision tower hidden state(s) at ``vision_feature_layer``, CLS dropped for the default strategy,
+    then the multimodal projector: (B, 3, H, W) -> (B, N, D). Same as ``get_image_features``."""
+    out = model.vision_tower(pixel_values, output_hidden_states=True)
+    layer = config.vision_feature_layer
+    layers = layer if isinstance(layer, (list, tuple)) else [layer]
+    hidden = torch.cat([out.hidden_states[i] for i in layers], dim=-1)  # (B, 1 + N, C)
+    if config.vision_feature_select_strategy == "default":
+        hidden = hidden[:, 1:]
+    return model.multi_modal_projector(hidden)

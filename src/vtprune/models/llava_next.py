@@ -13,6 +13,7 @@ from torch import Tensor
 from vtprune.errors import InternalError
 from vtprune.models import register_adapter
 from vtprune.models.base import VisualTokens, VlmAdapter
+from vtprune.models.llava import clip_projector_features
 from vtprune.prune import VisualLayout
 
 
@@ -40,6 +41,12 @@ class LlavaNextAdapter(VlmAdapter):
         feats = self.model.model.get_image_features(pixel_values=pixels, image_sizes=sizes).pooler_output
         embeds = torch.stack(list(feats))  # (B, N_v, D): base, then hr rows each ending in a newline
         return VisualTokens(embeds, self.layout(sizes[0], embeds.shape[1]))
+
+    def vision_features(self, pixel_values: Tensor) -> Tensor:
+        """Projector output of every crop: (B, P, 3, s, s) -> (B, P * per_crop, D), crop-major."""
+        b, p = pixel_values.shape[:2]
+        flat = clip_projector_features(self.model.model, self.config, pixel_values.flatten(0, 1))  # (B*P, n, D)
+        return flat.reshape(b, p * flat.shape[1], flat.shape[2])
 
     def layout(self, image_size: Tensor, num_tokens: int) -> VisualLayout:
         """Where base, high-res and newline tokens sit in the packed sequence (see ``packed_codes``)."""

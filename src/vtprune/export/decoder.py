@@ -1,0 +1,226 @@
+"""Token embedding and language decoder to ONNX, for a runtime that owns the generation loop.
+
+Two graphs:
+
+- ``embed``: ``input_ids (B, S) int64 -> inputs_embeds (B, S, D)``, the adapter's ``embed_tokens``.
+- ``decoder``: ONE graph for prefill and decode (the onnxruntime-genai / onnx-community layout). It takes
+  the new tokens' embeddings, their position ids, an attention mask over past + new tokens and the past
+  KV cache of every layer, and returns the logits of the LAST position only plus the grown cache.
+  Prefill is the call with an empty past (P = 0).
+
+Position ids are graph inputs and nothing in the graph derives them from P: after pruning, kept tokens
+keep their unpruned positions, so positions have gaps and the next decode position is one past the
+largest prompt position, not P. The attention mask is always passed to transformers; without it,
+transformers 5 reads position-id gaps as packed sequences.
+
+The graph is our own thin ``nn.Module`` around the adapter's seams (``decoder``, ``lm_head``): it builds a
+``transformers.DynamicCache`` from the past tensors, so no transformers class is patched. Exported with
+``torch.onnx.export(dynamo=True)``, which handles transformers 5's cache and mask code as is.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vtprune.models.base import VlmAdapter
+
+PAST_KEY, PAST_VALUE = "past_key_values.{i}.key", "past_key_values.{i}.value"
+PRESENT_KEY, PRESENT_VALUE = "present.{i}.key", "present.{i}.value"
+
+# Symbolic dimension names in the exported graphs (onnx-community naming).
+BATCH, SEQUENCE, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+
+# Example sizes for tracing: batch >= 2, S >= 2 and P >= 1, all distinct, so no dimension is specialised
+# to a constant or unified with another one (PLATFORM.md §5).
+_EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST = 2, 3, 5
+
+
+class EmbedGraph(nn.Module):
+    """``input_ids (B, S) int64 -> inputs_embeds (B, S, D)`` through the adapter's ``embed_tokens``."""
+
+    def __init__(self, adapter: VlmAdapter) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.table = adapter.model.get_input_embeddings()  # registered so export owns its weight
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.adapter.embed_tokens(input_ids)
+
+
+class DecoderGraph(nn.Module):
+    """Decoder + LM head on the last position, KV cache as flat tensors in and out.
+
+    ``forward(inputs_embeds, position_ids, attention_mask, *past)`` where ``past`` is
+    ``(key_0, value_0, key_1, value_1, ...)``, each ``(B, kv_heads, P, head_dim)``; returns
+    ``(logits (B, 1, V), key_0', value_0', ...)`` with each present ``(B, kv_heads, P + S, head_dim)``.
+    """
+
+    def __init__(self, adapter: VlmAdapter) -> None:
+        super().__init__()
+        self.decoder = adapter.decoder
+        self.lm_head = adapter.lm_head
+        self.text_config = adapter.text_config
+        self.num_layers = adapter.text_dims().layers
+
+    def forward(self, inputs_embeds: Tensor, position_ids: Tensor, attention_mask: Tensor, *past: Tensor):
+        cache = self._cache(past)
+        out = self.decoder(
+            inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
+            past_key_values=cache, use_cache=True,
+        )  # fmt: skip
+        logits = self.lm_head(out.last_hidden_state[:, -1:])  # (B, 1, V): the next token only
+        present = [t for layer in cache.layers[: self.num_layers] for t in (layer.keys, layer.values)]
+        return (logits, *present)
+
+    def _cache(self, past: tuple[Tensor, ...]) -> Any:
+        from transformers import DynamicCache
+
+        if len(past) != 2 * self.num_layers:
+            raise ValueError(f"expected {2 * self.num_layers} past tensors (key, value per layer), got {len(past)}")
+        cache = DynamicCache(config=self.text_config)  # the same cache type the PyTorch pipeline uses
+        for i in range(self.num_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)  # (B, kv_heads, P, head_dim) each
+        return cache
+
+
+def export_embed(adapter: VlmAdapter, path: Path, opset: int = 18) -> dict[str, Any]:
+    """Export the token embedding to ONNX at ``path``.
+
+    Args:
+        adapter: a loaded VLM adapter.
+        path: the ``.onnx`` file to write (replaced atomically).
+        opset: ONNX opset (>= 18 for the dynamo exporter).
+
+    Returns:
+        The IO description (see ``io_spec``): ``input_ids (B, S) int64 -> inputs_embeds (B, S, D)``.
+    """
+    ids = torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_SEQ, dtype=torch.long)
+    dims = {"input_ids": {0: torch.export.Dim(BATCH), 1: torch.export.Dim(SEQUENCE)}}
+    program = _export(EmbedGraph(adapter).eval(), (ids,), ["input_ids"], ["inputs_embeds"], dims, opset)
+    files = _save_atomic(program, Path(path))
+    return io_spec(program.model, "embed", files, opset, adapter)
+
+
+def export_decoder(adapter: VlmAdapter, path: Path, opset: int = 18) -> dict[str, Any]:
+    """Export the decoder (prefill and decode in one graph, last-position logits) to ONNX at ``path``.
+
+    Graph inputs: ``inputs_embeds (B, S, D)``, ``position_ids (B, S)`` int64 (or ``(3, B, S)`` M-RoPE ids),
+    ``attention_mask (B, P + S)`` int64, and ``past_key_values.{i}.key`` / ``.value``
+    ``(B, kv_heads, P, head_dim)`` per layer; P may be 0. Outputs: ``logits (B, 1, V)`` and
+    ``present.{i}.key`` / ``.value`` ``(B, kv_heads, P + S, head_dim)``.
+
+    Args:
+        adapter: a loaded VLM adapter.
+        path: the ``.onnx`` file to write (replaced atomically; weights stay inside it below 2 GB).
+        opset: ONNX opset (>= 18 for the dynamo exporter).
+
+    Returns:
+        The IO description (see ``io_spec``).
+    """
+    graph = DecoderGraph(adapter).eval()
+    args = _decoder_example(adapter)
+    inputs, outputs = decoder_names(graph.num_layers)
+    program = _export(graph, args, inputs, outputs, _decoder_dims(args[1].ndim, graph.num_layers), opset)
+    files = _save_atomic(program, Path(path))
+    return io_spec(program.model, "decoder", files, opset, adapter)
+
+
+def decoder_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """Input and output names of the decoder graph, in graph order."""
+    past = [t.format(i=i) for i in range(num_layers) for t in (PAST_KEY, PAST_VALUE)]
+    present = [t.format(i=i) for i in range(num_layers) for t in (PRESENT_KEY, PRESENT_VALUE)]
+    return ["inputs_embeds", "position_ids", "attention_mask", *past], ["logits", *present]
+
+
+def position_ids_rank(adapter: VlmAdapter) -> int:
+    """3 for M-RoPE ids ``(3, B, S)`` (Qwen2-VL family), else 2 for ``(B, S)``."""
+    cfg = adapter.text_config
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    return 3 if "mrope_section" in rope else 2
+
+
+def _decoder_example(adapter: VlmAdapter) -> tuple[Tensor, ...]:
+    d, dtype = adapter.text_dims(), adapter.lm_head.weight.dtype
+    b, s, p = _EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST
+    embeds = torch.randn(b, s, d.hidden, dtype=dtype)
+    positions = (torch.arange(s) * 2 + p + 3).expand(b, s)  # (B, S) with gaps, not derived from P
+    if position_ids_rank(adapter) == 3:
+        positions = positions.expand(3, b, s)  # (3, B, S)
+    mask = torch.ones(b, p + s, dtype=torch.long)
+    past = [torch.randn(b, d.kv_heads, p, d.head_dim, dtype=dtype) for _ in range(2 * d.layers)]
+    return (embeds, positions.contiguous(), mask, *past)
+
+
+def _decoder_dims(rank: int, num_layers: int) -> tuple[Any, ...]:
+    dim = torch.export.Dim
+    b, s, p, total = dim(BATCH), dim(SEQUENCE), dim(PAST), dim(TOTAL)
+    positions = {1: b, 2: s} if rank == 3 else {0: b, 1: s}
+    past = tuple({0: b, 2: p} for _ in range(2 * num_layers))  # one entry for the *past varargs
+    # The mask length is its own symbol: nothing in the graph ties it to P + S (it is gathered at kv indices).
+    return {0: b, 1: s}, positions, {0: b, 1: total}, past
+
+
+def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], dims: Any, opset: int) -> Any:
+    with warnings.catch_warnings():
+        # Sharing one Dim across inputs (batch, past) makes the exporter warn that it keeps one name.
+        warnings.filterwarnings("ignore", message=r".*axis name.*will not be used", category=UserWarning)
+        with torch.no_grad():
+            return torch.onnx.export(
+                module, args, None, dynamo=True, opset_version=opset, input_names=inputs,
+                output_names=outputs, dynamic_shapes=dims, verbose=False, optimize=True,
+            )  # fmt: skip
+
+
+def _save_atomic(program: Any, path: Path) -> list[str]:
+    """Save into a temp dir next to ``path``, then move into place (external data first, ``.onnx`` last),
+    so a failure never leaves a half-written ``.onnx``. Returns the file names written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        program.save(tmp / path.name)  # external data only above the 2 GB protobuf limit
+        extra = sorted(f.name for f in tmp.iterdir() if f.name != path.name)
+        for name in extra:
+            os.replace(tmp / name, path.parent / name)
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    stale = path.with_name(path.name + ".data")
+    if not extra and stale.exists():
+        stale.unlink()  # left by an earlier, larger export to the same path
+    return [path.name, *extra]
+
+
+def io_spec(model: Any, graph: str, files: list[str], opset: int, adapter: VlmAdapter) -> dict[str, Any]:
+    """JSON-serialisable IO description of an exported graph (read back from the graph itself).
+
+    Shapes list ints for static dims and strings for symbolic ones (``batch_size``, ``sequence_length``,
+    ``past_sequence_length``, ``total_sequence_length``, or an expression such as
+    ``past_sequence_length + sequence_length``).
+    """
+    d = adapter.text_dims()
+    spec = {
+        "graph": graph, "files": files, "opset": opset, "exporter": "torch.onnx.export(dynamo=True)",
+        "inputs": {v.name: _value_spec(v) for v in model.graph.inputs},
+        "outputs": {v.name: _value_spec(v) for v in model.graph.outputs},
+        "num_layers": d.layers, "kv_heads": d.kv_heads, "head_dim": d.head_dim, "hidden": d.hidden,
+        "vocab": d.vocab,
+    }  # fmt: skip
+    if graph == "decoder":
+        spec |= {
+            "position_ids_rank": position_ids_rank(adapter), "logits": "last_position",
+            "past_key": PAST_KEY, "past_value": PAST_VALUE, "present_key": PRESENT_KEY, "present_value": PRESENT_VALUE,
+        }  # fmt: skip
+    return spec
+
+
+def _value_spec(value: Any) -> dict[str, Any]:
+    dims = [d if isinstance(d, int) else str(d.value) for d in value.shape]
+    return {"dtype": str(value.dtype.numpy()), "shape": dims}

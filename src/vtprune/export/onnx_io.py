@@ -1,0 +1,62 @@
+"""Shared ONNX export plumbing: dynamo export with the vtprune translations, function bodies, checks,
+atomic save, and an IO description a runtime can read."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vtprune.errors import ExportError
+
+
+def export_module(
+    module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict, opset: int
+) -> dict[str, Any]:
+    """Export ``module(*args)`` with the dynamo exporter, attach vtprune function bodies, check, save."""
+    import onnx
+
+    from vtprune.export.ops.onnx_defs import attach_functions, translations
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), torch.inference_mode(False), torch.no_grad():
+            program = torch.onnx.export(
+                module.eval(), args, dynamo=True, opset_version=opset, input_names=inputs, output_names=outputs,
+                dynamic_shapes=dynamic, custom_translation_table=translations(), external_data=False,
+            )  # fmt: skip
+    except Exception as exc:  # the exporter raises many types; surface one line, keep the cause
+        raise ExportError(f"torch.onnx.export failed for {path.name}: {str(exc).splitlines()[0][:300]}") from exc
+    model = attach_functions(program.model_proto)
+    onnx.checker.check_model(model, full_check=True)
+    save_atomic(model, path)
+    return describe(model)
+
+
+def save_atomic(model: Any, path: Path) -> None:
+    import onnx
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def describe(model: Any) -> dict[str, Any]:
+    """Names, element types and (symbolic) shapes of a model's inputs and outputs."""
+    import onnx
+
+    def entry(v: Any) -> dict[str, Any]:
+        t = v.type.tensor_type
+        dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims}
+
+    return {"inputs": [entry(v) for v in model.graph.input], "outputs": [entry(v) for v in model.graph.output]}

@@ -1,0 +1,157 @@
+"""Vision graph: pixels -> vision encoder -> projector -> pruning stage (custom ops) -> kept tokens.
+
+Outputs are static for a fixed budget: ``image_embeds [B, K, D]``, ``kept_indices [B, K]`` (ascending;
+index into the image's unpruned visual tokens, so a kept token's 1-D position is image_start + index)
+and ``kept_valid [B, K]`` (False for padding slots: LLaVA-NeXT images smaller than the largest grid).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import vtprune.export.ops  # noqa: F401  (registers torch.ops.vtprune.*)
+from vtprune.config import PruneConfig
+from vtprune.errors import ConfigError
+from vtprune.prune import VisualLayout
+from vtprune.prune.select import gather_tokens
+
+# LLaVA-NeXT token kinds fed to the graph
+PAD, BASE, HR, NEWLINE = 0, 1, 2, 3
+
+
+def prune_tokens(x: Tensor, valid: Tensor, cfg: PruneConfig, k: int) -> tuple[Tensor, Tensor]:
+    """G-Prune one group inside an exported graph: (B, N, D), (B, N) -> (B, k, D), (B, k) ascending."""
+    scores = torch.ops.vtprune.graph_propagate(x, valid, cfg.theta, cfg.tau, cfg.iters)
+    return torch.ops.vtprune.topk_route(x, scores, k)
+
+
+class LlavaVision(nn.Module):
+    """LLaVA-1.5: ``pixel_values [B, 3, H, W]`` -> kept tokens of the single group."""
+
+    def __init__(self, adapter: Any, cfg: PruneConfig, num_tokens: int) -> None:
+        super().__init__()
+        self.adapter, self.cfg = adapter, cfg
+        layout = VisualLayout(num_tokens, (torch.arange(num_tokens),), torch.zeros(0, dtype=torch.long), ("image",))
+        self.k = layout.budgets(cfg.keep)[0] if cfg.prunes else num_tokens
+
+    def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        feats = self.adapter.vision_features(pixel_values)  # (B, N, D)
+        valid = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+        if not self.cfg.prunes:
+            idx = torch.arange(feats.shape[1], device=feats.device).expand(feats.shape[0], -1)
+            return feats, idx, valid
+        tokens, idx = prune_tokens(feats, valid, self.cfg, self.k)
+        return tokens, idx, torch.ones_like(idx, dtype=torch.bool)
+
+
+class LlavaNextVision(nn.Module):
+    """LLaVA-NeXT with static shapes: a fixed maximum crop count P and packed length N_max.
+
+    Inputs: ``pixel_values [B, P, 3, s, s]`` (zero crops past the image's own), ``pack_index [B, N_max]``
+    (flat crop-feature index per packed position; see ``models.llava_next.packed_codes``) and
+    ``token_kind [B, N_max]`` (PAD, BASE, HR, NEWLINE). Base view and high-res grid are pruned as
+    separate groups with budgets split by capacity; every newline token is kept.
+    """
+
+    def __init__(self, adapter: Any, cfg: PruneConfig, per_crop: int, hr_capacity: int, max_rows: int) -> None:
+        super().__init__()
+        self.adapter, self.cfg, self.per_crop, self.max_rows = adapter, cfg, per_crop, max_rows
+        self.k_base, self.k_hr = (
+            VisualLayout(0, (torch.zeros(per_crop), torch.zeros(hr_capacity)), torch.zeros(0), ("base", "hr"),
+                         (per_crop, hr_capacity)).budgets(cfg.keep)
+            if cfg.prunes else (per_crop, hr_capacity)
+        )  # fmt: skip
+
+    def forward(self, pixel_values: Tensor, pack_index: Tensor, token_kind: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        feats = self.adapter.vision_features(pixel_values)  # (B, P * per_crop, D)
+        packed = gather_tokens(feats, pack_index)  # (B, N_max, D)
+        newline = self.adapter.model.model.image_newline.to(packed.dtype)
+        packed = torch.where((token_kind == NEWLINE).unsqueeze(-1), newline, packed)
+        if not self.cfg.prunes:
+            idx = torch.arange(packed.shape[1], device=packed.device).expand(packed.shape[0], -1)
+            return packed, idx, token_kind != PAD
+        parts = [self._group(packed, token_kind, BASE, 0, self.k_base),
+                 self._group(packed, token_kind, HR, self.per_crop, self.k_hr), self._newlines(packed, token_kind)]
+        tokens, idx, valid = (torch.cat([p[i] for p in parts], dim=1) for i in range(3))  # fmt: skip
+        order = torch.where(valid, idx, idx + packed.shape[1]).argsort(dim=-1)  # valid first, ascending
+        return gather_tokens(tokens, order), idx.gather(1, order), valid.gather(1, order)
+
+    def _group(self, packed: Tensor, kind: Tensor, which: int, start: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        x, valid = packed[:, start:], kind[:, start:] == which
+        if which == BASE:
+            x, valid = x[:, : self.per_crop], valid[:, : self.per_crop]
+        tokens, idx = prune_tokens(x, valid, self.cfg, k)
+        return tokens, idx + start, valid.gather(1, idx)
+
+    def _newlines(self, packed: Tensor, kind: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        is_newline = kind == NEWLINE
+        pos = torch.arange(kind.shape[1], device=kind.device).expand_as(kind)
+        key = torch.where(is_newline, -pos.float(), torch.full_like(pos, -1e9, dtype=torch.float32))
+        idx = key.topk(self.max_rows, dim=-1).indices.sort(dim=-1).values  # (B, R_max) newline slots
+        return gather_tokens(packed, idx), idx, is_newline.gather(1, idx)
+
+
+def llava_next_static_inputs(config: Any, image_size: Tensor, max_crops: int, n_max: int) -> dict[str, Tensor]:
+    """``pack_index`` and ``token_kind`` of one image for ``LlavaNextVision``: (1, N_max) each."""
+    from vtprune.models.llava_next import packed_codes
+
+    codes = packed_codes(config, image_size)
+    per_crop = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    if codes.numel() > n_max or int(codes.max()) >= max_crops * per_crop:
+        raise ConfigError(f"image {tuple(image_size.tolist())} needs more tokens than the exported graph's {n_max}")
+    kind = torch.full((n_max,), PAD, dtype=torch.long)
+    kind[: codes.numel()] = torch.where(codes < 0, NEWLINE, torch.where(codes < per_crop, BASE, HR))
+    index = torch.zeros(n_max, dtype=torch.long)
+    index[: codes.numel()] = codes.clamp_min(0)
+    return {"pack_index": index[None], "token_kind": kind[None]}
+
+
+# --- export entry point ----------------------------------------------------------------------------
+def _llava_spec(adapter: Any, cfg: PruneConfig, sample: dict[str, Tensor]) -> dict[str, Any]:
+    pixels = sample["pixel_values"].repeat(2, 1, 1, 1)  # batch 2 so the batch axis stays symbolic
+    n = adapter.vision_features(pixels[:1]).shape[1]
+    return {"module": LlavaVision(adapter, cfg, n), "args": (pixels,), "inputs": ["pixel_values"],
+            "dynamic": {"pixel_values": {0: torch.export.Dim.DYNAMIC}}, "meta": {"num_tokens": n}}  # fmt: skip
+
+
+def _llava_next_spec(adapter: Any, cfg: PruneConfig, sample: dict[str, Tensor]) -> dict[str, Any]:
+    from vtprune.models.llava_next import max_grid
+
+    config = adapter.config
+    side = config.vision_config.image_size
+    per_side = side // config.vision_config.patch_size
+    rows, cols = max_grid(config)
+    max_crops = 1 + max((h // side) * (w // side) for h, w in config.image_grid_pinpoints)
+    n_max = per_side**2 + max(((h // side) * per_side) * ((w // side) * per_side + 1)
+                              for h, w in config.image_grid_pinpoints)  # fmt: skip
+    pixels = torch.zeros(2, max_crops, *sample["pixel_values"].shape[2:])
+    pixels[:, : sample["pixel_values"].shape[1]] = sample["pixel_values"]
+    static = llava_next_static_inputs(config, sample["image_sizes"][0], max_crops, n_max)
+    module = LlavaNextVision(adapter, cfg, per_side**2, rows * cols, rows)
+    args = (pixels, static["pack_index"].repeat(2, 1), static["token_kind"].repeat(2, 1))
+    batch = torch.export.Dim.DYNAMIC
+    meta = {"max_crops": max_crops, "n_max": n_max, "per_crop": per_side**2, "hr_capacity": rows * cols,
+            "max_rows": rows, "k_base": module.k_base, "k_hr": module.k_hr}  # fmt: skip
+    return {"module": module, "args": args, "inputs": ["pixel_values", "pack_index", "token_kind"],
+            "dynamic": {"pixel_values": {0: batch}, "pack_index": {0: batch}, "token_kind": {0: batch}},
+            "meta": meta}  # fmt: skip
+
+
+VISION_SPECS = {"llava": _llava_spec, "llava_next": _llava_next_spec}
+OUTPUTS = ["image_embeds", "kept_indices", "kept_valid"]
+
+
+def export_vision(adapter: Any, cfg: PruneConfig, sample: dict[str, Tensor], path: Any, opset: int) -> dict:
+    """Export the vision + pruning graph of ``adapter`` to ``path``; returns its IO description."""
+    from vtprune.export.onnx_io import export_module
+
+    if adapter.family not in VISION_SPECS:
+        raise ConfigError(f"vision export is not implemented yet for {adapter.family}")
+    if cfg.degree != "mask":
+        raise ConfigError("export supports --degree mask only (the fp32 neighbour count)")
+    spec = VISION_SPECS[adapter.family](adapter, cfg, sample)
+    io = export_module(spec["module"], spec["args"], path, spec["inputs"], OUTPUTS, spec["dynamic"], opset)
+    return io | {"meta": spec["meta"]}
