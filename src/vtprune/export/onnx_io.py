@@ -24,7 +24,7 @@ def export_module(
     from vtprune.export.ops.onnx_defs import attach_functions, translations
 
     try:
-        with contextlib.redirect_stdout(io.StringIO()), torch.inference_mode(False), torch.no_grad():
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), torch.no_grad():
             program = torch.onnx.export(
                 module.eval(), args, dynamo=True, opset_version=opset, input_names=inputs, output_names=outputs,
                 dynamic_shapes=dynamic, custom_translation_table=translations(), external_data=False,

@@ -7,6 +7,8 @@ and ``kept_valid [B, K]`` (False for padding slots: LLaVA-NeXT images smaller th
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -109,6 +111,9 @@ def llava_next_static_inputs(config: Any, image_size: Tensor, max_crops: int, n_
     return {"pack_index": index[None], "token_kind": kind[None]}
 
 
+OUTPUTS = ["image_embeds", "kept_indices", "kept_valid"]
+
+
 # --- export entry point ----------------------------------------------------------------------------
 def _llava_spec(adapter: Any, cfg: PruneConfig, sample: dict[str, Tensor]) -> dict[str, Any]:
     pixels = sample["pixel_values"].repeat(2, 1, 1, 1)  # batch 2 so the batch axis stays symbolic
@@ -140,8 +145,14 @@ def _llava_next_spec(adapter: Any, cfg: PruneConfig, sample: dict[str, Tensor]) 
             "meta": meta}  # fmt: skip
 
 
-VISION_SPECS = {"llava": _llava_spec, "llava_next": _llava_next_spec}
-OUTPUTS = ["image_embeds", "kept_indices", "kept_valid"]
+def _qwen_spec(adapter: Any, cfg: PruneConfig, sample: dict[str, Tensor]) -> dict[str, Any]:
+    module = QwenVision(adapter, cfg, sample["image_grid_thw"][0].tolist())
+    meta = {"grid_thw": module.grid, "num_tokens": module.n}
+    return {"module": module, "args": (sample["pixel_values"],), "inputs": ["pixel_values"], "dynamic": None,
+            "meta": meta, "outputs": [*OUTPUTS, "kept_positions"], "patch": qwen_vision_patched(adapter)}  # fmt: skip
+
+
+VISION_SPECS = {"llava": _llava_spec, "llava_next": _llava_next_spec, "qwen2_5_vl": _qwen_spec}
 
 
 def export_vision(adapter: Any, cfg: PruneConfig, sample: dict[str, Tensor], path: Any, opset: int) -> dict:
@@ -153,5 +164,86 @@ def export_vision(adapter: Any, cfg: PruneConfig, sample: dict[str, Tensor], pat
     if cfg.degree != "mask":
         raise ConfigError("export supports --degree mask only (the fp32 neighbour count)")
     spec = VISION_SPECS[adapter.family](adapter, cfg, sample)
-    io = export_module(spec["module"], spec["args"], path, spec["inputs"], OUTPUTS, spec["dynamic"], opset)
+    with spec.get("patch") or contextlib.nullcontext():
+        io = export_module(spec["module"], spec["args"], path, spec["inputs"], spec.get("outputs", OUTPUTS),
+                           spec["dynamic"], opset)  # fmt: skip
     return io | {"meta": spec["meta"]}
+
+
+# --- Qwen2.5-VL ------------------------------------------------------------------------------------
+class QwenVision(nn.Module):
+    """Qwen2.5-VL at one fixed image grid (the runtime resizes images to it): ``pixel_values
+    [n_patches, C*tp*p*p]`` -> kept tokens, plus ``kept_positions [3, 1, K]``, the kept tokens' M-RoPE
+    (t, h, w) ids relative to the image's start position."""
+
+    def __init__(self, adapter: Any, cfg: PruneConfig, grid_thw: list[int]) -> None:
+        from transformers import vision_utils
+
+        super().__init__()
+        self.adapter, self.cfg, self.grid = adapter, cfg, grid_thw
+        visual, grid = adapter.model.model.visual, torch.tensor([grid_thw])
+        merge = visual.spatial_merge_size
+        self.pre = {  # grid-derived constants, precomputed eagerly so nothing data-dependent is traced
+            "position_ids": vision_utils.get_vision_position_ids(grid, merge).tolist(),
+            "cu_seqlens": vision_utils.get_vision_attention_seqlens(grid, visual.config)[0].tolist(),
+            "window_index": None, "cu_window_seqlens": None,
+        }  # fmt: skip
+        wi, cuw = vision_utils.get_vision_window_index(grid, merge, visual.window_size, visual.patch_size)
+        self.pre["window_index"], self.pre["cu_window_seqlens"] = wi.tolist(), cuw.tolist()
+        self.gh, self.gw = grid_thw[1] // merge, grid_thw[2] // merge
+        self.n = grid_thw[0] * self.gh * self.gw
+        self.k = single_budget(self.n, cfg)
+
+    def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        pre = {k: torch.tensor(v, dtype=torch.int32 if k.startswith("cu") else torch.long) for k, v in self.pre.items()}
+        out = self.adapter.model.model.visual(pixel_values, grid_thw=torch.tensor([self.grid]), **pre)
+        feats = out.pooler_output.unsqueeze(0)  # (1, N, D) merger output, raster order over (t, h, w)
+        valid = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+        if self.cfg.prunes:
+            tokens, idx = prune_tokens(feats, valid, self.cfg, self.k)
+        else:
+            tokens, idx = feats, torch.arange(self.n, device=feats.device)[None]
+        per_frame = self.gh * self.gw
+        rel = torch.stack([idx // per_frame, (idx % per_frame) // self.gw, idx % self.gw])  # (3, 1, K)
+        return tokens, idx, torch.ones_like(idx, dtype=torch.bool), rel
+
+
+def single_budget(n: int, cfg: PruneConfig) -> int:
+    layout = VisualLayout(n, (torch.arange(n),), torch.zeros(0, dtype=torch.long), ("image",))
+    return layout.budgets(cfg.keep)[0] if cfg.prunes else n
+
+
+def _masked_vision_attention(attn: nn.Module) -> Any:
+    """A forward for one Qwen2.5-VL vision attention module that uses a block-diagonal mask built from
+    ``cu_seqlens`` instead of splitting the sequence by data-dependent lengths (untraceable)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    def forward(hidden_states: Tensor, cu_seqlens: Tensor, position_embeddings: Any = None, **_: Any) -> Tensor:
+        seq = hidden_states.shape[0]
+        q, k, v = attn.qkv(hidden_states).reshape(seq, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, S, hd)
+        pos = torch.arange(seq, device=hidden_states.device)
+        segment = (pos[:, None] >= cu_seqlens[None, 1:]).sum(-1)  # (S,) window/image id of each patch
+        mask = segment[:, None] == segment[None, :]  # (S, S) block-diagonal
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
+        return attn.proj(out.squeeze(0).transpose(0, 1).reshape(seq, -1))
+
+    return forward
+
+
+@contextlib.contextmanager
+def qwen_vision_patched(adapter: Any) -> Iterator[None]:
+    """Scoped, restoring patch of each vision attention *instance* for export (no class is touched)."""
+    blocks = adapter.model.model.visual.blocks
+    originals = [blk.attn.__dict__.get("forward") for blk in blocks]
+    try:
+        for blk in blocks:
+            blk.attn.forward = _masked_vision_attention(blk.attn)
+        yield
+    finally:
+        for blk, orig in zip(blocks, originals, strict=True):
+            if orig is None:
+                del blk.attn.forward
+            else:
+                blk.attn.forward = orig
