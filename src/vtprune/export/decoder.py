@@ -24,12 +24,14 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from vtprune.errors import ExportError
 from vtprune.models.base import VlmAdapter
 
 PAST_KEY, PAST_VALUE = "past_key_values.{i}.key", "past_key_values.{i}.value"
@@ -102,11 +104,12 @@ def export_embed(adapter: VlmAdapter, path: Path, opset: int = 18) -> dict[str, 
     Returns:
         The IO description (see ``io_spec``): ``input_ids (B, S) int64 -> inputs_embeds (B, S, D)``.
     """
+    _require_model(adapter)
     ids = torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_SEQ, dtype=torch.long)
     dims = {"input_ids": {0: torch.export.Dim(BATCH), 1: torch.export.Dim(SEQUENCE)}}
     program = _export(EmbedGraph(adapter).eval(), (ids,), ["input_ids"], ["inputs_embeds"], dims, opset)
     files = _save_atomic(program, Path(path))
-    return io_spec(program.model, "embed", files, opset, adapter)
+    return io_spec(Path(path), "embed", files, opset, adapter)
 
 
 def export_decoder(adapter: VlmAdapter, path: Path, opset: int = 18) -> dict[str, Any]:
@@ -125,12 +128,13 @@ def export_decoder(adapter: VlmAdapter, path: Path, opset: int = 18) -> dict[str
     Returns:
         The IO description (see ``io_spec``).
     """
+    _require_model(adapter)
     graph = DecoderGraph(adapter).eval()
     args = _decoder_example(adapter)
     inputs, outputs = decoder_names(graph.num_layers)
     program = _export(graph, args, inputs, outputs, _decoder_dims(args[1].ndim, graph.num_layers), opset)
     files = _save_atomic(program, Path(path))
-    return io_spec(program.model, "decoder", files, opset, adapter)
+    return io_spec(Path(path), "decoder", files, opset, adapter)
 
 
 def decoder_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -138,6 +142,11 @@ def decoder_names(num_layers: int) -> tuple[list[str], list[str]]:
     past = [t.format(i=i) for i in range(num_layers) for t in (PAST_KEY, PAST_VALUE)]
     present = [t.format(i=i) for i in range(num_layers) for t in (PRESENT_KEY, PRESENT_VALUE)]
     return ["inputs_embeds", "position_ids", "attention_mask", *past], ["logits", *present]
+
+
+def _require_model(adapter: VlmAdapter) -> None:
+    if adapter.model is None:
+        raise ExportError(f"the {adapter.family} adapter was loaded for processing only; export needs its model")
 
 
 def position_ids_rank(adapter: VlmAdapter) -> int:
@@ -169,23 +178,28 @@ def _decoder_dims(rank: int, num_layers: int) -> tuple[Any, ...]:
 
 
 def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], dims: Any, opset: int) -> Any:
-    with warnings.catch_warnings():
-        # Sharing one Dim across inputs (batch, past) makes the exporter warn that it keeps one name.
-        warnings.filterwarnings("ignore", message=r".*axis name.*will not be used", category=UserWarning)
-        with torch.no_grad():
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            # Sharing one Dim across inputs (batch, past) makes the exporter warn that it keeps one name.
+            warnings.filterwarnings("ignore", message=r".*axis name.*will not be used", category=UserWarning)
             return torch.onnx.export(
                 module, args, None, dynamo=True, opset_version=opset, input_names=inputs,
                 output_names=outputs, dynamic_shapes=dims, verbose=False, optimize=True,
             )  # fmt: skip
+    except Exception as exc:  # the exporter raises many types; surface one line, keep the cause
+        name = type(module).__name__
+        raise ExportError(f"torch.onnx.export failed for {name}: {str(exc).splitlines()[0][:300]}") from exc
 
 
-def _save_atomic(program: Any, path: Path) -> list[str]:
-    """Save into a temp dir next to ``path``, then move into place (external data first, ``.onnx`` last),
-    so a failure never leaves a half-written ``.onnx``. Returns the file names written."""
+def _save_atomic(program: Any, path: Path, check: Callable[[Path], None] | None = None) -> list[str]:
+    """Save into a temp dir next to ``path``, check, then move into place (external data first, ``.onnx``
+    last), so a failure never leaves a half-written ``.onnx``. Returns the file names written."""
+    check = check or _check_model
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         program.save(tmp / path.name)  # external data only above the 2 GB protobuf limit
+        check(tmp / path.name)
         extra = sorted(f.name for f in tmp.iterdir() if f.name != path.name)
         for name in extra:
             os.replace(tmp / name, path.parent / name)
@@ -198,29 +212,32 @@ def _save_atomic(program: Any, path: Path) -> list[str]:
     return [path.name, *extra]
 
 
-def io_spec(model: Any, graph: str, files: list[str], opset: int, adapter: VlmAdapter) -> dict[str, Any]:
-    """JSON-serialisable IO description of an exported graph (read back from the graph itself).
+def _check_model(path: Path) -> None:
+    import onnx
 
-    Shapes list ints for static dims and strings for symbolic ones (``batch_size``, ``sequence_length``,
-    ``past_sequence_length``, ``total_sequence_length``, or an expression such as
-    ``past_sequence_length + sequence_length``).
+    onnx.checker.check_model(str(path), full_check=True)  # by path: works with external data too
+
+
+def io_spec(path: Path, graph: str, files: list[str], opset: int, adapter: VlmAdapter) -> dict[str, Any]:
+    """JSON-serialisable IO description of an exported graph, read back from the saved file.
+
+    ``inputs``/``outputs`` use ``onnx_io.describe``'s format (the vision graph's too): a list of
+    ``{"name", "dtype", "shape"}`` in graph order, shapes with ints for static dims and strings for
+    symbolic ones (``batch_size``, ``sequence_length``, ``past_sequence_length``,
+    ``total_sequence_length``, or an expression such as ``past_sequence_length + sequence_length``).
     """
+    import onnx
+
+    from vtprune.export.onnx_io import describe
+
     d = adapter.text_dims()
-    spec = {
-        "graph": graph, "files": files, "opset": opset, "exporter": "torch.onnx.export(dynamo=True)",
-        "inputs": {v.name: _value_spec(v) for v in model.graph.inputs},
-        "outputs": {v.name: _value_spec(v) for v in model.graph.outputs},
-        "num_layers": d.layers, "kv_heads": d.kv_heads, "head_dim": d.head_dim, "hidden": d.hidden,
-        "vocab": d.vocab,
-    }  # fmt: skip
+    spec = {"graph": graph, "files": files, "opset": opset, "exporter": "torch.onnx.export(dynamo=True)"}
+    spec |= describe(onnx.load(str(path), load_external_data=False))
+    spec |= {"num_layers": d.layers, "kv_heads": d.kv_heads, "head_dim": d.head_dim, "hidden": d.hidden}
+    spec["vocab"] = d.vocab
     if graph == "decoder":
         spec |= {
             "position_ids_rank": position_ids_rank(adapter), "logits": "last_position",
             "past_key": PAST_KEY, "past_value": PAST_VALUE, "present_key": PRESENT_KEY, "present_value": PRESENT_VALUE,
         }  # fmt: skip
     return spec
-
-
-def _value_spec(value: Any) -> dict[str, Any]:
-    dims = [d if isinstance(d, int) else str(d.value) for d in value.shape]
-    return {"dtype": str(value.dtype.numpy()), "shape": dims}

@@ -131,9 +131,13 @@ class PrunedVlm:
         return self.adapter.lm_head(hidden)
 
     @torch.inference_mode()
-    def decode(self, prefill: Prefill, max_new_tokens: int, timer: StageTimer | None = None) -> list[int]:
-        """Greedy decoding after a prefill; stops at an EOS token or after ``max_new_tokens``."""
-        timer, cache, eos = timer or StageTimer(), self.new_cache(), self.adapter.eos_token_ids()
+    def decode(
+        self, prefill: Prefill, max_new_tokens: int, timer: StageTimer | None = None, eos: set[int] | None = None
+    ) -> list[int]:
+        """Greedy decoding after a prefill; stops at an EOS token (``eos``, default the model's; pass an
+        empty set to never stop early) or after ``max_new_tokens``."""
+        timer, cache = timer or StageTimer(), self.new_cache()
+        eos = self.adapter.eos_token_ids() if eos is None else eos
         with timer.stage("prefill"):
             hidden = self.decoder_step(prefill.embeds, prefill.position_ids, cache)
             token = self.adapter.lm_head(hidden[:, -1:]).argmax(-1)  # (1, 1)

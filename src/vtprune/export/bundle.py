@@ -1,0 +1,224 @@
+"""The bundle: vision/embed/decoder ONNX graphs, processor files and a manifest with every setting and
+the sha256 of every file. Written in a temp dir next to the target, validated, then renamed into place."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vtprune import __version__
+from vtprune.config import PruneConfig
+from vtprune.errors import BundleError, ConfigError
+from vtprune.prune import group_budgets
+
+MANIFEST = "manifest.json"
+FORMAT = "vtprune-bundle"
+SCHEMA_VERSION = 1
+PROCESSOR_DIR = "processor"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How a bundle is exported."""
+
+    opset: int = 18
+    dtype: str = "fp32"
+    inline: bool = False
+    validate: bool = True
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if not 18 <= self.opset <= 23:
+            raise ConfigError(f"--opset {self.opset}: vtprune exports opsets 18..23 (function bodies need >= 18)")
+        if self.dtype != "fp32":
+            raise ConfigError(f"--dtype {self.dtype}: only fp32 export is supported so far")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tool_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"vtprune": __version__}
+    for pkg in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def prepare_target(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise BundleError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise BundleError(f"{out} exists and is not a vtprune bundle; refusing to replace it even with --force")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def commit_dir(tmp: Path, out: Path) -> None:
+    """Move a finished bundle into place; an old bundle at ``out`` is replaced only after success."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_manifest(bundle: Path, manifest: dict[str, Any]) -> None:
+    files = sorted(p for p in bundle.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest["files"] = {str(p.relative_to(bundle)): sha256(p) for p in files}
+    (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def read_manifest(bundle: Path, verify: bool = True) -> dict[str, Any]:
+    """The bundle's manifest; with ``verify``, every listed file must exist with its recorded sha256."""
+    path = Path(bundle) / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{bundle} is not a vtprune bundle (no {MANIFEST}); create one with 'vtprune export'")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON ({exc}); re-export the bundle") from None
+    if manifest.get("format") != FORMAT or manifest.get("schema_version") != SCHEMA_VERSION:
+        raise BundleError(f"{path} is not a {FORMAT} v{SCHEMA_VERSION} manifest; re-export with this vtprune")
+    if verify:
+        verify_files(Path(bundle), manifest.get("files", {}))
+    return manifest
+
+
+def verify_files(bundle: Path, files: dict[str, str]) -> None:
+    for rel, digest in files.items():
+        p = bundle / rel
+        if not p.is_file():
+            raise BundleError(f"bundle file {rel} is missing from {bundle}; re-export the bundle")
+        if sha256(p) != digest:
+            raise BundleError(f"bundle file {rel} does not match its sha256 in {MANIFEST}: it was modified or corrupted")
+
+
+def save_processing_files(adapter: Any, dest: Path) -> None:
+    """Tokenizer, processor and model config, so the bundle runs without the original checkpoint."""
+    dest.mkdir()
+    for part in ("image_processor", "tokenizer"):
+        getattr(adapter.processor, part).save_pretrained(dest)
+    if hasattr(adapter.processor, "save_pretrained"):
+        adapter.processor.save_pretrained(dest)
+    adapter.config.save_pretrained(dest)
+    for name in ("model.safetensors", "model.safetensors.index.json"):  # weights live in the graphs only
+        (dest / name).unlink(missing_ok=True)
+
+
+def new_manifest(adapter: Any, source: str, prune: PruneConfig, export: ExportConfig) -> dict[str, Any]:
+    return {
+        "format": FORMAT, "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"source": source, "family": adapter.family, "model_type": adapter.config.model_type},
+        "prune": prune.to_dict(), "export": export.__dict__ | {}, "tools": tool_versions(),
+        "processor_dir": PROCESSOR_DIR, "graphs": {},
+    }  # fmt: skip
+
+
+# --- the export command ----------------------------------------------------------------------------
+SAMPLE_PROMPT = "what shape is in the image ?"
+
+
+def export_bundle(
+    model: str, prune: PruneConfig, export: ExportConfig, out: Path, cache_dir: Path | None = None, log: Any = None
+) -> dict[str, Any]:
+    """Export ``model`` with ``prune`` into a validated bundle directory ``out`` (atomic)."""
+    from vtprune.models import load_vlm
+
+    log = log or (lambda msg: None)
+    out = Path(out)
+    prepare_target(out, export.force)
+    log(f"loading {model}")
+    adapter = load_vlm(model, cache_dir=cache_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        manifest = _write_bundle(adapter, model, prune, export, tmp, log)
+        commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_bundle(adapter: Any, model: str, prune: PruneConfig, export: ExportConfig, tmp: Path, log: Any) -> dict:
+    import time
+
+    from vtprune.demo import scene_image
+    from vtprune.export.decoder import export_decoder, export_embed
+    from vtprune.export.validate import validate_bundle
+    from vtprune.export.vision import export_vision
+    from vtprune.runtime.pipeline import PrunedVlm
+
+    image = export_sample_image(adapter, scene_image())
+    sample = PrunedVlm(adapter, prune).inputs(image, SAMPLE_PROMPT)
+    requested, prune = prune, static_budget(adapter, prune, sample)
+    if prune != requested:
+        log(f"--keep {requested.keep} is a ratio; exported graphs need a static count: --keep {prune.keep}")
+    manifest = new_manifest(adapter, model, prune, export) | {"keep_requested": requested.keep}
+    steps = [("vision", lambda p: export_vision(adapter, prune, sample, p, export.opset)),
+             ("embed", lambda p: export_embed(adapter, p, export.opset)),
+             ("decoder", lambda p: export_decoder(adapter, p, export.opset))]  # fmt: skip
+    for i, (name, fn) in enumerate(steps, 1):
+        start = time.perf_counter()
+        manifest["graphs"][name] = fn(tmp / f"{name}.onnx")
+        log(f"[{i}/{len(steps) + 1}] {name}.onnx exported in {time.perf_counter() - start:.1f} s")
+    save_processing_files(adapter, tmp / PROCESSOR_DIR)
+    if export.inline:
+        inline_copy(tmp / "vision.onnx", tmp / "vision.inlined.onnx")
+    write_manifest(tmp, manifest)
+    if export.validate:
+        start = time.perf_counter()
+        manifest["validation"] = validate_bundle(adapter, prune, tmp, image, SAMPLE_PROMPT)
+        log(f"[{len(steps) + 1}/{len(steps) + 1}] validated against PyTorch in {time.perf_counter() - start:.1f} s")
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def static_budget(adapter: Any, prune: PruneConfig, sample: dict) -> PruneConfig:
+    """A ratio budget turned into the fixed count it means at full capacity (static graph shapes)."""
+    import dataclasses
+
+    import torch
+
+    if not isinstance(prune.keep, float):
+        return prune
+    with torch.inference_mode():
+        layout = adapter.encode_image(sample).layout
+    k = sum(group_budgets(layout.group_capacities, prune.keep))
+    return dataclasses.replace(prune, keep=k)
+
+
+def export_sample_image(adapter: Any, image: Any) -> Any:
+    """The image the graphs are traced and validated with. Qwen2.5-VL graphs are fixed to its grid:
+    448x448 px, or less where the checkpoint's processor caps the pixel count."""
+    if adapter.family != "qwen2_5_vl":
+        return image
+    return image.resize((448, 448))
+
+
+def inline_copy(src: Path, dst: Path) -> None:
+    """A copy of ``src`` with the vtprune function bodies inlined, for runtimes without local functions."""
+    import onnx
+    import onnx.inliner
+
+    from vtprune.export.onnx_io import save_atomic
+
+    save_atomic(onnx.inliner.inline_local_functions(onnx.load(str(src))), dst)

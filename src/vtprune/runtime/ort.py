@@ -1,0 +1,176 @@
+"""ONNX Runtime backend: run a vtprune bundle (vision+prune -> embed merge -> decoder with KV cache).
+
+The only module besides the TensorRT one that imports onnxruntime, and only when used. Preprocessing
+uses the bundle's own processor files; nothing of the original checkpoint is read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vtprune.config import PruneConfig
+from vtprune.errors import BackendUnavailableError, ConfigError, InputError
+from vtprune.flops import FlopsReport, gprune_macs, prefill_macs
+from vtprune.runtime.images import check_image_size
+from vtprune.runtime.pipeline import Generation
+from vtprune.runtime.timing import StageTimer
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+def import_ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendUnavailableError("onnxruntime is not installed; pip install 'vtprune[ort]'") from None
+    return onnxruntime
+
+
+def make_session(path: Path, provider: str = "cpu", threads: int | None = None) -> Any:
+    """An InferenceSession on ``provider``, with a clear error when that provider is not available."""
+    ort = import_ort()
+    if provider not in PROVIDERS:
+        raise ConfigError(f"--provider {provider!r} must be one of {', '.join(PROVIDERS)}")
+    if PROVIDERS[provider] not in ort.get_available_providers():
+        raise BackendUnavailableError(
+            f"ONNX Runtime here has no {PROVIDERS[provider]} (available: {', '.join(ort.get_available_providers())}); "
+            "install onnxruntime-gpu on a machine with a supported GPU, or use --provider cpu"
+        )
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=[PROVIDERS[provider]])
+
+
+class OrtVlm:
+    """A bundle loaded for generation with ONNX Runtime."""
+
+    def __init__(self, bundle: str | Path, provider: str = "cpu", threads: int | None = None, verify: bool = True):
+        from transformers import AutoConfig
+
+        from vtprune.export.bundle import read_manifest
+        from vtprune.models import adapter_for
+
+        self.bundle = Path(bundle)
+        self.manifest = read_manifest(self.bundle, verify)
+        proc_dir = self.bundle / self.manifest["processor_dir"]
+        cls = adapter_for(self.manifest["model"]["model_type"])
+        config = AutoConfig.from_pretrained(str(proc_dir), local_files_only=True, trust_remote_code=False)
+        self.adapter = cls(None, cls.load_processor(proc_dir), proc_dir, config)
+        self.cfg = PruneConfig.from_dict(self.manifest["prune"])
+        self.sessions = {g: make_session(self.bundle / f"{g}.onnx", provider, threads)
+                         for g in ("vision", "embed", "decoder")}  # fmt: skip
+        self.decoder_io = self.manifest["graphs"]["decoder"]
+
+    # --- preprocessing ---------------------------------------------------------------------------
+    def inputs(self, image: Any, prompt: str, raw_prompt: bool = False) -> dict[str, torch.Tensor]:
+        check_image_size(image, self.adapter.min_image_side)
+        image = self._fit_image(image)
+        if raw_prompt:
+            self.adapter.check_prompt(prompt)
+        text = prompt if raw_prompt else self.adapter.format_prompt(prompt)
+        try:
+            return self.adapter.prepare(image, text)
+        except ValueError as exc:
+            raise InputError(f"the {self.adapter.family} processor cannot use this image: {exc}") from None
+
+    def _fit_image(self, image: Any) -> Any:
+        """Qwen2.5-VL graphs are exported at one grid: resize the image to exactly that many patches."""
+        grid = self.manifest["graphs"]["vision"]["meta"].get("grid_thw")
+        if grid is None:
+            return image
+        p = self.adapter.patch_size
+        return image.resize((grid[2] * p, grid[1] * p))
+
+    def vision_feeds(self, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        meta = self.manifest["graphs"]["vision"]["meta"]
+        pixels = inputs["pixel_values"].numpy().astype(np.float32)
+        if self.adapter.family != "llava_next":
+            return {"pixel_values": pixels}
+        from vtprune.export.vision import llava_next_static_inputs
+
+        padded = np.zeros((pixels.shape[0], meta["max_crops"], *pixels.shape[2:]), np.float32)
+        padded[:, : pixels.shape[1]] = pixels
+        static = llava_next_static_inputs(self.adapter.config, inputs["image_sizes"][0], meta["max_crops"], meta["n_max"])
+        return {"pixel_values": padded} | {k: v.numpy() for k, v in static.items()}
+
+    # --- model stages -----------------------------------------------------------------------------
+    def prefill_inputs(self, inputs: dict[str, torch.Tensor], timer: StageTimer) -> dict[str, Any]:
+        """Vision+prune graph, token embedding and merge: the decoder's prefill inputs."""
+        with timer.stage("vision"):
+            out = self.sessions["vision"].run(None, self.vision_feeds(inputs))
+        embeds_v, idx, valid = out[0][0], out[1][0], out[2][0]
+        keep = idx[valid]  # kept visual tokens, ascending
+        ids = inputs["input_ids"].numpy()
+        image_pos = np.flatnonzero(ids[0] == self.adapter.image_token_id)
+        with timer.stage("embed"):
+            embeds = self.sessions["embed"].run(None, {"input_ids": ids})[0]  # (1, L, D)
+        embeds[0, image_pos[keep]] = embeds_v[valid]
+        text_pos = np.setdiff1d(np.arange(ids.shape[1]), image_pos)
+        seq_keep = np.sort(np.concatenate([text_pos, image_pos[keep]]))  # (n,)
+        positions = self.adapter.position_ids(inputs).numpy()[..., seq_keep]
+        if self.cfg.positions == "contiguous":
+            positions = np.broadcast_to(np.arange(seq_keep.size), positions.shape).copy()
+        return {"embeds": embeds[:, seq_keep], "positions": positions, "visual_kept": int(keep.size),
+                "visual_total": int(image_pos.size), "prompt_len": int(ids.shape[1]), "keep_idx": keep}  # fmt: skip
+
+    def _empty_past(self) -> dict[str, np.ndarray]:
+        io = self.decoder_io
+        shape = (1, io["kv_heads"], 0, io["head_dim"])
+        return {name: np.zeros(shape, np.float32) for name in self._past_names()}
+
+    def _past_names(self) -> list[str]:
+        return [i.name for i in self.sessions["decoder"].get_inputs() if i.name.startswith("past_key_values")]
+
+    def decoder_step(self, embeds: np.ndarray, positions: np.ndarray, past: dict[str, np.ndarray]) -> tuple:
+        total = embeds.shape[1] + next(iter(past.values())).shape[2]
+        feeds = {"inputs_embeds": embeds.astype(np.float32), "position_ids": positions.astype(np.int64),
+                 "attention_mask": np.ones((1, total), np.int64)} | past  # fmt: skip
+        outs = self.sessions["decoder"].run(None, feeds)
+        names = [o.name for o in self.sessions["decoder"].get_outputs()]
+        result = dict(zip(names, outs, strict=True))
+        presents = {n.replace("present", "past_key_values", 1): result[n] for n in names if n.startswith("present")}
+        return result["logits"][:, -1], presents
+
+    def decode(self, prefill: dict[str, Any], max_new_tokens: int, timer: StageTimer, eos: set[int]) -> list[int]:
+        with timer.stage("prefill"):
+            logits, past = self.decoder_step(prefill["embeds"], prefill["positions"], self._empty_past())
+        next_pos = prefill["positions"].max(axis=-1, keepdims=True) + 1  # one past the unpruned prompt
+        token, out = int(logits.argmax(-1)[0]), []
+        with timer.stage("decode"):
+            for step in range(max_new_tokens):
+                out.append(token)
+                if token in eos or step == max_new_tokens - 1:
+                    break
+                emb = self.sessions["embed"].run(None, {"input_ids": np.array([[token]], np.int64)})[0]
+                logits, past = self.decoder_step(emb, next_pos + step, past)
+                token = int(logits.argmax(-1)[0])
+        return out
+
+    def generate(self, image: Any, prompt: str, max_new_tokens: int = 32, raw_prompt: bool = False) -> Generation:
+        timer = StageTimer()
+        with timer.stage("preprocess"):
+            inputs = self.inputs(image, prompt, raw_prompt)
+        prefill = self.prefill_inputs(inputs, timer)
+        eos = self.adapter.eos_token_ids()
+        tokens = self.decode(prefill, max_new_tokens, timer, eos)
+        answer = self.adapter.decode([t for t in tokens if t not in eos])
+        return Generation(
+            answer=answer, token_ids=tokens, method=self.cfg.method, keep=self.cfg.keep,
+            visual_tokens_total=prefill["visual_total"], visual_tokens_kept=prefill["visual_kept"],
+            prompt_tokens=prefill["prompt_len"], prefill_tokens=int(prefill["embeds"].shape[1]),
+            flops=self.flops(prefill), timings_ms=dict(timer.ms),
+        )  # fmt: skip
+
+    def flops(self, prefill: dict[str, Any]) -> FlopsReport:
+        dims = self.adapter.text_dims()
+        meta = self.manifest["graphs"]["vision"]["meta"]
+        sizes = [meta["per_crop"], meta["hr_capacity"]] if "per_crop" in meta else [prefill["visual_total"]]
+        stage = gprune_macs(sizes, dims.hidden, self.cfg.iters) if self.cfg.prunes else 0
+        n = int(prefill["embeds"].shape[1])
+        return FlopsReport(prefill_macs(dims, prefill["prompt_len"]), prefill_macs(dims, n), stage)
