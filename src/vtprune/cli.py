@@ -23,9 +23,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="tiny-llava | tiny-llava-next | tiny-qwen2.5-vl | checkpoint DIR")
+    g.add_argument("--model", required=required, help="tiny-llava | tiny-llava-next | tiny-qwen2.5-vl | checkpoint DIR")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="model weights dtype")
     g.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights; only if you trust them")
     g.add_argument("--cache-dir", type=Path, help="where built-in tiny models are written (default ~/.cache/vtprune)")
@@ -55,14 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = sub.add_parser("run", help="answer a prompt about an image with pruned visual tokens (PyTorch)")
-    _add_model_args(run)
+    run = sub.add_parser("run", help="answer a prompt about an image: a bundle (ONNX Runtime) or --model (PyTorch)")
+    run.add_argument("bundle", nargs="?", type=Path, help="bundle directory from 'vtprune export' (ONNX Runtime)")
+    _add_model_args(run, required=False)
+    run.add_argument("--provider", default="cpu", help="bundle only: ONNX Runtime provider cpu | cuda | tensorrt")
+    run.add_argument("--threads", type=int, help="bundle only: ONNX Runtime intra-op threads (default: all cores)")
     run.add_argument("--image", required=True, type=Path, help="image file (PNG, JPEG, ...)")
     run.add_argument("--prompt", required=True, help="the question; wrapped in the model's chat template")
     run.add_argument("--raw-prompt", action="store_true", help="use --prompt verbatim; it must hold the image slot")
     run.add_argument("--max-new-tokens", type=int, default=32, help="greedy decoding length limit")
     run.add_argument("--json", action="store_true", help="print the result as JSON instead of text")
     _add_prune_args(run)
+
+    exp = sub.add_parser("export", help="export vision+pruning, embedding and decoder ONNX graphs into a bundle")
+    _add_model_args(exp)
+    exp.add_argument("--out", required=True, type=Path, help="bundle directory to create")
+    exp.add_argument("--opset", type=int, default=18, help="ONNX opset (18..23)")
+    exp.add_argument("--inline", action="store_true", help="also write vision.inlined.onnx without local functions")
+    exp.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    exp.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    _add_prune_args(exp)
 
     demo = sub.add_parser("demo", help="end-to-end demo on the embedded default (CPU, PyTorch)")
     demo.add_argument("--model", default="tiny-llava-next", help="model to demo (default: tiny-llava-next)")
@@ -74,20 +86,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from vtprune.models import load_vlm
     from vtprune.runtime.images import load_image
-    from vtprune.runtime.pipeline import PrunedVlm
 
     if args.max_new_tokens < 1:
         raise VtpruneError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
-    cfg = prune_config(args)
-    adapter = load_vlm(args.model, args.dtype, args.allow_pickle, args.cache_dir)
-    image = load_image(args.image, adapter.min_image_side)
-    result = PrunedVlm(adapter, cfg).generate(image, args.prompt, args.max_new_tokens, args.raw_prompt)
-    if args.json:
-        print(json.dumps({"model": str(args.model), "family": adapter.family} | result.to_dict(), indent=2))
+    if (args.bundle is None) == (args.model is None):
+        raise VtpruneError("give either a bundle directory (ONNX Runtime) or --model (PyTorch), not both or neither")
+    if args.bundle is not None:
+        if args.method or args.keep:
+            raise VtpruneError("a bundle's pruning is fixed at export; drop --method/--keep or re-export")
+        from vtprune.runtime.ort import OrtVlm
+
+        runner, label = OrtVlm(args.bundle, args.provider, args.threads), f"{args.bundle} (onnxruntime {args.provider})"
     else:
-        print(format_result(str(args.model), adapter.family, result))
+        from vtprune.models import load_vlm
+        from vtprune.runtime.pipeline import PrunedVlm
+
+        cfg = prune_config(args)
+        adapter = load_vlm(args.model, args.dtype, args.allow_pickle, args.cache_dir)
+        runner, label = PrunedVlm(adapter, cfg), f"{args.model} (pytorch)"
+    image = load_image(args.image, runner.adapter.min_image_side)
+    result = runner.generate(image, args.prompt, args.max_new_tokens, args.raw_prompt)
+    if args.json:
+        print(json.dumps({"model": label, "family": runner.adapter.family} | result.to_dict(), indent=2))
+    else:
+        print(format_result(label, runner.adapter.family, result))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from vtprune.export.bundle import ExportConfig, export_bundle
+
+    export = ExportConfig(opset=args.opset, dtype=args.dtype, inline=args.inline, validate=not args.no_validate,
+                          force=args.force)  # fmt: skip
+
+    def log(msg: str) -> None:
+        print(f"vtprune export: {msg}", file=sys.stderr, flush=True)
+
+    manifest = export_bundle(args.model, prune_config(args), export, args.out, args.cache_dir, log)
+    checks = manifest.get("validation", {}).get("checks", [])
+    for row in checks:
+        detail = f"max abs diff {row['max_abs_diff']:.2e}" if "max_abs_diff" in row else "identical"
+        print(f"  {'ok ' if row['ok'] else 'FAIL'} {row['check']}: {detail}")
+    print(f"wrote {args.out} ({', '.join(sorted(manifest['files']))[:200]})")
     return 0
 
 
@@ -112,14 +153,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.model, args.image, args.prompt, parse_keep(args.keep), args.cache_dir)
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo}
+COMMANDS = {"run": cmd_run, "export": cmd_export, "demo": cmd_demo}
 
 
 def _quiet_libraries() -> None:
+    import logging
+    import warnings
+
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    for name in ("torch.onnx", "torch.onnx._internal.exporter._registration"):  # "torchvision is not installed"
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -235,7 +235,7 @@ def test_rtx_typed_build_for_two_targets(standard_onnx: Path):
 
 @needs_trt
 def test_custom_domain_node_with_local_function_builds(tmp_path: Path):
-    result = build_engine(_function_onnx(tmp_path, "GraphPropagate", with_body=True), PROFILE, target=TARGET)
+    result = build_engine(_function_onnx(tmp_path, "ToyPropagate", with_body=True), PROFILE, target=TARGET)
     assert result.engine_size > 0
 
 

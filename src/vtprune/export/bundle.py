@@ -108,7 +108,8 @@ def verify_files(bundle: Path, files: dict[str, str]) -> None:
         if not p.is_file():
             raise BundleError(f"bundle file {rel} is missing from {bundle}; re-export the bundle")
         if sha256(p) != digest:
-            raise BundleError(f"bundle file {rel} does not match its sha256 in {MANIFEST}: it was modified or corrupted")
+            msg = f"bundle file {rel} does not match its sha256 in {MANIFEST}: it was modified or corrupted"
+            raise BundleError(msg)
 
 
 def save_processing_files(adapter: Any, dest: Path) -> None:

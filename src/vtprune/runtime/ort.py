@@ -96,7 +96,8 @@ class OrtVlm:
 
         padded = np.zeros((pixels.shape[0], meta["max_crops"], *pixels.shape[2:]), np.float32)
         padded[:, : pixels.shape[1]] = pixels
-        static = llava_next_static_inputs(self.adapter.config, inputs["image_sizes"][0], meta["max_crops"], meta["n_max"])
+        size = inputs["image_sizes"][0]
+        static = llava_next_static_inputs(self.adapter.config, size, meta["max_crops"], meta["n_max"])
         return {"pixel_values": padded} | {k: v.numpy() for k, v in static.items()}
 
     # --- model stages -----------------------------------------------------------------------------

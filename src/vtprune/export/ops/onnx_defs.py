@@ -137,7 +137,8 @@ def translations() -> dict:
     def topk_route(x, scores, k: int):
         return vtp.TopKRoute(x, scores, k=k)
 
-    return {torch.ops.vtprune.graph_propagate.default: graph_propagate, torch.ops.vtprune.topk_route.default: topk_route}
+    ops = torch.ops.vtprune
+    return {ops.graph_propagate.default: graph_propagate, ops.topk_route.default: topk_route}
 
 
 def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:

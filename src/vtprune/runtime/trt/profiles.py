@@ -1,0 +1,43 @@
+"""Optimization profiles for a bundle's graphs, derived from the symbolic dims the exporter wrote."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ProfileLimits:
+    """Ranges (min, opt, max) per kind of symbolic dimension."""
+
+    batch: tuple[int, int, int] = (1, 1, 1)
+    sequence: tuple[int, int, int] = (1, 64, 1024)  # new tokens per decoder call (prefill up to max)
+    past: tuple[int, int, int] = (0, 256, 1024)  # KV-cache length
+
+    def dim(self, name: str, which: int) -> int:
+        if "+" in name or name.startswith("total"):
+            return self.sequence[which] + self.past[which]
+        if name.startswith("past"):
+            return self.past[which]
+        if name.startswith("sequence"):
+            return self.sequence[which]
+        return self.batch[which]  # batch_size and exporter-named batch dims (s0, s1, ...)
+
+
+def profiles_from_onnx(path: str | Path, limits: ProfileLimits | None = None) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """A (min, opt, max) shape triple for every graph input with a symbolic dimension."""
+    import onnx
+
+    limits = limits or ProfileLimits()
+    model = onnx.load(str(path), load_external_data=False)
+    out = {}
+    for inp in model.graph.input:
+        dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+        if all(isinstance(d, int) for d in dims):
+            continue
+        out[inp.name] = tuple(
+            tuple(d if isinstance(d, int) else limits.dim(d, which) for d in dims) for which in range(3)
+        )
+    return out
