@@ -67,15 +67,15 @@ def graph_propagate_function(theta: float, tau: float, iters: int, opset: int) -
         n("GreaterOrEqual", ["sim", "theta"], ["edge"]),
         n("Unsqueeze", ["valid", "axes_last"], ["v_col"]), n("Unsqueeze", ["valid", "axes_m2"], ["v_row"]),
         n("And", ["v_col", "v_row"], ["pair"]),
-        n("Or", ["edge", "eye"], ["edge_self"]), n("And", ["edge_self", "pair"], ["edge_valid"]),
-        n("Or", ["edge_valid", "eye"], ["mask"]),                                    # pads keep a self-loop
+        n("And", ["edge", "pair"], ["edge_valid"]),
+        n("Or", ["edge_valid", "eye"], ["mask"]),                                    # self-loops, pads too
         n("Mul", ["sim", "inv_tau"], ["logits"]),
         n("Where", ["mask", "logits", "masked"], ["z"]),
         n("Softmax", ["z"], ["P"], axis=-1),                                         # row-stochastic
         n("Cast", ["mask"], ["mask_f"], to=TensorProto.FLOAT),
         n("ReduceSum", ["mask_f", "axes_m2"], ["deg"], keepdims=0),                 # [B, N] degree
         n("Cast", ["valid"], ["valid_f"], to=TensorProto.FLOAT),
-        n("ReduceL2", ["xf", "axes_last"], ["norm"], keepdims=0),
+        n("Squeeze", ["norm_k", "axes_last"], ["norm"]),                             # [B, N]
         n("Mul", ["norm", "valid_f"], ["s0"]),
     ]  # fmt: skip
     nodes.insert(0, _const("zero_ax", [0], TensorProto.INT64))
