@@ -58,13 +58,15 @@ def run_case(n: int, d: int, k: int, threads: int, iters: int, tmp: Path) -> dic
 def to_markdown(result: dict) -> str:
     env = result["environment"]
     lines = ["# G-Prune stage: PyTorch eager vs ONNX Runtime CPU (function bodies)", "",
-             f"Machine: {env['cpu']}, {env['cores']} cores, GPU: {env['gpu'] or 'none'}; threads={result['threads']}; "
-             f"torch {env['libraries'].get('torch')}, onnxruntime {env['libraries'].get('onnxruntime')}.", "",
+             f"Machine: {env['cpu']}, {env['cores']} cores, GPU: {env['gpu'] or 'none'}; "
+             f"threads={result['threads']}; torch {env['libraries'].get('torch')}, "
+             f"onnxruntime {env['libraries'].get('onnxruntime')}.", "",
              "| N | D | K | torch p50 ms | ORT p50 ms | ORT/torch | same indices | max abs diff |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for c in result["cases"]:
-        lines.append(f"| {c['N']} | {c['D']} | {c['K']} | {c['torch_eager']['p50_ms']:.1f} | {c['ort_cpu']['p50_ms']:.1f}"
-                     f" | {c['ort_over_torch_p50']:.2f} | {c['indices_equal']} | {c['tokens_max_abs_diff']:.1e} |")  # fmt: skip
+        t, o = c["torch_eager"]["p50_ms"], c["ort_cpu"]["p50_ms"]
+        lines.append(f"| {c['N']} | {c['D']} | {c['K']} | {t:.1f} | {o:.1f} | {c['ort_over_torch_p50']:.2f}"
+                     f" | {c['indices_equal']} | {c['tokens_max_abs_diff']:.1e} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

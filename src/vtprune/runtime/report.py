@@ -47,7 +47,9 @@ def environment() -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     libs = {}
-    for pkg in ("vtprune", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-rtx"):
+    packages = ("vtprune", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu")
+    packages += ("tensorrt", "tensorrt-rtx")
+    for pkg in packages:
         try:
             libs[pkg] = version(pkg)
         except PackageNotFoundError:
