@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from vtprune import __version__
-from vtprune.config import DEGREE_MODES, METHODS, POSITION_MODES, PruneConfig, parse_keep
+from vtprune.config import DEGREE_MODES, METHODS, POSITION_MODES, PruneConfig, SamplingConfig, parse_keep
 from vtprune.errors import VtpruneError
 
 EXIT_USER_ERROR = 2
@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--raw-prompt", action="store_true", help="use --prompt verbatim; it must hold the image slot")
     run.add_argument("--max-new-tokens", type=int, default=32, help="greedy decoding length limit")
     run.add_argument("--json", action="store_true", help="print the result as JSON instead of text")
+    g = run.add_argument_group("sampling (default greedy)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
     _add_prune_args(run)
 
     exp = sub.add_parser("export", help="export vision+pruning, embedding and decoder ONNX graphs into a bundle")
@@ -90,6 +95,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise VtpruneError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     if (args.bundle is None) == (args.model is None):
         raise VtpruneError("give either a bundle directory (ONNX Runtime) or --model (PyTorch), not both or neither")
     if args.bundle is not None:
@@ -97,14 +103,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise VtpruneError("a bundle's pruning is fixed at export; drop --method/--keep or re-export")
         from vtprune.runtime.ort import OrtVlm
 
-        runner, label = OrtVlm(args.bundle, args.provider, args.threads), f"{args.bundle} (onnxruntime {args.provider})"
+        runner = OrtVlm(args.bundle, args.provider, args.threads, sampling=sampling)
+        label = f"{args.bundle} (onnxruntime {args.provider})"
     else:
         from vtprune.models import load_vlm
         from vtprune.runtime.pipeline import PrunedVlm
 
         cfg = prune_config(args)
         adapter = load_vlm(args.model, args.dtype, args.allow_pickle, args.cache_dir)
-        runner, label = PrunedVlm(adapter, cfg), f"{args.model} (pytorch)"
+        runner, label = PrunedVlm(adapter, cfg, sampling), f"{args.model} (pytorch)"
     image = load_image(args.image, runner.adapter.min_image_side)
     result = runner.generate(image, args.prompt, args.max_new_tokens, args.raw_prompt)
     if args.json:
@@ -144,6 +151,9 @@ def format_result(model: str, family: str, r: Any) -> str:
         f"prefill GMACs: {f.prefill_macs_pruned / 1e9:.4g} pruned vs {f.prefill_macs_unpruned / 1e9:.4g} unpruned; "
         f"pruning stage {f.prune_stage_macs / 1e9:.3g}; saved {100 * f.saved_fraction:.1f}%",
         f"stage ms: {stages} | total {sum(r.timings_ms.values()):.1f} ({len(r.token_ids)} new tokens)",
+        f"time to first token {r.ttft_ms:.1f} ms; decode "
+        + (f"{r.decode_tokens_per_s:.1f} tokens/s" if r.decode_tokens_per_s else "n/a (one token)")
+        + f"; peak RSS {r.peak_rss_mb:.0f} MiB",
     ])  # fmt: skip
 
 

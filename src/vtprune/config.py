@@ -98,3 +98,27 @@ class PruneConfig:
         if unknown:
             raise ConfigError(f"unknown PruneConfig fields: {', '.join(sorted(unknown))}")
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Token choice during decoding. ``temperature`` 0 is greedy (argmax); otherwise logits / temperature,
+    optionally restricted to the ``top_k`` most likely tokens and the ``top_p`` nucleus, sampled with a
+    generator seeded by ``seed`` (so runs repeat)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"--temperature {self.temperature} must be >= 0 (0 = greedy)")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"--top-k {self.top_k!r} must be an integer >= 0 (0 = off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"--top-p {self.top_p} must be in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

@@ -151,3 +151,15 @@ def test_every_graph_parses_and_builds_with_tensorrt(bundle):
         path = bundle / f"{graph}.onnx"
         result = build_engine(path, profiles=profiles_from_onnx(path, limits))
         assert result.engine_size > 0, graph
+
+
+def test_seeded_sampling_matches_between_runtimes(bundles, tiny_dirs):
+    from vtprune.config import SamplingConfig
+    from vtprune.models import load_vlm
+    from vtprune.runtime.ort import OrtVlm
+
+    sampling = SamplingConfig(temperature=1.0, top_p=0.95, seed=5)
+    vlm = OrtVlm(bundles["tiny-llava"], sampling=sampling)
+    cfg = PruneConfig.from_dict(read_manifest(bundles["tiny-llava"])["prune"])
+    ref = PrunedVlm(load_vlm(tiny_dirs["tiny-llava"]), cfg, sampling).generate(_image(), PROMPT, max_new_tokens=16)
+    assert vlm.generate(_image(), PROMPT, max_new_tokens=16).token_ids == ref.token_ids

@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from vtprune.config import PruneConfig
+from vtprune.config import PruneConfig, SamplingConfig
 from vtprune.errors import BackendUnavailableError, ConfigError, InputError
 from vtprune.flops import FlopsReport, gprune_macs, prefill_macs
 from vtprune.runtime.images import check_image_size
-from vtprune.runtime.pipeline import Generation
+from vtprune.runtime.pipeline import Generation, peak_rss_mb
+from vtprune.runtime.sampling import TokenChooser
 from vtprune.runtime.timing import StageTimer
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -50,7 +51,10 @@ def make_session(path: Path, provider: str = "cpu", threads: int | None = None) 
 class OrtVlm:
     """A bundle loaded for generation with ONNX Runtime."""
 
-    def __init__(self, bundle: str | Path, provider: str = "cpu", threads: int | None = None, verify: bool = True):
+    def __init__(
+        self, bundle: str | Path, provider: str = "cpu", threads: int | None = None, verify: bool = True,
+        sampling: SamplingConfig | None = None,
+    ):  # fmt: skip
         from transformers import AutoConfig
 
         from vtprune.export.bundle import read_manifest
@@ -66,6 +70,7 @@ class OrtVlm:
         self.sessions = {g: make_session(self.bundle / f"{g}.onnx", provider, threads)
                          for g in ("vision", "embed", "decoder")}  # fmt: skip
         self.decoder_io = self.manifest["graphs"]["decoder"]
+        self.sampling = sampling or SamplingConfig()
 
     # --- preprocessing ---------------------------------------------------------------------------
     def inputs(self, image: Any, prompt: str, raw_prompt: bool = False) -> dict[str, torch.Tensor]:
@@ -139,10 +144,12 @@ class OrtVlm:
         return result["logits"][:, -1], presents
 
     def decode(self, prefill: dict[str, Any], max_new_tokens: int, timer: StageTimer, eos: set[int]) -> list[int]:
+        choose = TokenChooser(self.sampling)
         with timer.stage("prefill"):
             logits, past = self.decoder_step(prefill["embeds"], prefill["positions"], self._empty_past())
+            token = choose(logits[0])
         next_pos = prefill["positions"].max(axis=-1, keepdims=True) + 1  # one past the unpruned prompt
-        token, out = int(logits.argmax(-1)[0]), []
+        out: list[int] = []
         with timer.stage("decode"):
             for step in range(max_new_tokens):
                 out.append(token)
@@ -150,7 +157,7 @@ class OrtVlm:
                     break
                 emb = self.sessions["embed"].run(None, {"input_ids": np.array([[token]], np.int64)})[0]
                 logits, past = self.decoder_step(emb, next_pos + step, past)
-                token = int(logits.argmax(-1)[0])
+                token = choose(logits[0])
         return out
 
     def generate(self, image: Any, prompt: str, max_new_tokens: int = 32, raw_prompt: bool = False) -> Generation:
@@ -165,7 +172,7 @@ class OrtVlm:
             answer=answer, token_ids=tokens, method=self.cfg.method, keep=self.cfg.keep,
             visual_tokens_total=prefill["visual_total"], visual_tokens_kept=prefill["visual_kept"],
             prompt_tokens=prefill["prompt_len"], prefill_tokens=int(prefill["embeds"].shape[1]),
-            flops=self.flops(prefill), timings_ms=dict(timer.ms),
+            flops=self.flops(prefill), timings_ms=dict(timer.ms), peak_rss_mb=peak_rss_mb(),
         )  # fmt: skip
 
     def flops(self, prefill: dict[str, Any]) -> FlopsReport:

@@ -14,13 +14,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vtprune.config import PruneConfig
+from vtprune.config import PruneConfig, SamplingConfig
 from vtprune.errors import InputError, InternalError
 from vtprune.flops import FlopsReport, gprune_macs, prefill_macs
 from vtprune.models.base import VlmAdapter
 from vtprune.prune import VisualLayout, select_visual
 from vtprune.prune.select import gather_positions, gather_tokens
 from vtprune.runtime.images import check_image_size
+from vtprune.runtime.sampling import TokenChooser
 from vtprune.runtime.timing import StageTimer
 
 
@@ -50,19 +51,40 @@ class Generation:
     prefill_tokens: int
     flops: FlopsReport
     timings_ms: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: float = 0.0
+
+    @property
+    def ttft_ms(self) -> float:
+        """Time to first token: every stage up to and including prefill (which yields token 1)."""
+        return sum(v for k, v in self.timings_ms.items() if k != "decode")
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        steps = len(self.token_ids) - 1  # the first token comes from prefill
+        ms = self.timings_ms.get("decode", 0.0)
+        return steps / (ms / 1e3) if steps > 0 and ms > 0 else None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["flops"] = self.flops.to_dict()
+        out["ttft_ms"], out["decode_tokens_per_s"] = self.ttft_ms, self.decode_tokens_per_s
         return out
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB; Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class PrunedVlm:
     """A loaded VLM adapter plus a pruning config, driven as one generation pipeline."""
 
-    def __init__(self, adapter: VlmAdapter, cfg: PruneConfig) -> None:
+    def __init__(self, adapter: VlmAdapter, cfg: PruneConfig, sampling: SamplingConfig | None = None) -> None:
         self.adapter = adapter
         self.cfg = cfg
+        self.sampling = sampling or SamplingConfig()
 
     def inputs(self, image: Any, prompt: str, raw_prompt: bool = False) -> dict[str, Tensor]:
         """Processor outputs for one image and a question (or a raw prompt holding the image slot)."""
@@ -136,21 +158,24 @@ class PrunedVlm:
     ) -> list[int]:
         """Greedy decoding after a prefill; stops at an EOS token (``eos``, default the model's; pass an
         empty set to never stop early) or after ``max_new_tokens``."""
-        timer, cache = timer or StageTimer(), self.new_cache()
+        timer, cache, choose = timer or StageTimer(), self.new_cache(), TokenChooser(self.sampling)
         eos = self.adapter.eos_token_ids() if eos is None else eos
         with timer.stage("prefill"):
             hidden = self.decoder_step(prefill.embeds, prefill.position_ids, cache)
-            token = self.adapter.lm_head(hidden[:, -1:]).argmax(-1)  # (1, 1)
+            token = choose(self._last_logits(hidden))
         next_pos = prefill.position_ids.amax(dim=-1, keepdim=True) + 1  # one past the unpruned prompt
         out: list[int] = []
         with timer.stage("decode"):
             for step in range(max_new_tokens):
-                out.append(int(token))
-                if out[-1] in eos or step == max_new_tokens - 1:
+                out.append(token)
+                if token in eos or step == max_new_tokens - 1:
                     break
-                hidden = self.decoder_step(self.adapter.embed_tokens(token), next_pos + step, cache)
-                token = self.adapter.lm_head(hidden[:, -1:]).argmax(-1)
+                embeds = self.adapter.embed_tokens(torch.tensor([[token]]))
+                token = choose(self._last_logits(self.decoder_step(embeds, next_pos + step, cache)))
         return out
+
+    def _last_logits(self, hidden: Tensor) -> Any:
+        return self.adapter.lm_head(hidden[:, -1])[0].float().numpy()  # (V,)
 
     def generate(self, image: Any, prompt: str, max_new_tokens: int = 32, raw_prompt: bool = False) -> Generation:
         """Answer ``prompt`` about ``image`` with pruned visual tokens; per-stage wall times included."""
@@ -164,7 +189,7 @@ class PrunedVlm:
             answer=answer, token_ids=tokens, method=self.cfg.method, keep=self.cfg.keep,
             visual_tokens_total=prefill.layout.num_tokens, visual_tokens_kept=int(prefill.visual_keep.shape[1]),
             prompt_tokens=prefill.prompt_len, prefill_tokens=int(prefill.seq_keep.shape[1]),
-            flops=self.flops(prefill), timings_ms=dict(timer.ms),
+            flops=self.flops(prefill), timings_ms=dict(timer.ms), peak_rss_mb=peak_rss_mb(),
         )  # fmt: skip
 
     def flops(self, prefill: Prefill) -> FlopsReport:
