@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from vtprune.config import PruneConfig
 from vtprune.models.tiny import TINY_MODELS
 
 FAMILIES = {"tiny-llava": "llava", "tiny-llava-next": "llava_next", "tiny-qwen2.5-vl": "qwen2_5_vl"}
@@ -57,3 +58,19 @@ def png(tmp_path: Path, scene) -> Path:
     path = tmp_path / "scene.png"
     scene.save(path)
     return path
+
+
+BUNDLE_CFG = PruneConfig(method="gprune", keep=0.25)  # every test bundle is exported with this
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str, Path]:
+    """A validated bundle (with --inline) per tiny family, exported once per session."""
+    from vtprune.export.bundle import ExportConfig, export_bundle
+
+    root = tmp_path_factory.mktemp("bundles")
+    out = {}
+    for name in FAMILIES:
+        out[name] = root / name
+        export_bundle(name, BUNDLE_CFG, ExportConfig(inline=True), out[name], cache_dir)
+    return out

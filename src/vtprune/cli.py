@@ -81,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     _add_prune_args(exp)
 
+    build = sub.add_parser("build", help="build TensorRT engines for a bundle (TensorRT, or TensorRT for RTX)")
+    build.add_argument("bundle", type=Path, help="bundle directory from 'vtprune export'")
+    build.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 (full TensorRT) | typed")
+    build.add_argument("--target", help="TensorRT-RTX compute capabilities, e.g. sm89 or sm86,sm120")
+    build.add_argument("--workspace", type=int, dest="workspace_mb", help="builder workspace limit in MiB")
+    build.add_argument("--max-batch", type=int, default=1, help="largest batch the engines accept")
+    build.add_argument("--max-seq", type=int, help="longest prompt and KV cache (default: model max, <= 4096)")
+    build.add_argument("--graphs", default="vision,embed,decoder", help="which graphs to build")
+    build.add_argument("--force", action="store_true", help="rebuild engines that exist")
+
     demo = sub.add_parser("demo", help="end-to-end demo on the embedded default (CPU, PyTorch)")
     demo.add_argument("--model", default="tiny-llava-next", help="model to demo (default: tiny-llava-next)")
     demo.add_argument("--image", type=Path, help="image file (default: a generated scene)")
@@ -163,7 +173,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.model, args.image, args.prompt, parse_keep(args.keep), args.cache_dir)
 
 
-COMMANDS = {"run": cmd_run, "export": cmd_export, "demo": cmd_demo}
+def cmd_build(args: argparse.Namespace) -> int:
+    from vtprune.runtime.trt.engines import BuildConfig, build_bundle
+
+    cfg = BuildConfig(args.precision, args.target, args.workspace_mb, args.max_batch, args.max_seq,
+                      tuple(g.strip() for g in args.graphs.split(",") if g.strip()), args.force)  # fmt: skip
+    engines = build_bundle(args.bundle, cfg, lambda msg: print(f"vtprune build: {msg}", file=sys.stderr, flush=True))
+    for graph, meta in engines.items():
+        print(f"{graph}.engine: {meta['engine_size'] / 1e6:.1f} MB, {meta['flavour']} {meta['trt_version']}, "
+              f"target {meta['target'] or 'default'}, {meta['precision']}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "export": cmd_export, "build": cmd_build, "demo": cmd_demo}
 
 
 def _quiet_libraries() -> None:

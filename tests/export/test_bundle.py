@@ -15,18 +15,8 @@ from vtprune.errors import AccuracyError, BundleError
 from vtprune.export.bundle import ExportConfig, export_bundle, read_manifest
 from vtprune.runtime.pipeline import PrunedVlm
 
-CFG = PruneConfig(method="gprune", keep=0.25)
+from tests.conftest import BUNDLE_CFG as CFG
 PROMPT = "what color is the shape ?"
-
-
-@pytest.fixture(scope="session")
-def bundles(tmp_path_factory, cache_dir) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("bundles")
-    out = {}
-    for name in FAMILIES:
-        out[name] = root / name
-        export_bundle(name, CFG, ExportConfig(inline=True), out[name], cache_dir)
-    return out
 
 
 @pytest.fixture(params=sorted(FAMILIES))

@@ -42,6 +42,9 @@ def save_atomic(model: Any, path: Path) -> None:
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; artifacts get normal permissions
     try:
         onnx.save(model, tmp)
         os.replace(tmp, path)

@@ -1,0 +1,101 @@
+"""``vtprune build``: TensorRT engines for a bundle's graphs, with metadata, written atomically.
+
+Profiles come from the bundle's symbolic ONNX dims: batch up to ``max_batch``; decoder prompts up to
+``max_seq`` new tokens and a KV cache up to ``max_seq`` so one decoder engine serves every budget and
+the unpruned A/B. Each engine gets ``<graph>.engine.json`` (TensorRT flavour and version, target,
+precision, profiles, sha256 of the source ONNX) and the manifest records it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from vtprune.errors import BundleError, ConfigError
+
+GRAPHS = ("vision", "embed", "decoder")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Settings of one engine build (``vtprune build`` flags map 1:1)."""
+
+    precision: str = "fp32"
+    target: str | None = None
+    workspace_mb: int | None = None
+    max_batch: int = 1
+    max_seq: int | None = None  # default: the model's max positions, capped at 4096
+    graphs: tuple[str, ...] = GRAPHS
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ConfigError(f"--max-batch {self.max_batch} must be at least 1")
+        if self.max_seq is not None and self.max_seq < 2:
+            raise ConfigError(f"--max-seq {self.max_seq} must be at least 2")
+        unknown = set(self.graphs) - set(GRAPHS)
+        if unknown or not self.graphs:
+            raise ConfigError(f"--graphs must name some of {', '.join(GRAPHS)}; got {', '.join(self.graphs)}")
+
+
+def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, Any]:
+    """Build engines for ``bundle``'s graphs; returns the manifest's new ``engines`` section."""
+    from vtprune.export.bundle import read_manifest, sha256, write_manifest
+    from vtprune.runtime.trt.build import build_engine
+    from vtprune.runtime.trt.profiles import ProfileLimits, profiles_from_onnx
+
+    log = log or (lambda msg: None)
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    existing = [g for g in cfg.graphs if (bundle / f"{g}.engine").exists()]
+    if existing and not cfg.force:
+        raise BundleError(f"{bundle} already has {', '.join(existing)} engine(s); pass --force to rebuild")
+    max_seq = cfg.max_seq or _model_max_positions(bundle / manifest["processor_dir"])
+    limits = ProfileLimits(batch=(1, 1, cfg.max_batch), sequence=(1, min(64, max_seq), max_seq),
+                           past=(0, max_seq // 2, max_seq))  # fmt: skip
+    tmp = Path(tempfile.mkdtemp(prefix=".engines-", dir=bundle))
+    engines = dict(manifest.get("engines", {}))
+    try:
+        for i, graph in enumerate(cfg.graphs, 1):
+            onnx_path = bundle / f"{graph}.onnx"
+            log(f"[{i}/{len(cfg.graphs)}] building {graph}.engine ...")
+            result = build_engine(onnx_path, profiles_from_onnx(onnx_path, limits), cfg.precision, cfg.target,
+                                  cfg.workspace_mb)  # fmt: skip
+            meta = result.to_dict() | {"onnx_sha256": sha256(onnx_path), "build": asdict(cfg) | {"max_seq": max_seq}}
+            (tmp / f"{graph}.engine").write_bytes(result.engine)
+            (tmp / f"{graph}.engine.json").write_text(json.dumps(meta, indent=2, default=list) + "\n")
+            engines[graph] = {k: meta[k] for k in ("flavour", "trt_version", "target", "precision", "engine_size")}
+            log(f"      {result.engine_size / 1e6:.1f} MB in {result.build_seconds:.1f} s ({result.flavour})")
+        for f in tmp.iterdir():
+            os.replace(f, bundle / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    manifest["engines"] = engines
+    write_manifest(bundle, manifest)
+    return engines
+
+
+def _model_max_positions(processor_dir: Path) -> int:
+    cfg = json.loads((processor_dir / "config.json").read_text())
+    text = cfg.get("text_config") or cfg
+    return int(min(text.get("max_position_embeddings") or 4096, 4096))
+
+
+def check_engine_compat(meta: dict[str, Any], flavour: str, trt_version: str, device_sm: str | None) -> None:
+    """Refuse an engine built by another TensorRT flavour/version or for another GPU, naming both."""
+    if (meta["flavour"], meta["trt_version"]) != (flavour, trt_version):
+        raise BundleError(
+            f"engine built with {meta['flavour']} {meta['trt_version']} cannot load in {flavour} {trt_version}; "
+            "rebuild it on this machine with 'vtprune build --force'"
+        )
+    targets = [t for t in (meta.get("target") or "").split(",") if t and t != "native"]
+    if device_sm and targets and device_sm not in targets:
+        raise BundleError(
+            f"engine built for {','.join(targets)} cannot run on this {device_sm} GPU; "
+            f"rebuild with 'vtprune build --target {device_sm} --force'"
+        )
