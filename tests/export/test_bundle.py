@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import BUNDLE_CFG as CFG
 from tests.conftest import FAMILIES
 from vtprune.config import PruneConfig
 from vtprune.errors import AccuracyError, BundleError
 from vtprune.export.bundle import ExportConfig, export_bundle, read_manifest
 from vtprune.runtime.pipeline import PrunedVlm
 
-from tests.conftest import BUNDLE_CFG as CFG
 PROMPT = "what color is the shape ?"
 
 
