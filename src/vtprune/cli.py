@@ -91,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--graphs", default="vision,embed,decoder", help="which graphs to build")
     build.add_argument("--force", action="store_true", help="rebuild engines that exist")
 
+    check = sub.add_parser("check", help="parity of a bundle in ONNX Runtime against the PyTorch source model")
+    check.add_argument("bundle", type=Path, help="bundle directory")
+    check.add_argument("--model", help="source checkpoint (default: the manifest's source)")
+    check.add_argument("--image", type=Path, help="image file (default: a generated scene)")
+    check.add_argument("--prompt", default="what is in the image ?", help="the question")
+    check.add_argument("--steps", type=int, default=32, help="greedy tokens compared")
+    check.add_argument("--cache-dir", type=Path, help="where built-in models are written")
+    check.add_argument("--json", action="store_true", help="print the table as JSON")
+
     demo = sub.add_parser("demo", help="end-to-end demo on the embedded default (CPU, PyTorch)")
     demo.add_argument("--model", default="tiny-llava-next", help="model to demo (default: tiny-llava-next)")
     demo.add_argument("--image", type=Path, help="image file (default: a generated scene)")
@@ -185,7 +194,29 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "export": cmd_export, "build": cmd_build, "demo": cmd_demo}
+def cmd_check(args: argparse.Namespace) -> int:
+    from vtprune.demo import scene_image
+    from vtprune.export.bundle import read_manifest
+    from vtprune.export.validate import compare_backends
+    from vtprune.models import load_vlm
+    from vtprune.runtime.images import load_image
+
+    manifest = read_manifest(args.bundle)
+    adapter = load_vlm(args.model or manifest["model"]["source"], cache_dir=args.cache_dir)
+    image = load_image(args.image, adapter.min_image_side) if args.image else scene_image()
+    cfg = PruneConfig.from_dict(manifest["prune"])
+    rows = compare_backends(adapter, cfg, args.bundle, image, args.prompt, args.steps)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            extra = {k: v for k, v in r.items() if k not in ("check", "ok") and v is not None}
+            print(f"{'ok ' if r['ok'] else 'DIFF'} {r['check']}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float)
+                                                                     else f"{k} {v}" for k, v in extra.items()))
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+COMMANDS = {"run": cmd_run, "export": cmd_export, "build": cmd_build, "check": cmd_check, "demo": cmd_demo}
 
 
 def _quiet_libraries() -> None:

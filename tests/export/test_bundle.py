@@ -153,3 +153,21 @@ def test_seeded_sampling_matches_between_runtimes(bundles, tiny_dirs):
     cfg = PruneConfig.from_dict(read_manifest(bundles["tiny-llava"])["prune"])
     ref = PrunedVlm(load_vlm(tiny_dirs["tiny-llava"]), cfg, sampling).generate(_image(), PROMPT, max_new_tokens=16)
     assert vlm.generate(_image(), PROMPT, max_new_tokens=16).token_ids == ref.token_ids
+
+
+def test_check_command_reports_parity_metrics(bundles, cache_dir, capsys):
+    from vtprune.cli import main
+
+    args = ["check", str(bundles["tiny-llava-next"]), "--cache-dir", str(cache_dir), "--json", "--steps", "8"]
+    assert main(args) == 0
+    rows = {r["check"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["kept visual indices"]["iou"] == 1.0
+    assert rows["prefill logits"]["cosine"] > 0.999999 and rows["greedy tokens (8 steps)"]["agreement"] == 1.0
+
+
+def test_iou_and_cosine():
+    from vtprune.export.validate import cosine, iou
+
+    assert iou(np.array([1, 2, 3]), np.array([2, 3, 4])) == 0.5 and iou(np.array([]), np.array([])) == 1.0
+    assert cosine(np.array([1.0, 0.0]), np.array([0.0, 2.0])) == 0.0
+    assert cosine(np.array([1.0, 2.0]), np.array([2.0, 4.0])) == pytest.approx(1.0)
