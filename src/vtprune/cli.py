@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from vtprune import __version__
+from vtprune.bench.cli import BENCH_COMMANDS
+from vtprune.bench.cli import add_commands as add_bench_commands
 from vtprune.config import DEGREE_MODES, METHODS, POSITION_MODES, PruneConfig, SamplingConfig, parse_keep
 from vtprune.errors import VtpruneError
+from vtprune.eval.cli import add_eval_command, cmd_eval
 
 EXIT_USER_ERROR = 2
 
@@ -25,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=required, help="tiny-llava | tiny-llava-next | tiny-qwen2.5-vl | checkpoint DIR")
+    g.add_argument("--model", required=required, help="pocket | tiny-llava | tiny-llava-next | tiny-qwen2.5-vl | DIR")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="model weights dtype")
     g.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights; only if you trust them")
     g.add_argument("--cache-dir", type=Path, help="where built-in tiny models are written (default ~/.cache/vtprune)")
@@ -50,7 +53,7 @@ def prune_config(args: argparse.Namespace) -> PruneConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="vtprune", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="vtprune", description="Export and run vision-language models with visual-token pruning.")
     parser.add_argument("--version", action="version", version=f"vtprune {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -79,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--inline", action="store_true", help="also write vision.inlined.onnx without local functions")
     exp.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     exp.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    exp.add_argument("--reuse-lm-from", help="bundle of the same model whose embed/decoder graphs to reuse")
     _add_prune_args(exp)
 
     build = sub.add_parser("build", help="build TensorRT engines for a bundle (TensorRT, or TensorRT for RTX)")
@@ -100,12 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--cache-dir", type=Path, help="where built-in models are written")
     check.add_argument("--json", action="store_true", help="print the table as JSON")
 
-    demo = sub.add_parser("demo", help="end-to-end demo on the embedded default (CPU, PyTorch)")
-    demo.add_argument("--model", default="tiny-llava-next", help="model to demo (default: tiny-llava-next)")
-    demo.add_argument("--image", type=Path, help="image file (default: a generated scene)")
-    demo.add_argument("--prompt", default="what shape is in the image ?", help="the question")
-    demo.add_argument("--keep", default="0.25", help="G-Prune budget (count or ratio)")
+    demo = sub.add_parser("demo", help="export unpruned and G-Prune bundles, run both in ONNX Runtime on the CPU")
+    demo.add_argument("--model", default="pocket", help="model to demo (default: pocket, real weights)")
+    demo.add_argument("--image", type=Path, help="image file (default: an easy-vqa test image and a photo)")
+    demo.add_argument("--prompt", help="the question (with --image)")
+    demo.add_argument("--keep", default="64", help="G-Prune budget (count or ratio; default 64 of 256)")
     demo.add_argument("--cache-dir", type=Path, help="where built-in tiny models are written")
+    add_bench_commands(sub)
+    add_eval_command(sub)
     return parser
 
 
@@ -144,7 +150,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from vtprune.export.bundle import ExportConfig, export_bundle
 
     export = ExportConfig(opset=args.opset, dtype=args.dtype, inline=args.inline, validate=not args.no_validate,
-                          force=args.force)  # fmt: skip
+                          force=args.force, reuse_lm_from=args.reuse_lm_from)  # fmt: skip
 
     def log(msg: str) -> None:
         print(f"vtprune export: {msg}", file=sys.stderr, flush=True)
@@ -216,7 +222,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if all(r["ok"] for r in rows) else 1
 
 
-COMMANDS = {"run": cmd_run, "export": cmd_export, "build": cmd_build, "check": cmd_check, "demo": cmd_demo}
+COMMANDS = {"run": cmd_run, "export": cmd_export, "build": cmd_build, "check": cmd_check, "demo": cmd_demo,
+            "eval": cmd_eval, **BENCH_COMMANDS}  # fmt: skip
 
 
 def _quiet_libraries() -> None:

@@ -171,3 +171,14 @@ def test_iou_and_cosine():
     assert iou(np.array([1, 2, 3]), np.array([2, 3, 4])) == 0.5 and iou(np.array([]), np.array([])) == 1.0
     assert cosine(np.array([1.0, 0.0]), np.array([0.0, 2.0])) == 0.0
     assert cosine(np.array([1.0, 2.0]), np.array([2.0, 4.0])) == pytest.approx(1.0)
+
+
+def test_lm_graphs_reused_from_a_bundle_of_the_same_model(bundles, tmp_path, cache_dir):
+    donor = bundles["tiny-llava"]
+    out = tmp_path / "none"
+    m = export_bundle("tiny-llava", PruneConfig(), ExportConfig(reuse_lm_from=str(donor)), out, cache_dir)
+    assert m["graphs"]["decoder"]["reused_from"] == str(donor)
+    assert (out / "decoder.onnx").read_bytes() == (donor / "decoder.onnx").read_bytes()
+    assert all(r["ok"] for r in m["validation"]["checks"])
+    with pytest.raises(BundleError, match="was exported from tiny-llava"):
+        export_bundle("tiny-llava-next", CFG, ExportConfig(reuse_lm_from=str(donor)), tmp_path / "x", cache_dir)

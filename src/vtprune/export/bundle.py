@@ -33,6 +33,7 @@ class ExportConfig:
     inline: bool = False
     validate: bool = True
     force: bool = False
+    reuse_lm_from: str | None = None  # a bundle of the same model whose embed/decoder graphs are reused
 
     def __post_init__(self) -> None:
         if not 18 <= self.opset <= 23:
@@ -174,9 +175,11 @@ def _write_bundle(adapter: Any, model: str, prune: PruneConfig, export: ExportCo
     if prune != requested:
         log(f"--keep {requested.keep} is a ratio; exported graphs need a static count: --keep {prune.keep}")
     manifest = new_manifest(adapter, model, prune, export) | {"keep_requested": requested.keep}
+    donor = lm_donor(export, model) if export.reuse_lm_from else None
     steps = [("vision", lambda p: export_vision(adapter, prune, sample, p, export.opset)),
-             ("embed", lambda p: export_embed(adapter, p, export.opset)),
-             ("decoder", lambda p: export_decoder(adapter, p, export.opset))]  # fmt: skip
+             ("embed", lambda p: donor["embed"](p) if donor else export_embed(adapter, p, export.opset)),
+             ("decoder", lambda p: donor["decoder"](p) if donor else export_decoder(adapter, p, export.opset)),
+             ]  # fmt: skip
     for i, (name, fn) in enumerate(steps, 1):
         start = time.perf_counter()
         manifest["graphs"][name] = fn(tmp / f"{name}.onnx")
@@ -191,6 +194,30 @@ def _write_bundle(adapter: Any, model: str, prune: PruneConfig, export: ExportCo
         log(f"[{len(steps) + 1}/{len(steps) + 1}] validated against PyTorch in {time.perf_counter() - start:.1f} s")
         write_manifest(tmp, manifest)
     return manifest
+
+
+def lm_donor(export: ExportConfig, model: str) -> dict[str, Any]:
+    """Copiers for the embed/decoder graphs of another bundle of the same model (they do not depend on
+    the pruning config), after checking that bundle's integrity and settings."""
+    src = Path(export.reuse_lm_from)
+    manifest = read_manifest(src)
+    if manifest["model"]["source"] != model or manifest["export"]["opset"] != export.opset:
+        raise BundleError(f"--reuse-lm-from {src} was exported from {manifest['model']['source']} at opset "
+                          f"{manifest['export']['opset']}, not {model} at opset {export.opset}")  # fmt: skip
+    if manifest["tools"] != tool_versions():
+        raise BundleError(f"--reuse-lm-from {src} was exported with other tool versions; re-export it")
+
+    def copier(graph: str) -> Any:
+        def copy(dest: Path) -> dict[str, Any]:
+            try:
+                os.link(src / f"{graph}.onnx", dest)  # same bytes, no extra disk
+            except OSError:
+                shutil.copyfile(src / f"{graph}.onnx", dest)
+            return manifest["graphs"][graph] | {"reused_from": str(src)}
+
+        return copy
+
+    return {"embed": copier("embed"), "decoder": copier("decoder")}
 
 
 def static_budget(adapter: Any, prune: PruneConfig, sample: dict) -> PruneConfig:

