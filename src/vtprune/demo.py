@@ -68,15 +68,27 @@ def demo_bundles(model: str, keep: int | float, cache_dir: Path | None, log: Any
     root = (cache_dir or default_cache_dir()) / "bundles"
     out = {"unpruned": root / f"{model}-none", "gprune": root / f"{model}-gprune-{keep}"}
     configs = {"unpruned": PruneConfig(), "gprune": PruneConfig(method="gprune", keep=keep)}
+    marker = _source_marker(model, cache_dir)
     donor = None
     for name, path in out.items():
-        fresh = (path / "manifest.json").is_file() and read_manifest(path, verify=False)["tools"] == tool_versions()
+        manifest = read_manifest(path, verify=False) if (path / "manifest.json").is_file() else None
+        fresh = bool(manifest) and manifest["tools"] == tool_versions() and (
+            manifest["model"].get("checkpoint_marker") == marker
+        )
         if not fresh:
             log(f"exporting the {name} bundle of {model} to {path} (once) ...")
             export = ExportConfig(force=True, reuse_lm_from=str(donor) if donor else None)
             export_bundle(model, configs[name], export, path, cache_dir, log)
         donor = path
     return out
+
+
+def _source_marker(model: str, cache_dir: Path | None) -> Any:
+    """The current build record of a built-in model (None otherwise): a changed projector means re-export."""
+    from vtprune.export.bundle import checkpoint_marker
+    from vtprune.models import pocket
+
+    return checkpoint_marker(pocket.materialize(cache_dir)) if model == pocket.NAME else None
 
 
 def _run(vlm: Any, image: Any, question: str) -> tuple[Any, dict[str, float]]:

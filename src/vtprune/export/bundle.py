@@ -125,11 +125,19 @@ def save_processing_files(adapter: Any, dest: Path) -> None:
         (dest / name).unlink(missing_ok=True)
 
 
+def checkpoint_marker(path: Path) -> dict[str, Any] | None:
+    """The assembly record of a built-in checkpoint (pocket: which projector), so caches can tell a
+    bundle exported from an older build; None for user checkpoints."""
+    marker = Path(path) / "vtprune_pocket.json"
+    return json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
+
+
 def new_manifest(adapter: Any, source: str, prune: PruneConfig, export: ExportConfig) -> dict[str, Any]:
     return {
         "format": FORMAT, "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"source": source, "family": adapter.family, "model_type": adapter.config.model_type},
+        "model": {"source": source, "family": adapter.family, "model_type": adapter.config.model_type,
+                  "checkpoint_marker": checkpoint_marker(adapter.path)},
         "prune": prune.to_dict(), "export": export.__dict__ | {}, "tools": tool_versions(),
         "processor_dir": PROCESSOR_DIR, "graphs": {},
     }  # fmt: skip
