@@ -61,3 +61,23 @@ class AccuracyError(ValidationError):
 
 class BundleError(VtpruneError):
     """A bundle directory is missing, incomplete, tampered with, or would overwrite something."""
+
+
+class ReportError(VtpruneError):
+    """A latency report is missing, unreadable, of another schema version, or malformed."""
+
+
+class ComparisonError(ReportError):
+    """Reports that measure different things were compared without ``--force``."""
+
+
+class EngineBuildError(VtpruneError):
+    """TensorRT could not turn an ONNX graph into an engine."""
+
+
+class OnnxParseError(EngineBuildError):
+    """The TensorRT ONNX parser rejected nodes; ``issues`` holds one entry per parser error."""
+
+    def __init__(self, message: str, issues: list) -> None:
+        super().__init__(message)
+        self.issues = issues

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vtprune.errors import VtpruneError
+from vtprune.errors import ComparisonError, ReportError  # noqa: F401  (re-exported for callers)
 
 SCHEMA_VERSION = 1
 KIND = "vtprune-latency-report"
@@ -31,14 +31,6 @@ STAGES = ("preprocess", "vision", "prune", "vision_prune", "embed", "prefill", "
 STAT_KEYS = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms")
 TOKEN_KEYS = ("visual_total", "visual_kept", "visual_pruned", "prompt", "prefill", "decode_steps")
 FLOP_KEYS = ("prefill_macs_unpruned", "prefill_macs_pruned", "prune_stage_macs", "saved_fraction", "prefill_flops")
-
-
-class ReportError(VtpruneError):
-    """A report file is missing, unreadable, of another schema version, or malformed."""
-
-
-class ComparisonError(ReportError):
-    """Reports that measure different things were compared without ``--force``."""
 
 
 # --- validation ------------------------------------------------------------------------------------

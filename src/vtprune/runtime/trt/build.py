@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from vtprune.errors import BackendUnavailableError, ConfigError, VtpruneError
+from vtprune.errors import BackendUnavailableError, ConfigError, EngineBuildError, OnnxParseError
 
 _LOG = logging.getLogger("vtprune.trt")
 
@@ -63,18 +63,6 @@ _BUILD_HINTS = (
     ("workspace limit", "the workspace is too small: raise workspace_mb or leave it unset."),
     ("missing values for shape input", "a shape-tensor input needs values, not shapes: make it a constant."),
 )
-
-
-class EngineBuildError(VtpruneError):
-    """TensorRT could not turn the ONNX graph into an engine."""
-
-
-class OnnxParseError(EngineBuildError):
-    """The TensorRT ONNX parser rejected one or more nodes; ``issues`` holds one entry per parser error."""
-
-    def __init__(self, message: str, issues: list[ParserIssue]) -> None:
-        super().__init__(message)
-        self.issues = issues
 
 
 @dataclass(frozen=True)
