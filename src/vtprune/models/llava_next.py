@@ -12,29 +12,24 @@ from torch import Tensor
 
 from vtprune.errors import InternalError
 from vtprune.models import register_adapter
-from vtprune.models.base import VisualTokens, VlmAdapter
-from vtprune.models.llava import clip_projector_features
+from vtprune.models.base import VisualTokens
+from vtprune.models.llava import LlavaAdapter, clip_projector_features
 from vtprune.prune import VisualLayout
 
 
 @register_adapter
-class LlavaNextAdapter(VlmAdapter):
+class LlavaNextAdapter(LlavaAdapter):
+    """Prompt handling as LLaVA-1.5; the anyres visual layout is its own."""
+
     family = "llava_next"
     model_types = ("llava_next",)
     hf_class = "LlavaNextForConditionalGeneration"
-    image_slot = "<image>"
 
     @classmethod
     def load_processor(cls, path: Path) -> Any:
         from transformers import LlavaNextProcessor
 
         return LlavaNextProcessor.from_pretrained(str(path), local_files_only=True)
-
-    def default_prompt(self, question: str) -> str:
-        return f"USER: {self.image_slot}\n{question} ASSISTANT:"
-
-    def prepare(self, image: Any, prompt: str) -> dict[str, Tensor]:
-        return dict(self.processor(images=image, text=prompt, return_tensors="pt"))
 
     def encode_image(self, inputs: dict[str, Tensor]) -> VisualTokens:
         pixels, sizes = inputs["pixel_values"].to(self.model.dtype), inputs["image_sizes"]
