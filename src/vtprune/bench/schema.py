@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vtprune.errors import ComparisonError, ReportError  # noqa: F401  (re-exported for callers)
+from vtprune.files import read_json
 
 SCHEMA_VERSION = 1
 KIND = "vtprune-latency-report"
@@ -90,11 +91,7 @@ def load_report(path: str | Path) -> dict[str, Any]:
         p = p / REPORT_FILE
     if not p.is_file():
         raise ReportError(f"{path}: no such report (expected a report.json or a directory holding one)")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ReportError(f"{p} is not valid JSON ({exc})") from None
-    return validate_report(data, str(p))
+    return validate_report(read_json(p, ReportError), str(p))
 
 
 def dumps(data: dict[str, Any]) -> str:

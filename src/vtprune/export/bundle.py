@@ -16,6 +16,7 @@ from typing import Any
 from vtprune import __version__
 from vtprune.config import PruneConfig
 from vtprune.errors import BundleError, ConfigError
+from vtprune.files import read_json
 from vtprune.prune import group_budgets
 
 MANIFEST = "manifest.json"
@@ -92,10 +93,7 @@ def read_manifest(bundle: Path, verify: bool = True) -> dict[str, Any]:
     path = Path(bundle) / MANIFEST
     if not path.is_file():
         raise BundleError(f"{bundle} is not a vtprune bundle (no {MANIFEST}); create one with 'vtprune export'")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path} is not valid JSON ({exc}); re-export the bundle") from None
+    manifest = read_json(path, BundleError, "re-export the bundle")
     if manifest.get("format") != FORMAT or manifest.get("schema_version") != SCHEMA_VERSION:
         raise BundleError(f"{path} is not a {FORMAT} v{SCHEMA_VERSION} manifest; re-export with this vtprune")
     if verify:

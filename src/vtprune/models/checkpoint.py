@@ -6,11 +6,11 @@ when loaded, so they are refused unless the caller allows them explicitly.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from vtprune.errors import CheckpointError, PickleWeightsError
+from vtprune.files import read_json
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -24,10 +24,7 @@ def read_config(path: Path) -> dict[str, Any]:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{path} has no config.json; is it a Hugging Face checkpoint directory?")
-    try:
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{cfg_file} is not valid JSON ({exc}); re-download or re-save the checkpoint") from None
+    cfg = read_json(cfg_file, CheckpointError, "re-download or re-save the checkpoint")
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
         raise CheckpointError(f"{cfg_file} has no 'model_type' string; it is not a transformers model config")
     return cfg
