@@ -117,27 +117,26 @@ def _stderr(msg: str) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from vtprune.bench.output import warn_if_no_plots, write_report
     from vtprune.bench.run import run_bench
-    from vtprune.bench.schema import check_out_dir
 
-    cfg = config_from_args(BenchConfig, args)
-    check_out_dir(cfg.out, cfg.force)
-    warn_if_no_plots()
-    report = run_bench(cfg, argv=_argv())
-    files = write_report(report, cfg.out, cfg.force)
-    return _summary(report, cfg.out, files)
+    return _report_command(BenchConfig, run_bench, args)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from vtprune.bench.output import warn_if_no_plots, write_report
     from vtprune.bench.predict import run_predict
+
+    return _report_command(PredictConfig, run_predict, args)
+
+
+def _report_command(config_cls: type, runner: Any, args: argparse.Namespace) -> int:
+    """Shared shape of ``bench`` and ``predict``: config, refuse a bad --out early, run, write, summarise."""
+    from vtprune.bench.output import warn_if_no_plots, write_report
     from vtprune.bench.schema import check_out_dir
 
-    cfg = config_from_args(PredictConfig, args)
+    cfg = config_from_args(config_cls, args)
     check_out_dir(cfg.out, cfg.force)
     warn_if_no_plots()
-    report = run_predict(cfg, argv=_argv())
+    report = runner(cfg, argv=_argv())
     files = write_report(report, cfg.out, cfg.force)
     return _summary(report, cfg.out, files)
 

@@ -16,7 +16,8 @@ from vtprune.config import PruneConfig, SamplingConfig
 from vtprune.errors import BackendUnavailableError, ConfigError, InputError
 from vtprune.flops import FlopsReport, gprune_macs, prefill_macs
 from vtprune.runtime.images import check_image_size
-from vtprune.runtime.pipeline import Generation, peak_rss_mb
+from vtprune.runtime.pipeline import Generation
+from vtprune.runtime.report import peak_rss_mb
 from vtprune.runtime.sampling import TokenChooser
 from vtprune.runtime.timing import StageTimer
 

@@ -21,6 +21,7 @@ from vtprune.models.base import VlmAdapter
 from vtprune.prune import VisualLayout, select_visual
 from vtprune.prune.select import gather_positions, gather_tokens
 from vtprune.runtime.images import check_image_size
+from vtprune.runtime.report import peak_rss_mb
 from vtprune.runtime.sampling import TokenChooser
 from vtprune.runtime.timing import StageTimer
 
@@ -70,12 +71,6 @@ class Generation:
         out["ttft_ms"], out["decode_tokens_per_s"] = self.ttft_ms, self.decode_tokens_per_s
         return out
 
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MiB; Linux reports KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class PrunedVlm:
