@@ -9,7 +9,12 @@ from typing import Any
 
 from vtprune.errors import ConfigError
 
-METHODS = ("none", "gprune")
+# Where each method acts. Pre-LLM methods choose among the visual tokens as they enter the language
+# model (projector/merger output) and are registered in ``vtprune.prune.SCORERS``; in-LLM methods choose
+# inside the decoder, layer by layer, and are driven by ``vtprune.runtime.layerwise``.
+PRE_LLM_METHODS: tuple[str, ...] = ("gprune",)
+IN_LLM_METHODS: tuple[str, ...] = ()
+METHODS = ("none", *PRE_LLM_METHODS, *IN_LLM_METHODS)
 DEGREE_MODES = ("mask", "nonzero")
 POSITION_MODES = ("original", "contiguous")
 
@@ -87,6 +92,16 @@ class PruneConfig:
     @property
     def prunes(self) -> bool:
         return self.method != "none"
+
+    @property
+    def pre_llm(self) -> bool:
+        """True when the method chooses visual tokens before the language model (pruning stage)."""
+        return self.method in PRE_LLM_METHODS
+
+    @property
+    def in_llm(self) -> bool:
+        """True when the method chooses visual tokens inside the decoder, per layer."""
+        return self.method in IN_LLM_METHODS
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

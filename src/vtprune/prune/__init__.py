@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vtprune.config import METHODS, PruneConfig
+from vtprune.config import PRE_LLM_METHODS, PruneConfig
 from vtprune.errors import BudgetError
 from vtprune.prune import gprune
 from vtprune.prune.select import gather_tokens, keep_topk
@@ -23,7 +23,7 @@ ScoreFn = Callable[[Tensor, PruneConfig], Tensor]  # (B, N, D) group features ->
 SCORERS: dict[str, ScoreFn] = {
     "gprune": lambda x, cfg: gprune.scores(x, cfg.theta, cfg.tau, cfg.iters, cfg.degree),
 }
-assert set(SCORERS) | {"none"} == set(METHODS), "config.METHODS and the scorer registry disagree"
+assert set(SCORERS) == set(PRE_LLM_METHODS), "config.PRE_LLM_METHODS and the scorer registry disagree"
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def select_visual(x: Tensor, layout: VisualLayout, cfg: PruneConfig) -> Tensor:
         (B, K_total) int64 indices into N_v, ascending; K_total = sum of group budgets + always_keep.
     """
     batch = x.shape[0]
-    if not cfg.prunes:
+    if not cfg.pre_llm:  # nothing to choose before the LLM (no pruning, or an in-LLM method)
         return torch.arange(layout.num_tokens, device=x.device).expand(batch, -1)
     budgets = layout.budgets(cfg.keep)
     kept = [layout.always_keep.to(x.device).expand(batch, -1)]
