@@ -14,7 +14,10 @@ from typing import Any, NoReturn
 from vtprune import __version__
 from vtprune.bench.cli import BENCH_COMMANDS
 from vtprune.bench.cli import add_commands as add_bench_commands
-from vtprune.config import DEGREE_MODES, METHODS, POSITION_MODES, PruneConfig, SamplingConfig, parse_keep
+from vtprune.config import (
+    BUDGET_MODES, DEGREE_MODES, METHODS, POSITION_MODES, QUERY_SETS, SKIP_MODES, PruneConfig, SamplingConfig,
+    parse_keep,
+)
 from vtprune.errors import VtpruneError
 from vtprune.eval.cli import add_eval_command, cmd_eval
 
@@ -44,12 +47,26 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--iters", type=int, default=d.iters, help="G-Prune propagation steps")
     g.add_argument("--degree", choices=DEGREE_MODES, default=d.degree, help="G-Prune degree counting")
     g.add_argument("--positions", choices=POSITION_MODES, default=d.positions, help="position ids of kept tokens")
+    g.add_argument("--layer", type=int, default=d.layer, help="in-LLM methods: ALVTS's first selecting layer l0, "
+                   "FastV/DART's pruning layer K (default: %(default)s)")  # fmt: skip
+    g.add_argument("--rank", type=int, default=d.rank, help="ALVTS data-free selector rank (default: %(default)s)")
+    g.add_argument("--query", choices=QUERY_SETS, default=d.query, help="ALVTS query set (default: %(default)s)")
+    g.add_argument("--skip", choices=SKIP_MODES, default=d.skip, help="ALVTS skipped tokens: full, or kv "
+                   "(still give keys/values) (default: %(default)s)")  # fmt: skip
+    g.add_argument("--budget", choices=BUDGET_MODES, default=d.budget, help="ALVTS per-layer budget: constant "
+                   "k, or flops (matched to keeping --keep tokens in every layer) (default: %(default)s)")  # fmt: skip
+    g.add_argument("--factors", type=Path, help="ALVTS calibrated selector factors ('vtprune calib alvts' output)")
 
 
 def prune_config(args: argparse.Namespace) -> PruneConfig:
     keep = parse_keep(args.keep) if args.keep is not None else None
     method = args.method or ("gprune" if keep is not None else "none")
-    return PruneConfig(method, keep, args.theta, args.tau, args.iters, args.degree, args.positions)
+    factors = str(args.factors) if args.factors is not None else None
+    return PruneConfig(
+        method=method, keep=keep, theta=args.theta, tau=args.tau, iters=args.iters, degree=args.degree,
+        positions=args.positions, layer=args.layer, rank=args.rank, query=args.query, skip=args.skip,
+        budget=args.budget, factors=factors,
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,13 +10,16 @@ from typing import Any
 from vtprune.errors import ConfigError
 
 # Where each method acts. Pre-LLM methods choose among the visual tokens as they enter the language
-# model (projector/merger output) and are registered in ``vtprune.prune.SCORERS``; in-LLM methods choose
+# model (projector/merger output) and are registered in ``vtprune.prune.SELECTORS``; in-LLM methods choose
 # inside the decoder, layer by layer, and are driven by ``vtprune.runtime.layerwise``.
-PRE_LLM_METHODS: tuple[str, ...] = ("gprune",)
-IN_LLM_METHODS: tuple[str, ...] = ()
+PRE_LLM_METHODS: tuple[str, ...] = ("gprune", "random", "uniform", "divprune")
+IN_LLM_METHODS: tuple[str, ...] = ("alvts", "fastv", "dart")
 METHODS = ("none", *PRE_LLM_METHODS, *IN_LLM_METHODS)
 DEGREE_MODES = ("mask", "nonzero")
 POSITION_MODES = ("original", "contiguous")
+QUERY_SETS = ("last", "instruction")
+SKIP_MODES = ("full", "kv")
+BUDGET_MODES = ("constant", "flops")
 
 
 def parse_keep(text: str) -> int | float:
@@ -38,7 +41,8 @@ class PruneConfig:
     """How visual tokens are pruned before the language model.
 
     Args:
-        method: ``none`` (keep everything) or ``gprune`` (ALGORITHMS.md §1).
+        method: ``none`` (keep everything), ``gprune`` (ALGORITHMS.md §1), or a pre-LLM baseline
+            ``random``, ``uniform``, ``divprune`` (§3; docs/methods.md).
         keep: an ``int`` K is the total number of prunable visual tokens kept per image, split over the
             image's groups in proportion to their sizes (static shapes); a ``float`` rho in (0, 1] keeps
             ``floor(rho * N_g)`` tokens of each group g (the reference code's behaviour).
@@ -49,6 +53,19 @@ class PruneConfig:
             (bit-faithful to the reference code under fp16).
         positions: ``original`` keeps each kept token's unpruned position id (gaps; the reference);
             ``contiguous`` renumbers the pruned sequence 0..n-1 (a variant).
+        layer: in-LLM methods only. ALVTS: the first layer that selects (l0; layers below it process
+            every visual token). FastV and DART: the layer from which the dropped tokens are gone.
+        rank: ALVTS selector rank r of the data-free SVD factors (ignored with ``factors``).
+        query: ALVTS query set: ``last`` prompt token, or every ``instruction`` token after the image.
+        skip: ALVTS skipped tokens: ``full`` (they bypass the layer entirely) or ``kv`` ("KV-visible":
+            they still supply keys/values from their current states).
+        budget: ALVTS per-layer budget: ``constant`` (k_l = keep for every l >= layer) or ``flops`` (the
+            largest constant k whose prefill MACs, selectors included, match keeping ``keep`` tokens in
+            every layer).
+        factors: ALVTS calibrated selector factors (a ``vtprune calib alvts`` output directory); None
+            uses data-free SVD factors of rank ``rank``.
+        seed: ``random`` only: integer in [0, 2**32) that fixes which tokens are drawn (the same seed
+            keeps the same tokens on every run and in every exported graph).
     """
 
     method: str = "none"
@@ -58,6 +75,13 @@ class PruneConfig:
     iters: int = 5
     degree: str = "mask"
     positions: str = "original"
+    layer: int = 2
+    rank: int = 64
+    query: str = "last"
+    skip: str = "full"
+    budget: str = "constant"
+    factors: str | None = None
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -73,6 +97,20 @@ class PruneConfig:
             raise ConfigError(f"degree={self.degree!r} must be one of {', '.join(DEGREE_MODES)}")
         if self.positions not in POSITION_MODES:
             raise ConfigError(f"positions={self.positions!r} must be one of {', '.join(POSITION_MODES)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed={self.seed!r} must be an integer in [0, 2**32)")
+        self._check_in_llm()
+
+    def _check_in_llm(self) -> None:
+        for name, value, lo in (("layer", self.layer, 0), ("rank", self.rank, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ConfigError(f"--{name} {value!r} must be an integer >= {lo}")
+        if self.method in ("fastv", "dart") and self.layer < 1:
+            raise ConfigError(f"--layer {self.layer}: {self.method} scores tokens with layer l-1, so l must be >= 1")
+        for name, value, choices in (("query", self.query, QUERY_SETS), ("skip", self.skip, SKIP_MODES),
+                                     ("budget", self.budget, BUDGET_MODES)):  # fmt: skip
+            if value not in choices:
+                raise ConfigError(f"--{name} {value!r} must be one of {', '.join(choices)}")
 
     def _check_keep(self) -> None:
         keep = self.keep

@@ -27,11 +27,28 @@ class TextDims:
     vocab: int
 
 
+def layer_macs(dims: TextDims, n: int, n_kv: int | None = None) -> int:
+    """MACs of one decoder layer processing ``n`` query rows against ``n_kv`` key/value rows.
+
+    ``n_kv`` defaults to ``n`` (a plain prefill). ALVTS's "KV-visible skip" projects keys and values
+    for every token but runs queries, output projection and MLP only on the ``n`` selected rows.
+    """
+    n_kv = n if n_kv is None else n_kv
+    d, dq, dkv = dims.hidden, dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
+    return n * d * 2 * dq + n_kv * d * 2 * dkv + 2 * n * n_kv * dq + 3 * n * d * dims.intermediate
+
+
 def prefill_macs(dims: TextDims, n: int) -> int:
     """MACs of one prefill over ``n`` tokens, logits for the last position only."""
-    d, dq, dkv = dims.hidden, dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
-    per_layer = n * d * (2 * dq + 2 * dkv) + 2 * n * n * dq + 3 * n * d * dims.intermediate
-    return dims.layers * per_layer + d * dims.vocab
+    return dims.layers * layer_macs(dims, n) + dims.hidden * dims.vocab
+
+
+def layerwise_prefill_macs(dims: TextDims, rows: Sequence[int], kv_rows: Sequence[int] | None = None) -> int:
+    """MACs of a prefill whose layer l processes ``rows[l]`` tokens (in-LLM methods), logits as above."""
+    kv_rows = rows if kv_rows is None else kv_rows
+    if len(rows) != dims.layers or len(kv_rows) != dims.layers:
+        raise ValueError(f"need one row count per layer ({dims.layers}), got {len(rows)} and {len(kv_rows)}")
+    return sum(layer_macs(dims, n, m) for n, m in zip(rows, kv_rows, strict=True)) + dims.hidden * dims.vocab
 
 
 def gprune_macs(group_sizes: Sequence[int], dim: int, iters: int) -> int:

@@ -16,11 +16,12 @@ from torch import Tensor
 
 from vtprune.config import PruneConfig, SamplingConfig
 from vtprune.errors import InputError, InternalError
-from vtprune.flops import FlopsReport, gprune_macs, prefill_macs
+from vtprune.flops import FlopsReport, gprune_macs, layerwise_prefill_macs, prefill_macs
 from vtprune.models.base import VlmAdapter
 from vtprune.prune import VisualLayout, select_visual
 from vtprune.prune.select import gather_positions, gather_tokens
 from vtprune.runtime.images import check_image_size
+from vtprune.runtime.layerwise import LayerwiseDecoder, build_router
 from vtprune.runtime.report import peak_rss_mb
 from vtprune.runtime.sampling import TokenChooser
 from vtprune.runtime.timing import StageTimer
@@ -36,6 +37,14 @@ class Prefill:
     visual_keep: Tensor  # (1, K) indices into the image's N_v visual tokens
     prompt_len: int  # L, the unpruned prompt length
     layout: VisualLayout
+    visual_rows: Tensor  # (K,) rows of ``embeds`` that hold visual tokens
+
+    def query_rows(self, query: str) -> Tensor:
+        """The in-LLM query set: the ``last`` prompt row, or every ``instruction`` row after the image."""
+        n = self.embeds.shape[1]
+        if query == "last":
+            return torch.tensor([n - 1])
+        return torch.arange(int(self.visual_rows.max()) + 1, n)
 
 
 @dataclass
@@ -53,6 +62,7 @@ class Generation:
     flops: FlopsReport
     timings_ms: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: float = 0.0
+    layer_visual_tokens: list[int] | None = None  # in-LLM methods: visual tokens each decoder layer processed
 
     @property
     def ttft_ms(self) -> float:
@@ -115,8 +125,9 @@ class PrunedVlm:
             positions = torch.arange(seq_keep.shape[1]).expand_as(gather_positions(positions, seq_keep))
         else:
             positions = gather_positions(positions, seq_keep)
+        visual_rows = torch.isin(seq_keep[0], image_pos).nonzero().squeeze(-1)
         return Prefill(
-            gather_tokens(embeds, seq_keep), positions, seq_keep, visual_keep, ids.shape[1], visual.layout
+            gather_tokens(embeds, seq_keep), positions, seq_keep, visual_keep, ids.shape[1], visual.layout, visual_rows
         )
 
     @staticmethod
@@ -155,19 +166,34 @@ class PrunedVlm:
         empty set to never stop early) or after ``max_new_tokens``."""
         timer, cache, choose = timer or StageTimer(), self.new_cache(), TokenChooser(self.sampling)
         eos = self.adapter.eos_token_ids() if eos is None else eos
+        step = self.decoder_step
         with timer.stage("prefill"):
-            hidden = self.decoder_step(prefill.embeds, prefill.position_ids, cache)
+            if self.cfg.in_llm:
+                layerwise, hidden = self.layerwise_prefill(prefill, cache)
+                step = layerwise.step
+            else:
+                hidden = self.decoder_step(prefill.embeds, prefill.position_ids, cache)
             token = choose(self._last_logits(hidden))
         next_pos = prefill.position_ids.amax(dim=-1, keepdim=True) + 1  # one past the unpruned prompt
         out: list[int] = []
         with timer.stage("decode"):
-            for step in range(max_new_tokens):
+            for i in range(max_new_tokens):
                 out.append(token)
-                if token in eos or step == max_new_tokens - 1:
+                if token in eos or i == max_new_tokens - 1:
                     break
                 embeds = self.adapter.embed_tokens(torch.tensor([[token]]))
-                token = choose(self._last_logits(self.decoder_step(embeds, next_pos + step, cache)))
+                token = choose(self._last_logits(step(embeds, next_pos + i, cache)))
         return out
+
+    def layerwise_prefill(self, prefill: Prefill, cache: Any) -> tuple[LayerwiseDecoder, Tensor]:
+        """In-LLM methods: the routed layer-by-layer prefill; the trace is kept in ``self.last_trace``."""
+        n_visual = int(prefill.visual_rows.numel())
+        router = build_router(self.cfg, self.adapter, prefill.embeds.shape[1] - n_visual, n_visual)
+        layerwise = LayerwiseDecoder(self.adapter, router)
+        hidden, self.last_trace = layerwise.prefill(
+            prefill.embeds, prefill.position_ids, prefill.visual_rows, prefill.query_rows(self.cfg.query), cache
+        )
+        return layerwise, hidden
 
     def _last_logits(self, hidden: Tensor) -> Any:
         return self.adapter.lm_head(hidden[:, -1])[0].float().numpy()  # (V,)
@@ -182,13 +208,24 @@ class PrunedVlm:
         answer = self.adapter.decode([t for t in tokens if t not in self.adapter.eos_token_ids()])
         return Generation(
             answer=answer, token_ids=tokens, method=self.cfg.method, keep=self.cfg.keep,
-            visual_tokens_total=prefill.layout.num_tokens, visual_tokens_kept=int(prefill.visual_keep.shape[1]),
+            visual_tokens_total=prefill.layout.num_tokens, visual_tokens_kept=self.visual_kept(prefill),
             prompt_tokens=prefill.prompt_len, prefill_tokens=int(prefill.seq_keep.shape[1]),
             flops=self.flops(prefill), timings_ms=dict(timer.ms), peak_rss_mb=peak_rss_mb(),
+            layer_visual_tokens=list(self.last_trace.visual) if self.cfg.in_llm else None,
         )  # fmt: skip
+
+    def visual_kept(self, prefill: Prefill) -> int:
+        """Visual tokens kept: after the pruning stage, or the fewest any decoder layer processed (in-LLM)."""
+        if self.cfg.in_llm:
+            return min(self.last_trace.visual)
+        return int(prefill.visual_keep.shape[1])
 
     def flops(self, prefill: Prefill) -> FlopsReport:
         dims = self.adapter.text_dims()
+        if self.cfg.in_llm:  # after a prefill: what each layer actually processed
+            trace = self.last_trace
+            pruned = layerwise_prefill_macs(dims, trace.rows, trace.kv_rows)
+            return FlopsReport(prefill_macs(dims, prefill.prompt_len), pruned, trace.selector_macs)
         sizes = [int(g.numel()) for g in prefill.layout.groups]
         stage = gprune_macs(sizes, prefill.embeds.shape[-1], self.cfg.iters) if self.cfg.prunes else 0
         return FlopsReport(prefill_macs(dims, prefill.prompt_len), prefill_macs(dims, prefill.seq_keep.shape[1]), stage)

@@ -1,0 +1,122 @@
+"""ALVTS: adaptive layer-wise visual token selection with a low-rank attention proxy (ALGORITHMS.md §2).
+
+Pure tensor functions and the selector objects; the layer loop that applies them lives in
+``vtprune.runtime.layerwise`` and the calibration in ``vtprune.calib``.
+
+Summed over heads, a layer's RoPE-free attention logit between tokens i and j is a bilinear form
+
+    sum_h q_i^h . k_j^h = x_i M x_j^T + x_j . u + (terms constant in j),
+    M = sum_h W_Q^h (W_K^g(h))^T,   u = sum_h W_K^g(h) b_Q^h
+
+(g(h) the KV group under GQA, b_Q the query bias that Qwen2 layers have). The selector keeps ``u``
+exactly (one extra d-vector) and factors M ~= A B^T with A, B in R^{d x r}: data-free by the SVD of M, or
+calibrated by whitening with the second moments of the layer's normalised inputs (§2.3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vtprune.prune.attention import QkWeights
+from vtprune.prune.select import keep_topk
+
+RANKS = (16, 32, 64, 128, 256)  # the rank ladder calibration climbs (§2.3)
+
+
+@dataclass(frozen=True)
+class LayerSelector:
+    """One layer's selector: ``a``, ``b`` (d, r) factors, ``u`` (d,) key-bias term, logit ``scale``."""
+
+    a: Tensor
+    b: Tensor
+    u: Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[1])
+
+    def logits(self, x_q: Tensor, x_v: Tensor) -> Tensor:
+        """(n_q, d), (N_v, d) normalised hidden states -> (n_q, N_v) approximate head-mean logits."""
+        x_q, x_v = x_q.float(), x_v.float()
+        return ((x_q @ self.a) @ (x_v @ self.b).T + (x_v @ self.u)[None]) * self.scale
+
+    def scores(self, x_q: Tensor, x_v: Tensor) -> Tensor:
+        """Importance of each visual token: softmax over the visual tokens, averaged over the queries (N_v,)."""
+        return self.logits(x_q, x_v).softmax(dim=-1).mean(dim=0)
+
+    def macs(self, n_q: int, n_v: int) -> int:
+        """Cost of ``scores``: visual keys, queries, key-bias term and the score matrix."""
+        d = self.a.shape[0]
+        return n_v * d * self.rank + n_q * d * self.rank + n_v * d + n_q * n_v * self.rank
+
+    def truncated(self, rank: int) -> LayerSelector:
+        """The same selector at a lower rank (factors are stored in descending singular-value order)."""
+        return LayerSelector(self.a[:, :rank], self.b[:, :rank], self.u, self.scale)
+
+
+def qk_bilinear(w: QkWeights) -> tuple[Tensor, Tensor]:
+    """M (d, d) and u (d,) of a layer's head-summed, RoPE-free q.k logits, in fp32 (GQA-aware)."""
+    wq, wk = w.per_head()  # (H, hd, d) each
+    m = torch.einsum("hed,hef->df", wq, wk)
+    if w.q_bias is None:
+        u = torch.zeros(m.shape[0])
+    else:
+        u = torch.einsum("hef,he->f", wk, w.q_bias.float().view(w.heads, w.head_dim))
+    return m, u
+
+
+def logit_scale(w: QkWeights) -> float:
+    """1 / (H * sqrt(hd)): turns head-summed logits into the head-mean of the model's scaled logits."""
+    return 1.0 / (w.heads * w.head_dim**0.5)
+
+
+def factor_svd(m: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Data-free factors: M = U S V^T, A = U_r S_r^1/2, B = V_r S_r^1/2."""
+    u, s, vh = torch.linalg.svd(m.double())
+    root = s[:rank].sqrt()
+    return (u[:, :rank] * root).float(), (vh[:rank].T * root).float()
+
+
+def factor_whitened(m: Tensor, c_q: Tensor, c_v: Tensor, rank: int, eps: float = 1e-4) -> tuple[Tensor, Tensor]:
+    """Calibrated factors minimising E||x_Q (M - A B^T) x_V^T||^2 (§2.3, whitened truncated SVD).
+
+    Args:
+        m: (d, d) bilinear form.
+        c_q, c_v: (d, d) second moments of query-set and visual-token inputs; ``eps`` times their mean
+            diagonal is added for numerical stability.
+        rank: r.
+    """
+    rq, rq_inv = _sqrt_and_inverse(c_q, eps)
+    rv, rv_inv = _sqrt_and_inverse(c_v, eps)
+    u, s, vh = torch.linalg.svd(rq @ m.double() @ rv)
+    root = s[:rank].sqrt()
+    return (rq_inv @ (u[:, :rank] * root)).float(), (rv_inv @ (vh[:rank].T * root)).float()
+
+
+def _sqrt_and_inverse(c: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    c = c.double()
+    c = c + eps * c.diagonal().mean().clamp_min(1e-12) * torch.eye(c.shape[0], dtype=c.dtype)
+    vals, vecs = torch.linalg.eigh(c)
+    vals = vals.clamp_min(1e-12)
+    return (vecs * vals.sqrt()) @ vecs.T, (vecs * vals.rsqrt()) @ vecs.T
+
+
+def data_free_selector(w: QkWeights, rank: int) -> LayerSelector:
+    m, u = qk_bilinear(w)
+    a, b = factor_svd(m, min(rank, m.shape[0]))
+    return LayerSelector(a, b, u, logit_scale(w))
+
+
+def select_visual_rows(scores: Tensor, k: int) -> Tensor:
+    """The k highest-scoring visual tokens, ascending (sorted by position): (N_v,) -> (k,)."""
+    return keep_topk(scores[None], k)[0]
+
+
+def recall_at_k(approx: Tensor, exact: Tensor, k: int) -> float:
+    """|top-k(approx) & top-k(exact)| / k for (N,) score vectors."""
+    a = set(approx.topk(k).indices.tolist())
+    return len(a & set(exact.topk(k).indices.tolist())) / k

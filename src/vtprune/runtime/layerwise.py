@@ -1,0 +1,317 @@
+"""In-LLM token selection: the decoder run layer by layer, each layer on the rows a router picks.
+
+Pre-LLM methods hand the decoder a shorter sequence; in-LLM methods need the layer loop itself. This
+module owns that loop around the adapter's decoder stack (``layers``, ``rotary_emb``, ``norm``; the
+transformers layers are called as they are, nothing is patched):
+
+* **skip** routers (ALVTS, ALGORITHMS.md §2.4): layer l runs on the text rows plus the visual rows it
+  selected, with their original position ids; the other visual rows bypass the layer unchanged and
+  everything is scattered back, so the next layer chooses again from all visual tokens. With
+  ``kv_visible`` the skipped rows still supply keys/values (the layer runs on every row, only the
+  selected rows take its output). Each layer's KV cache holds exactly the rows it processed.
+* **drop** routers (FastV, DART): from layer K on, the unselected visual rows are gone for good.
+
+Decoding continues with the same loop: one new token per step attends to each layer's own cache
+(cache lengths differ per layer; the query always lies after every cached position).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vtprune.config import PruneConfig
+from vtprune.errors import UnsupportedModelError
+from vtprune.flops import TextDims, layer_macs
+from vtprune.prune.alvts import LayerSelector, data_free_selector, select_visual_rows
+from vtprune.prune.attention import QkWeights, attention_rows
+
+
+@dataclass
+class LayerContext:
+    """What a router sees before layer l runs. Indices are rows of the current sequence (batch 1)."""
+
+    hidden: Tensor  # (1, n, D) the layer's input
+    rope: tuple[Tensor, Tensor]  # (1, n, hd) cos, sin of the current rows
+    visual: Tensor  # (N_cur,) rows holding visual tokens
+    query: Tensor  # (n_q,) rows of the query set (last prompt token or instruction tokens)
+
+
+@dataclass
+class Trace:
+    """What a prefill did per layer: rows processed, key/value rows, visual rows processed."""
+
+    rows: list[int] = field(default_factory=list)
+    kv_rows: list[int] = field(default_factory=list)
+    visual: list[int] = field(default_factory=list)
+    selected: dict[int, Tensor] = field(default_factory=dict)  # layer -> kept visual token ids (0..N_v-1)
+    selector_macs: int = 0
+
+
+class Router(ABC):
+    """Chooses, before each layer, the rows it processes. ``drops``: unselected visual rows leave for good."""
+
+    drops = False
+    kv_visible = False
+
+    @abstractmethod
+    def plan(self, index: int, layer: torch.nn.Module, ctx: LayerContext, trace: Trace) -> Tensor | None:
+        """Rows (ascending, into the current sequence) layer ``index`` processes; None for all of them."""
+
+
+def _with_text(ctx: LayerContext, kept_visual_rows: Tensor) -> Tensor:
+    is_visual = torch.zeros(ctx.hidden.shape[1], dtype=torch.bool)
+    is_visual[ctx.visual] = True
+    return torch.cat([(~is_visual).nonzero().squeeze(-1), kept_visual_rows]).sort().values
+
+
+def _normed_rows(layer: torch.nn.Module, ctx: LayerContext) -> Tensor:
+    return layer.input_layernorm(ctx.hidden)[0]  # (n, D)
+
+
+class AlvtsRouter(Router):
+    """ALVTS: from layer l0 on, each layer keeps the k_l visual tokens its low-rank selector ranks highest."""
+
+    def __init__(self, selectors: dict[int, LayerSelector], budgets: list[int], kv_visible: bool = False) -> None:
+        self.selectors, self.budgets, self.kv_visible = selectors, budgets, kv_visible
+
+    def plan(self, index: int, layer: torch.nn.Module, ctx: LayerContext, trace: Trace) -> Tensor | None:
+        k, n_v = self.budgets[index], ctx.visual.numel()
+        if index not in self.selectors or k >= n_v:
+            return None
+        x = _normed_rows(layer, ctx)
+        sel = self.selectors[index]
+        keep = select_visual_rows(sel.scores(x[ctx.query], x[ctx.visual]), k)  # into the visual rows
+        trace.selected[index] = keep
+        trace.selector_macs += sel.macs(ctx.query.numel(), n_v)
+        return _with_text(ctx, ctx.visual[keep])
+
+
+class _DropRouter(Router):
+    """Scores the visual rows with layer K-1's input, then drops all but k of them before layer K."""
+
+    drops = True
+
+    def __init__(self, layer: int, k: int) -> None:
+        self.layer, self.k, self._scores = layer, k, None
+
+    def plan(self, index: int, layer: torch.nn.Module, ctx: LayerContext, trace: Trace) -> Tensor | None:
+        if index == self.layer - 1:
+            self._scores = self.score(layer, ctx)
+        if index != self.layer or self.k >= ctx.visual.numel():
+            return None
+        keep = self.choose(self._scores, ctx)
+        trace.selected[index] = keep
+        return _with_text(ctx, ctx.visual[keep])
+
+    @abstractmethod
+    def score(self, layer: torch.nn.Module, ctx: LayerContext) -> Any: ...
+
+    @abstractmethod
+    def choose(self, scores: Any, ctx: LayerContext) -> Tensor:
+        """(k,) ascending indices into the visual rows."""
+
+
+class FastVRouter(_DropRouter):
+    """FastV: attention the last prompt token pays each visual token at layer K-1, head-averaged,
+    recomputed from that layer's own projections (one query row), so fused attention stays in use."""
+
+    def __init__(self, layer: int, k: int, heads: int, kv_heads: int) -> None:
+        super().__init__(layer, k)
+        self.heads, self.kv_heads = heads, kv_heads
+
+    def score(self, layer: torch.nn.Module, ctx: LayerContext) -> Tensor:
+        x = _normed_rows(layer, ctx)
+        w = QkWeights.of(layer.self_attn, self.heads, self.kv_heads)
+        last, rows = ctx.hidden.shape[1] - 1, torch.arange(ctx.hidden.shape[1])
+        cos, sin = ctx.rope[0][0], ctx.rope[1][0]
+        probs = attention_rows(w, x[last:], x, (cos[last:], sin[last:]), (cos, sin), rows[last:], rows)
+        return probs.mean(dim=0)[0, ctx.visual]  # (N_v,)
+
+    def choose(self, scores: Tensor, ctx: LayerContext) -> Tensor:
+        return select_visual_rows(scores, self.k)
+
+
+class DartRouter(_DropRouter):
+    """DART: pivots are the visual tokens with the largest key norm at layer K-1 (RoPE keeps norms);
+    each pivot then claims, in turn, the not-yet-chosen visual tokens least cosine-similar to it in
+    the final-norm hidden states at layer K, until k tokens (pivots included) are kept."""
+
+    PIVOTS = 4
+
+    def __init__(self, layer: int, k: int, final_norm: torch.nn.Module) -> None:
+        super().__init__(layer, k)
+        self.final_norm = final_norm
+
+    def score(self, layer: torch.nn.Module, ctx: LayerContext) -> Tensor:
+        keys = layer.self_attn.k_proj(_normed_rows(layer, ctx)[ctx.visual])  # (N_v, H_kv * hd)
+        return keys.float().norm(dim=-1)
+
+    def choose(self, scores: Tensor, ctx: LayerContext) -> Tensor:
+        return dart_select(self.final_norm(ctx.hidden)[0, ctx.visual], scores, self.k, self.PIVOTS)
+
+
+def dart_select(x: Tensor, key_norms: Tensor, k: int, pivots: int) -> Tensor:
+    """DART selection on (N, D) features: (k,) ascending indices; pivots are the ``pivots`` largest
+    key norms; the rest is split evenly over the pivots (earlier pivots take the remainder)."""
+    p = min(pivots, k)
+    chosen = key_norms.topk(p).indices
+    taken = torch.zeros(x.shape[0], dtype=torch.bool)
+    taken[chosen] = True
+    unit = torch.nn.functional.normalize(x.float(), dim=-1)
+    extra, kept = k - p, [chosen]
+    for i, pivot in enumerate(chosen.tolist()):
+        share = extra // p + (1 if i < extra % p else 0)
+        if share == 0:
+            continue
+        sim = (unit @ unit[pivot]).masked_fill(taken, float("inf"))
+        pick = (-sim).topk(share).indices  # least similar first
+        taken[pick] = True
+        kept.append(pick)
+    return torch.cat(kept).sort().values
+
+
+class LayerwiseDecoder:
+    """Runs the adapter's decoder layer by layer with a router; prefill and one-token decode steps."""
+
+    def __init__(self, adapter: Any, router: Router) -> None:
+        stack = adapter.decoder
+        if getattr(stack, "has_sliding_layers", False):
+            raise UnsupportedModelError("in-LLM token selection does not support sliding-window attention layers")
+        self.layers, self.rotary, self.norm = stack.layers, stack.rotary_emb, stack.norm
+        self.router = router
+        self.eager_mask = adapter.text_config._attn_implementation != "sdpa"
+
+    def _run(self, layer: torch.nn.Module, h: Tensor, rope: tuple[Tensor, Tensor], cache: Any) -> Tensor:
+        mask = None
+        if self.eager_mask and h.shape[1] > 1:  # SDPA takes is_causal; other kernels need the mask
+            n = h.shape[1]
+            mask = torch.full((n, n), torch.finfo(h.dtype).min, dtype=h.dtype).triu(1)[None, None]
+        return layer(h, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
+
+    @torch.inference_mode()
+    def prefill(self, embeds: Tensor, positions: Tensor, visual: Tensor, query: Tensor, cache: Any) -> tuple[Tensor, Trace]:
+        """Prefill over the whole prompt (batch 1).
+
+        Args:
+            embeds: (1, L, D) prompt embeddings with the visual tokens in place.
+            positions: (1, L) position ids, or (3, 1, L) M-RoPE ids.
+            visual: (N_v,) rows of the visual tokens; query: rows of the router's query set.
+            cache: an empty transformers ``DynamicCache``.
+
+        Returns:
+            Final-norm hidden states of the rows that survive to the end (1, n_end, D), and the trace.
+        """
+        h, trace = embeds, Trace()
+        cos, sin = self.rotary(h, positions)
+        token_ids = torch.arange(visual.numel())  # the visual rows' token ids, kept in step with ``visual``
+        for index, layer in enumerate(self.layers):
+            ctx = LayerContext(h, (cos, sin), visual, query)
+            rows = self.router.plan(index, layer, ctx, trace)
+            if rows is None:
+                h = self._run(layer, h, (cos, sin), cache)
+                trace.rows.append(h.shape[1]), trace.kv_rows.append(h.shape[1]), trace.visual.append(visual.numel())
+                continue
+            n_vis = int(torch.isin(rows, visual).sum())
+            if index in trace.selected:
+                trace.selected[index] = token_ids[trace.selected[index]]
+            if self.router.drops:  # the unselected visual rows leave the sequence for good
+                n_old, token_ids = h.shape[1], token_ids[torch.isin(visual, rows)]
+                h, cos, sin = h[:, rows], cos[:, rows], sin[:, rows]
+                visual, query = _remap(visual, rows, n_old), _remap(query, rows, n_old)
+                h = self._run(layer, h, (cos, sin), cache)
+                trace.rows.append(h.shape[1]), trace.kv_rows.append(h.shape[1])
+            elif self.router.kv_visible:  # every row gives K/V; only the selected rows take the output
+                out = self._run(layer, h, (cos, sin), cache)
+                take = torch.zeros(h.shape[1], dtype=torch.bool)
+                take[rows] = True
+                h = torch.where(take[None, :, None], out, h)
+                trace.rows.append(rows.numel()), trace.kv_rows.append(out.shape[1])
+            else:  # full skip: the layer sees only the selected rows; the others pass unchanged
+                out = self._run(layer, h[:, rows], (cos[:, rows], sin[:, rows]), cache)
+                h = h.index_copy(1, rows, out)
+                trace.rows.append(rows.numel()), trace.kv_rows.append(rows.numel())
+            trace.visual.append(n_vis)
+        return self.norm(h), trace
+
+    @torch.inference_mode()
+    def step(self, embeds: Tensor, positions: Tensor, cache: Any) -> Tensor:
+        """One decode step: (1, 1, D) embeddings at ``positions`` -> (1, 1, D) final-norm hidden states."""
+        h = embeds
+        rope = self.rotary(h, positions)
+        for layer in self.layers:
+            h = self._run(layer, h, rope, cache)
+        return self.norm(h)
+
+
+def _remap(rows_old: Tensor, kept: Tensor, n_old: int) -> Tensor:
+    """Indices ``rows_old`` (into the old sequence of ``n_old`` rows) that survive, as indices into ``kept``."""
+    new_index = torch.full((n_old,), -1, dtype=torch.long)
+    new_index[kept] = torch.arange(kept.numel())
+    mapped = new_index[rows_old]
+    return mapped[mapped >= 0]
+
+
+# --- building routers from a PruneConfig ---------------------------------------------------------
+def layer_budget(keep: int | float, n_visual: int) -> int:
+    """A method's per-layer visual budget: a count, or a ratio of the image's visual tokens."""
+    k = keep if isinstance(keep, int) else max(1, int(keep * n_visual + 1e-9))
+    return min(k, n_visual)
+
+
+def alvts_budgets(cfg: PruneConfig, dims: TextDims, n_text: int, n_visual: int, rank: int) -> list[int]:
+    """Visual tokens each layer processes: N_v below ``cfg.layer``, k from there on (§2.2).
+
+    With ``cfg.budget == "flops"``, k is the largest constant budget whose prefill MACs (layers below l0
+    at full length, selector costs included) stay within those of keeping ``cfg.keep`` visual tokens in
+    every layer, so it is usually *smaller* than ``keep``; at least 1.
+    """
+    k = layer_budget(cfg.keep, n_visual)
+    l0 = min(cfg.layer, dims.layers)
+    if cfg.budget == "flops":
+        target = dims.layers * layer_macs(dims, n_text + k)
+        n_q = 1 if cfg.query == "last" else n_text  # an upper bound on the query set for the selector cost
+        d = dims.hidden
+        sel = n_visual * d * rank + n_q * d * rank + n_visual * d + n_q * n_visual * rank  # LayerSelector.macs
+        fixed = l0 * layer_macs(dims, n_text + n_visual)
+
+        def cost(kk: int) -> int:
+            kv = n_text + (n_visual if cfg.skip == "kv" else kk)
+            per = layer_macs(dims, n_text + kk, kv) + sel
+            return fixed + (dims.layers - l0) * per
+
+        k = max([1] + [kk for kk in range(1, n_visual + 1) if cost(kk) <= target])
+    return [n_visual] * l0 + [k] * (dims.layers - l0)
+
+
+def build_router(cfg: PruneConfig, adapter: Any, n_text: int, n_visual: int) -> Router:
+    """The router for an in-LLM ``cfg`` on this adapter's decoder, for a prompt of this shape."""
+    dims, layers = adapter.text_dims(), adapter.decoder.layers
+    if cfg.method == "fastv":
+        return FastVRouter(cfg.layer, layer_budget(cfg.keep, n_visual), dims.heads, dims.kv_heads)
+    if cfg.method == "dart":
+        return DartRouter(cfg.layer, layer_budget(cfg.keep, n_visual), adapter.decoder.norm)
+    selectors = selectors_for(adapter, cfg)
+    rank = max((s.rank for s in selectors.values()), default=cfg.rank)
+    return AlvtsRouter(selectors, alvts_budgets(cfg, dims, n_text, n_visual, rank), cfg.skip == "kv")
+
+
+def selectors_for(adapter: Any, cfg: PruneConfig) -> dict[int, LayerSelector]:
+    """Calibrated factors from ``cfg.factors``, else data-free SVD factors (computed once per adapter)."""
+    if cfg.factors is not None:
+        from vtprune.calib.alvts import load_factors
+
+        return {i: s for i, s in load_factors(cfg.factors, adapter).items() if i >= cfg.layer}
+    memo = adapter.__dict__.setdefault("_alvts_selectors", {})
+    if cfg.rank not in memo:
+        dims = adapter.text_dims()
+        memo[cfg.rank] = {
+            i: data_free_selector(QkWeights.of(layer.self_attn, dims.heads, dims.kv_heads), cfg.rank)
+            for i, layer in enumerate(adapter.decoder.layers)
+        }
+    return {i: s for i, s in memo[cfg.rank].items() if i >= cfg.layer}
+
