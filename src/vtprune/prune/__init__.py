@@ -1,8 +1,9 @@
 """Pruning methods as pure tensor functions, plus the shared planning step.
 
-A method scores the tokens of one group; ``select_visual`` turns scores into the kept indices of one
-image's visual tokens under a ``PruneConfig`` and the image's ``VisualLayout`` (which the model adapter
-provides). Nothing here knows about transformers or any model library.
+A pre-LLM method is a ``Selector``: budget-aware scores of one group's tokens whose top-k is the kept
+set. ``select_visual`` applies it to each group of one image's visual tokens under a ``PruneConfig``
+and the image's ``VisualLayout`` (which the model adapter provides). Nothing here knows about
+transformers or any model library.
 """
 
 from __future__ import annotations
@@ -15,15 +16,34 @@ from torch import Tensor
 
 from vtprune.config import PRE_LLM_METHODS, PruneConfig
 from vtprune.errors import BudgetError
-from vtprune.prune import gprune
+from vtprune.prune import baselines, gprune
 from vtprune.prune.select import gather_tokens, keep_topk
 
-ScoreFn = Callable[[Tensor, PruneConfig], Tensor]  # (B, N, D) group features -> (B, N) scores
+# (B, N, D) group features, (B, N) bool valid, static k, config -> (B, N) fp32 scores
+ScoreFn = Callable[[Tensor, Tensor, int, PruneConfig], Tensor]
 
-SCORERS: dict[str, ScoreFn] = {
-    "gprune": lambda x, cfg: gprune.scores(x, cfg.theta, cfg.tau, cfg.iters, cfg.degree),
+
+@dataclass(frozen=True)
+class Selector:
+    """A pre-LLM method. ``scores`` are budget-aware: their ``k`` largest entries are the kept tokens
+    (the export graph feeds them to ``vtprune::TopKRoute``); calling the selector returns those indices.
+    """
+
+    scores: ScoreFn
+
+    def __call__(self, x: Tensor, valid: Tensor, k: int, cfg: PruneConfig) -> Tensor:
+        """(B, N, D), (B, N) bool, k -> (B, k) int64 indices into N, ascending; invalid slots never
+        chosen while valid ones remain."""
+        return keep_topk(self.scores(x, valid, k, cfg), k)
+
+
+SELECTORS: dict[str, Selector] = {
+    "gprune": Selector(lambda x, valid, k, cfg: gprune.scores(x, cfg.theta, cfg.tau, cfg.iters, cfg.degree, valid)),
+    "random": Selector(lambda x, valid, k, cfg: baselines.random_scores(valid, cfg.seed)),
+    "uniform": Selector(lambda x, valid, k, cfg: baselines.uniform_scores(valid, k)),
+    "divprune": Selector(lambda x, valid, k, cfg: baselines.divprune_scores(x, valid, k)),
 }
-assert set(SCORERS) == set(PRE_LLM_METHODS), "config.PRE_LLM_METHODS and the scorer registry disagree"
+assert set(SELECTORS) == set(PRE_LLM_METHODS), "config.PRE_LLM_METHODS and the selector registry disagree"
 
 
 @dataclass(frozen=True)
@@ -101,6 +121,7 @@ def select_visual(x: Tensor, layout: VisualLayout, cfg: PruneConfig) -> Tensor:
     for idx, k in zip(layout.groups, budgets, strict=True):
         idx = idx.to(x.device)
         feats = gather_tokens(x, idx.expand(batch, -1))  # (B, N_g, D)
-        local = keep_topk(SCORERS[cfg.method](feats, cfg), k)  # (B, k) into the group
+        valid = torch.ones(feats.shape[:2], dtype=torch.bool, device=x.device)
+        local = SELECTORS[cfg.method](feats, valid, k, cfg)  # (B, k) into the group
         kept.append(idx[local])  # (B, k) into N_v
     return torch.cat(kept, dim=-1).sort(dim=-1).values  # raster order keeps RoPE positions monotone
