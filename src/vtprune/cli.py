@@ -15,10 +15,11 @@ from vtprune import __version__
 from vtprune.bench.cli import BENCH_COMMANDS
 from vtprune.bench.cli import add_commands as add_bench_commands
 from vtprune.config import (
-    BUDGET_MODES, DEGREE_MODES, METHODS, POSITION_MODES, QUERY_SETS, SKIP_MODES, PruneConfig, SamplingConfig,
+    BUDGET_MODES, DEGREE_MODES, METHODS, POSITION_MODES, QUERY_SETS, SELECTOR_KINDS, SKIP_MODES, PruneConfig, SamplingConfig,
     parse_keep,
 )
 from vtprune.errors import VtpruneError
+from vtprune.calib.cli import add_calib_command, cmd_calib
 from vtprune.eval.cli import add_eval_command, cmd_eval
 
 EXIT_USER_ERROR = 2
@@ -55,6 +56,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    "(still give keys/values) (default: %(default)s)")  # fmt: skip
     g.add_argument("--budget", choices=BUDGET_MODES, default=d.budget, help="ALVTS per-layer budget: constant "
                    "k, or flops (matched to keeping --keep tokens in every layer) (default: %(default)s)")  # fmt: skip
+    g.add_argument("--selector", choices=SELECTOR_KINDS, default=d.selector, help="ALVTS selector: lowrank "
+                   "(RoPE-free proxy) or exact (recomputed attention rows) (default: %(default)s)")  # fmt: skip
     g.add_argument("--factors", type=Path, help="ALVTS calibrated selector factors ('vtprune calib alvts' output)")
 
 
@@ -65,7 +68,7 @@ def prune_config(args: argparse.Namespace) -> PruneConfig:
     return PruneConfig(
         method=method, keep=keep, theta=args.theta, tau=args.tau, iters=args.iters, degree=args.degree,
         positions=args.positions, layer=args.layer, rank=args.rank, query=args.query, skip=args.skip,
-        budget=args.budget, factors=factors,
+        budget=args.budget, selector=args.selector, factors=factors,
     )  # fmt: skip
 
 
@@ -129,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache-dir", type=Path, help="where built-in tiny models are written")
     add_bench_commands(sub)
     add_eval_command(sub)
+    add_calib_command(sub)
     return parser
 
 
@@ -240,7 +244,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "export": cmd_export, "build": cmd_build, "check": cmd_check, "demo": cmd_demo,
-            "eval": cmd_eval, **BENCH_COMMANDS}  # fmt: skip
+            "eval": cmd_eval, "calib": cmd_calib, **BENCH_COMMANDS}  # fmt: skip
 
 
 def _quiet_libraries() -> None:

@@ -20,6 +20,7 @@ POSITION_MODES = ("original", "contiguous")
 QUERY_SETS = ("last", "instruction")
 SKIP_MODES = ("full", "kv")
 BUDGET_MODES = ("constant", "flops")
+SELECTOR_KINDS = ("lowrank", "exact")
 
 
 def parse_keep(text: str) -> int | float:
@@ -62,6 +63,9 @@ class PruneConfig:
         budget: ALVTS per-layer budget: ``constant`` (k_l = keep for every l >= layer) or ``flops`` (the
             largest constant k whose prefill MACs, selectors included, match keeping ``keep`` tokens in
             every layer).
+        selector: ALVTS selector: ``lowrank`` (the RoPE-free rank-r proxy of §2.3) or ``exact`` (the
+            layer's own attention rows from the query set, RoPE included, recomputed explicitly: costs a
+            key projection of every visual token; the upper bound the proxy approximates).
         factors: ALVTS calibrated selector factors (a ``vtprune calib alvts`` output directory); None
             uses data-free SVD factors of rank ``rank``.
         seed: ``random`` only: integer in [0, 2**32) that fixes which tokens are drawn (the same seed
@@ -80,6 +84,7 @@ class PruneConfig:
     query: str = "last"
     skip: str = "full"
     budget: str = "constant"
+    selector: str = "lowrank"
     factors: str | None = None
     seed: int = 0
 
@@ -108,7 +113,8 @@ class PruneConfig:
         if self.method in ("fastv", "dart") and self.layer < 1:
             raise ConfigError(f"--layer {self.layer}: {self.method} scores tokens with layer l-1, so l must be >= 1")
         for name, value, choices in (("query", self.query, QUERY_SETS), ("skip", self.skip, SKIP_MODES),
-                                     ("budget", self.budget, BUDGET_MODES)):  # fmt: skip
+                                     ("budget", self.budget, BUDGET_MODES),
+                                     ("selector", self.selector, SELECTOR_KINDS)):  # fmt: skip
             if value not in choices:
                 raise ConfigError(f"--{name} {value!r} must be one of {', '.join(choices)}")
 

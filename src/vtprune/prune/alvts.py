@@ -23,9 +23,6 @@ from torch import Tensor
 from vtprune.prune.attention import QkWeights
 from vtprune.prune.select import keep_topk
 
-RANKS = (16, 32, 64, 128, 256)  # the rank ladder calibration climbs (§2.3)
-
-
 @dataclass(frozen=True)
 class LayerSelector:
     """One layer's selector: ``a``, ``b`` (d, r) factors, ``u`` (d,) key-bias term, logit ``scale``."""

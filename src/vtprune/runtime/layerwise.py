@@ -73,10 +73,29 @@ def _normed_rows(layer: torch.nn.Module, ctx: LayerContext) -> Tensor:
     return layer.input_layernorm(ctx.hidden)[0]  # (n, D)
 
 
-class AlvtsRouter(Router):
-    """ALVTS: from layer l0 on, each layer keeps the k_l visual tokens its low-rank selector ranks highest."""
+class ExactSelector:
+    """The layer's real attention from the query rows to the visual tokens (RoPE, causal, per-head softmax,
+    head- and query-mean), recomputed from its projections: what the low-rank proxy approximates."""
 
-    def __init__(self, selectors: dict[int, LayerSelector], budgets: list[int], kv_visible: bool = False) -> None:
+    def __init__(self, weights: QkWeights) -> None:
+        self.w = weights
+
+    def scores_in(self, x: Tensor, ctx: LayerContext) -> Tensor:
+        cos, sin, q = ctx.rope[0][0], ctx.rope[1][0], ctx.query
+        keys = torch.cat([ctx.visual, q]).unique()  # visual keys plus the queries' own (causal context)
+        probs = attention_rows(self.w, x[q], x[keys], (cos[q], sin[q]), (cos[keys], sin[keys]), q, keys)
+        return probs.mean(dim=(0, 1))[torch.isin(keys, ctx.visual)]
+
+    def macs(self, n_q: int, n_v: int) -> int:
+        w = self.w
+        d = w.q_weight.shape[1]
+        return n_v * d * w.kv_heads * w.head_dim + n_q * d * w.heads * w.head_dim + n_q * n_v * w.heads * w.head_dim
+
+
+class AlvtsRouter(Router):
+    """ALVTS: from layer l0 on, each layer keeps the k_l visual tokens its selector ranks highest."""
+
+    def __init__(self, selectors: dict[int, Any], budgets: list[int], kv_visible: bool = False) -> None:
         self.selectors, self.budgets, self.kv_visible = selectors, budgets, kv_visible
 
     def plan(self, index: int, layer: torch.nn.Module, ctx: LayerContext, trace: Trace) -> Tensor | None:
@@ -85,7 +104,11 @@ class AlvtsRouter(Router):
             return None
         x = _normed_rows(layer, ctx)
         sel = self.selectors[index]
-        keep = select_visual_rows(sel.scores(x[ctx.query], x[ctx.visual]), k)  # into the visual rows
+        if isinstance(sel, ExactSelector):
+            scores = sel.scores_in(x, ctx)
+        else:
+            scores = sel.scores(x[ctx.query], x[ctx.visual])
+        keep = select_visual_rows(scores, k)  # into the visual rows
         trace.selected[index] = keep
         trace.selector_macs += sel.macs(ctx.query.numel(), n_v)
         return _with_text(ctx, ctx.visual[keep])
@@ -295,8 +318,15 @@ def build_router(cfg: PruneConfig, adapter: Any, n_text: int, n_visual: int) -> 
         return FastVRouter(cfg.layer, layer_budget(cfg.keep, n_visual), dims.heads, dims.kv_heads)
     if cfg.method == "dart":
         return DartRouter(cfg.layer, layer_budget(cfg.keep, n_visual), adapter.decoder.norm)
-    selectors = selectors_for(adapter, cfg)
-    rank = max((s.rank for s in selectors.values()), default=cfg.rank)
+    if cfg.selector == "exact":
+        selectors: dict[int, Any] = {
+            i: ExactSelector(QkWeights.of(layer.self_attn, dims.heads, dims.kv_heads))
+            for i, layer in enumerate(layers) if i >= cfg.layer
+        }  # fmt: skip
+        rank = dims.kv_heads * dims.head_dim  # the selector cost per visual token is a key projection
+    else:
+        selectors = selectors_for(adapter, cfg)
+        rank = max((s.rank for s in selectors.values()), default=cfg.rank)
     return AlvtsRouter(selectors, alvts_budgets(cfg, dims, n_text, n_visual, rank), cfg.skip == "kv")
 
 

@@ -1,0 +1,1 @@
+"""Offline calibration of data-aware pruning components (ALVTS selector factors)."""

@@ -1,0 +1,59 @@
+"""``vtprune calib alvts``: fit calibrated ALVTS selector factors and print the per-layer recall table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_calib_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``calib`` (with its ``alvts`` subcommand) to the ``vtprune`` subparsers."""
+    from vtprune.calib.config import CalibConfig
+    from vtprune.config import QUERY_SETS
+
+    d = CalibConfig()
+    p = subparsers.add_parser("calib", help="offline calibration (ALVTS selector factors)")
+    sub = p.add_subparsers(dest="calib_method", required=True, parser_class=type(p))
+    a = sub.add_parser("alvts", help="fit whitened low-rank ALVTS selectors; writes factors + a recall card")
+    a.add_argument("--model", default="pocket", help="pocket | tiny-* | checkpoint DIR (default: pocket)")
+    a.add_argument("--cache-dir", type=Path, help="where built-in models are written (default ~/.cache/vtprune)")
+    a.add_argument("--data", default="easy-vqa", help="easy-vqa (train split) or a DIR of images "
+                   "[+ questions.json: file name -> question] (default: easy-vqa)")  # fmt: skip
+    a.add_argument("--n", type=int, default=d.n, help="calibration pairs (default: %(default)s)")
+    a.add_argument("--heldout", type=float, default=d.heldout, help="fraction held out to pick ranks (default: %(default)s)")
+    a.add_argument("--keep", type=int, default=d.k, help="budget k that recall@k is measured at (default: %(default)s)")
+    a.add_argument("--query", choices=QUERY_SETS, default=d.query, help="query set (default: %(default)s)")
+    a.add_argument("--gamma", type=float, default=d.gamma, help="recall@k target per layer (default: %(default)s)")
+    a.add_argument("--seed", type=int, default=d.seed, help="pair sampling seed (default: %(default)s)")
+    a.add_argument("--out", required=True, type=Path, help="output directory (factors.safetensors + card.json)")
+    a.add_argument("--force", action="store_true", help="replace an existing --out")
+    a.add_argument("--json", action="store_true", help="print the card as JSON instead of the table")
+    return p
+
+
+def cmd_calib(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from vtprune.calib.alvts import calibrate, calibration_pairs, format_card, save_factors
+    from vtprune.calib.config import CalibConfig
+    from vtprune.errors import InputError
+    from vtprune.models import load_vlm
+
+    cfg = CalibConfig(n=args.n, heldout=args.heldout, k=args.keep, query=args.query, gamma=args.gamma, seed=args.seed)
+    if args.out.exists() and not args.force:
+        raise InputError(f"{args.out} exists; pass --force to replace it")
+    adapter = load_vlm(args.model, cache_dir=args.cache_dir)
+    pairs = calibration_pairs(args.data, cfg.n, cfg.seed)
+
+    def bar(items: Any) -> Any:
+        return tqdm(items, desc="calibration", unit="pair", file=sys.stderr, dynamic_ncols=True)
+
+    selectors, card = calibrate(adapter, pairs, cfg, bar)
+    card["data"] = args.data
+    save_factors(selectors, card, args.out, args.force)
+    print(json.dumps(card, indent=2) if args.json else format_card(card))
+    print(f"vtprune calib: wrote {args.out}", file=sys.stderr)
+    return 0
