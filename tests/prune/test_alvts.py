@@ -85,3 +85,20 @@ def test_selection_and_recall():
 def test_layer_selector_is_a_plain_value():
     sel = LayerSelector(torch.ones(4, 2), torch.ones(4, 2), torch.zeros(4), 0.5)
     assert sel.rank == 2 and sel.logits(torch.ones(1, 4), torch.ones(3, 4)).shape == (1, 3)
+
+
+def test_thin_product_svd_equals_the_dense_one():
+    from vtprune.prune.alvts import qk_product
+
+    w = _weights(True, heads=6, kv_heads=2, hd=4, d=32)  # rank(M) <= 8 < d
+    p, q = qk_product(w)
+    m, _ = qk_bilinear(w)
+    assert p.shape == (32, 8) and torch.allclose(p @ q.T, m, atol=1e-4)
+    for r in (2, 8):
+        a1, b1 = factor_svd(m, r)
+        a2, b2 = factor_svd((p, q), r)
+        assert torch.allclose(a1 @ b1.T, a2 @ b2.T, atol=1e-3)
+    cq = torch.eye(32) + 0.1 * torch.ones(32, 32)
+    a1, b1 = factor_whitened(m, cq, cq, 8)
+    a2, b2 = factor_whitened((p, q), cq, cq, 8)
+    assert torch.allclose(a1 @ b1.T, m, atol=1e-3) and torch.allclose(a2 @ b2.T, m, atol=1e-3)

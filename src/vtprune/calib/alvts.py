@@ -31,7 +31,9 @@ from vtprune.config import PruneConfig
 from vtprune.errors import CheckpointError, ConfigError, InputError
 from vtprune.files import read_json
 from vtprune.flops import layer_macs
-from vtprune.prune.alvts import LayerSelector, data_free_selector, factor_whitened, logit_scale, qk_bilinear
+from vtprune.prune.alvts import (
+    LayerSelector, data_free_selector, factor_whitened, logit_scale, qk_bilinear, qk_product,
+)
 from vtprune.prune.alvts import recall_at_k as _recall
 from vtprune.prune.attention import QkWeights, attention_rows
 
@@ -133,10 +135,11 @@ def calibrate(adapter: Any, pairs: Sequence[tuple[Any, str]], cfg: CalibConfig,
     k_eff = min(cfg.k, min(n_visual))
     n_mean = int(round(sum(n_text) / len(n_text) + sum(n_visual) / len(n_visual)))
     for li, w in enumerate(weights):
-        m, u = qk_bilinear(w)
-        ranks = [r for r in cfg.ranks if r <= dims.hidden] or [dims.hidden]
+        _, u = qk_bilinear(w)
+        thin = qk_product(w)
+        ranks = [r for r in cfg.ranks if r <= thin[0].shape[1]] or [thin[0].shape[1]]  # rank(M) <= H_kv * hd
         s = stats[li]
-        a, b = factor_whitened(m, s.c_q / s.n_q, s.c_v / s.n_v, max(ranks), cfg.eps)
+        a, b = factor_whitened(thin, s.c_q / s.n_q, s.c_v / s.n_v, max(ranks), cfg.eps)
         full = LayerSelector(a, b, u, logit_scale(w))
         recalls = {r: _mean_recall(full.truncated(r), held[li], k_eff) for r in ranks}
         rank = next((r for r in ranks if recalls[r] >= cfg.gamma), max(ranks, key=lambda r: (recalls[r], -r)))

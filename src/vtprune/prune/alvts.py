@@ -55,15 +55,33 @@ class LayerSelector:
         return LayerSelector(self.a[:, :rank], self.b[:, :rank], self.u, self.scale)
 
 
+def qk_product(w: QkWeights) -> tuple[Tensor, Tensor]:
+    """M as a product P Q^T of thin (d, e) factors, e = H_kv * hd: the query heads of a KV group add up
+    before meeting their shared key head, so M has rank <= e (GQA makes it much smaller than d)."""
+    wq, wk = w.per_head()  # (H, hd, d) each, key heads repeated
+    group = w.heads // w.kv_heads
+    p = wq.view(w.kv_heads, group, w.head_dim, -1).sum(dim=1).reshape(-1, wq.shape[-1])  # (e, d)
+    q = wk.view(w.kv_heads, group, w.head_dim, -1)[:, 0].reshape(-1, wk.shape[-1])  # (e, d)
+    return p.T, q.T
+
+
 def qk_bilinear(w: QkWeights) -> tuple[Tensor, Tensor]:
     """M (d, d) and u (d,) of a layer's head-summed, RoPE-free q.k logits, in fp32 (GQA-aware)."""
-    wq, wk = w.per_head()  # (H, hd, d) each
-    m = torch.einsum("hed,hef->df", wq, wk)
+    p, q = qk_product(w)
+    wq, wk = w.per_head()
     if w.q_bias is None:
-        u = torch.zeros(m.shape[0])
+        u = torch.zeros(p.shape[0])
     else:
         u = torch.einsum("hef,he->f", wk, w.q_bias.float().view(w.heads, w.head_dim))
-    return m, u
+    return p @ q.T, u
+
+
+def product_svd(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """SVD of P Q^T for thin (d, e) factors, through two QRs and an (e, e) core: U (d, e), S (e,), V (d, e)."""
+    qa, ra = torch.linalg.qr(p.double())
+    qb, rb = torch.linalg.qr(q.double())
+    u, s, vh = torch.linalg.svd(ra @ rb.T)
+    return qa @ u, s, qb @ vh.T
 
 
 def logit_scale(w: QkWeights) -> float:
@@ -71,27 +89,36 @@ def logit_scale(w: QkWeights) -> float:
     return 1.0 / (w.heads * w.head_dim**0.5)
 
 
-def factor_svd(m: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Data-free factors: M = U S V^T, A = U_r S_r^1/2, B = V_r S_r^1/2."""
-    u, s, vh = torch.linalg.svd(m.double())
+def factor_svd(m: Tensor | tuple[Tensor, Tensor], rank: int) -> tuple[Tensor, Tensor]:
+    """Data-free factors: M = U S V^T, A = U_r S_r^1/2, B = V_r S_r^1/2. ``m`` is M, or (P, Q) with M = P Q^T."""
+    u, s, v = product_svd(*m) if isinstance(m, tuple) else _svd(m)
     root = s[:rank].sqrt()
-    return (u[:, :rank] * root).float(), (vh[:rank].T * root).float()
+    return (u[:, :rank] * root).float(), (v[:, :rank] * root).float()
 
 
-def factor_whitened(m: Tensor, c_q: Tensor, c_v: Tensor, rank: int, eps: float = 1e-4) -> tuple[Tensor, Tensor]:
+def _svd(m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    u, s, vh = torch.linalg.svd(m.double())
+    return u, s, vh.T
+
+
+def factor_whitened(m: Tensor | tuple[Tensor, Tensor], c_q: Tensor, c_v: Tensor, rank: int,
+                    eps: float = 1e-4) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Calibrated factors minimising E||x_Q (M - A B^T) x_V^T||^2 (§2.3, whitened truncated SVD).
 
     Args:
-        m: (d, d) bilinear form.
+        m: the (d, d) bilinear form M, or thin factors (P, Q) with M = P Q^T.
         c_q, c_v: (d, d) second moments of query-set and visual-token inputs; ``eps`` times their mean
             diagonal is added for numerical stability.
         rank: r.
     """
     rq, rq_inv = _sqrt_and_inverse(c_q, eps)
     rv, rv_inv = _sqrt_and_inverse(c_v, eps)
-    u, s, vh = torch.linalg.svd(rq @ m.double() @ rv)
+    if isinstance(m, tuple):
+        u, s, v = product_svd(rq @ m[0].double(), rv @ m[1].double())
+    else:
+        u, s, v = _svd(rq @ m.double() @ rv)
     root = s[:rank].sqrt()
-    return (rq_inv @ (u[:, :rank] * root)).float(), (rv_inv @ (vh[:rank].T * root)).float()
+    return (rq_inv @ (u[:, :rank] * root)).float(), (rv_inv @ (v[:, :rank] * root)).float()
 
 
 def _sqrt_and_inverse(c: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -103,8 +130,9 @@ def _sqrt_and_inverse(c: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
 
 def data_free_selector(w: QkWeights, rank: int) -> LayerSelector:
-    m, u = qk_bilinear(w)
-    a, b = factor_svd(m, min(rank, m.shape[0]))
+    p, q = qk_product(w)
+    _, u = qk_bilinear(w)
+    a, b = factor_svd((p, q), min(rank, p.shape[1]))
     return LayerSelector(a, b, u, logit_scale(w))
 
 

@@ -1,0 +1,196 @@
+"""Accuracy / FLOPs / latency sweep: every pruning method x budget on the pocket VLM, easy-vqa test split.
+
+    python benchmarks/sweep.py [--limit 100] [--seed 0] [--budgets 128,64,32,16] [--methods all]
+                               [--out benchmarks/results/pocket/sweep] [--only METHOD:K]
+
+Each cell answers the same ``--limit`` questions (drawn with ``--seed``) greedily in PyTorch on this
+machine and records exact-match accuracy with a 95% Wilson interval, prefill MACs (pruned, unpruned,
+selection stage), median per-stage wall times and TTFT, and a digest of the visual tokens kept for the
+first questions (so a re-run of one cell, ``--only gprune:64``, can be checked for identical choices).
+The unpruned model is the 256-token cell of every method. Writes sweep.json, sweep.md and, with
+matplotlib, accuracy_vs_budget.png, accuracy_vs_ttft.png and accuracy_vs_flops.png. ONNX Runtime and
+GPU latencies are not part of this sweep (see benchmarks/results/pocket/ort-cpu for ORT timings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from vtprune.config import METHODS, PruneConfig
+from vtprune.eval.data import load_questions, subsample
+from vtprune.eval.harness import evaluate
+from vtprune.models import load_vlm
+from vtprune.runtime.report import environment
+
+# Method variants in the sweep: name -> PruneConfig fields besides the budget.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "gprune": {"method": "gprune"},
+    "random": {"method": "random"},
+    "uniform": {"method": "uniform"},
+    "divprune": {"method": "divprune"},
+    "fastv": {"method": "fastv"},
+    "dart": {"method": "dart"},
+    "alvts": {"method": "alvts"},
+    "alvts-exact": {"method": "alvts", "selector": "exact"},
+}
+assert {v["method"] for v in VARIANTS.values()} == set(METHODS) - {"none"}, "every method must be in the sweep"
+DIGEST_QUESTIONS = 5
+
+
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = correct / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return ((centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n))
+
+
+def kept_digest(adapter: Any, cfg: PruneConfig, questions: list) -> str:
+    """sha256 over the visual tokens kept (pre-LLM) or each layer's selection (in-LLM) for a few questions."""
+    from PIL import Image
+
+    from vtprune.runtime.pipeline import PrunedVlm
+
+    pipe, h = PrunedVlm(adapter, cfg), hashlib.sha256()
+    for q in questions[:DIGEST_QUESTIONS]:
+        prefill = pipe.build_prefill(pipe.inputs(Image.open(q.image_path).convert("RGB"), q.question))
+        if cfg.in_llm:
+            pipe.layerwise_prefill(prefill, pipe.new_cache())
+            for layer, ids in sorted(pipe.last_trace.selected.items()):
+                h.update(f"{layer}:{ids.tolist()};".encode())
+        else:
+            h.update(str(prefill.visual_keep.tolist()).encode())
+    return h.hexdigest()
+
+
+def run_cell(adapter: Any, name: str, keep: int | None, questions: list) -> dict[str, Any]:
+    fields = VARIANTS[name] if keep is not None else {"method": "none"}
+    cfg = PruneConfig(keep=keep, **fields)
+    r = evaluate(adapter, questions, cfg, progress=False)
+    lo, hi = wilson(r["correct"], r["n"])
+    stages = r["time"]["stage_ms_median"]
+    return {
+        "variant": name, "keep": keep, "prune": cfg.to_dict(), "n": r["n"], "correct": r["correct"],
+        "accuracy": r["accuracy"], "ci95": [lo, hi], "by_type": r["by_type"], "unparsed": r["unparsed"],
+        "tokens": r["tokens"], "flops": r["flops"], "stage_ms_median": stages,
+        "ttft_ms_median": sum(v for k, v in stages.items() if k != "decode"),
+        "per_question_ms_median": r["time"]["per_question_ms_median"], "kept_digest": kept_digest(adapter, cfg, questions),
+    }  # fmt: skip
+
+
+def markdown(result: dict[str, Any]) -> str:
+    env, s = result["environment"], result["settings"]
+    base = result["unpruned"]["accuracy"]
+    lines = [
+        "# Pruning sweep: pocket VLM on easy-vqa",
+        "",
+        f"{s['limit']} test questions (seed {s['seed']}), greedy, PyTorch on the CPU; one run, medians per cell. "
+        f"Machine: {env.get('cpu')}, {env.get('cores')} cores; torch {env.get('libraries', {}).get('torch')}.",
+        "",
+        f"Unpruned (256 visual tokens): accuracy {base:.2f} "
+        f"[{result['unpruned']['ci95'][0]:.2f}, {result['unpruned']['ci95'][1]:.2f}], "
+        f"TTFT {result['unpruned']['ttft_ms_median']:.0f} ms.",
+        "",
+        "| method | kept | accuracy | 95% CI | retained | prefill GFLOPs | net FLOPs saved | TTFT ms | prefill ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in result["cells"]:
+        f = c["flops"]
+        lines.append(
+            f"| {c['variant']} | {c['keep']} | {c['accuracy']:.2f} | {c['ci95'][0]:.2f}–{c['ci95'][1]:.2f} | "
+            f"{100 * c['accuracy'] / base:.0f}% | {f['prefill_gflops_pruned']:.2f} | {100 * f['saved_fraction']:.0f}% | "
+            f"{c['ttft_ms_median']:.0f} | {c['stage_ms_median'].get('prefill', float('nan')):.0f} |"
+        )
+    lines += ["", "In-LLM methods (fastv, dart, alvts) keep `kept` visual tokens from their selection layer on "
+              "(layers below it see all 256), so their prefill FLOPs are higher than a pre-LLM method's at the "
+              "same `kept`; compare them on the accuracy-vs-FLOPs plot.", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def plots(result: dict[str, Any], out: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    base = result["unpruned"]
+    for fname, xkey, xlabel in (
+        ("accuracy_vs_budget.png", lambda c: c["keep"], "visual tokens kept"),
+        ("accuracy_vs_ttft.png", lambda c: c["ttft_ms_median"], "TTFT, ms (median, PyTorch CPU)"),
+        ("accuracy_vs_flops.png", lambda c: c["flops"]["prefill_gflops_pruned"], "prefill GFLOPs"),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name in VARIANTS:
+            cells = sorted((c for c in result["cells"] if c["variant"] == name), key=xkey)
+            if cells:
+                ax.plot([xkey(c) for c in cells], [c["accuracy"] for c in cells], marker="o", label=name)
+        ax.axhline(base["accuracy"], color="k", linestyle="--", linewidth=1, label="unpruned")
+        if fname == "accuracy_vs_budget.png":
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel), ax.set_ylabel("easy-vqa accuracy"), ax.legend(fontsize=8), ax.grid(alpha=0.3)
+        ax.set_title(f"pocket VLM, {result['settings']['limit']} easy-vqa test questions")
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        written.append(fname)
+    return written
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budgets", default="128,64,32,16")
+    p.add_argument("--methods", default="all", help="comma-separated variants (default: all)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/pocket/sweep"))
+    p.add_argument("--only", help="re-run one cell METHOD:K and compare with the committed sweep.json")
+    args = p.parse_args()
+    questions = subsample(load_questions("test"), args.limit, args.seed)
+    adapter = load_vlm("pocket")
+    if args.only:
+        name, keep = args.only.split(":")
+        cell = run_cell(adapter, name, int(keep), questions)
+        old = next(c for c in json.loads((args.out / "sweep.json").read_text())["cells"]
+                   if c["variant"] == name and c["keep"] == int(keep))  # fmt: skip
+        same = (cell["accuracy"], cell["kept_digest"]) == (old["accuracy"], old["kept_digest"])
+        print(f"{name}:{keep} accuracy {cell['accuracy']:.3f} (committed {old['accuracy']:.3f}); kept tokens "
+              f"{'identical' if cell['kept_digest'] == old['kept_digest'] else 'DIFFERENT'}")  # fmt: skip
+        return 0 if same else 1
+    names = list(VARIANTS) if args.methods == "all" else args.methods.split(",")
+    budgets = [int(b) for b in args.budgets.split(",")]
+    start = time.perf_counter()
+    unpruned = run_cell(adapter, "none", None, questions)
+    print(f"unpruned: {unpruned['accuracy']:.3f}", file=sys.stderr, flush=True)
+    cells = []
+    for name in names:
+        for keep in budgets:
+            cells.append(run_cell(adapter, name, keep, questions))
+            print(f"{name}:{keep}: {cells[-1]['accuracy']:.3f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    result = {
+        "schema": "vtprune.sweep/1", "settings": {"model": "pocket", "split": "test", "limit": args.limit,
+                                                  "seed": args.seed, "budgets": budgets, "backend": "torch-cpu"},
+        "environment": environment(), "unpruned": unpruned, "cells": cells,
+        "wall_s": time.perf_counter() - start,
+        "summary": {"median_ttft_ms_unpruned": unpruned["ttft_ms_median"],
+                    "retained": {f"{c['variant']}:{c['keep']}": c["accuracy"] / unpruned["accuracy"] for c in cells}},
+    }  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")  # first: a run is never lost
+    (args.out / "sweep.md").write_text(markdown(result))
+    print(f"wrote {args.out}/sweep.json, sweep.md, " + ", ".join(plots(result, args.out)), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
