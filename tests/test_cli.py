@@ -251,3 +251,18 @@ def test_run_json_succeeds(raw: bool, tmp_path: Path, cache_dir: Path, png: Path
     assert result["prefill_tokens"] == result["prompt_tokens"] - 64 + 16
     assert 1 <= len(result["token_ids"]) <= 4
     assert isinstance(result["answer"], str)
+
+
+@pytest.mark.parametrize("method", ["random", "uniform", "divprune"])
+def test_run_pre_llm_baselines(method: str, cache_dir: Path, png: Path, capsys) -> None:
+    capsys.readouterr()
+    rc = run_main([
+        "run", "--model", "tiny-llava", "--cache-dir", str(cache_dir), "--image", str(png), "--prompt", "what color ?",
+        "--method", method, "--keep", "8", "--prune-seed", "3", "--max-new-tokens", "2", "--json",
+    ])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    result = json.loads(out)
+    assert (result["method"], result["keep"], result["visual_tokens_kept"]) == (method, 8, 8)
+    assert result["prefill_tokens"] == result["prompt_tokens"] - 64 + 8
+    assert result["flops"]["prune_stage_macs"] == (64 * 64 * 64 if method == "divprune" else 0)  # N^2 * D

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from vtprune.config import PruneConfig, parse_keep
+from vtprune.config import IN_LLM_METHODS, PruneConfig, parse_keep
 from vtprune.errors import ConfigError
-from vtprune.flops import FlopsReport, TextDims, gprune_macs, prefill_macs
+from vtprune.flops import FlopsReport, TextDims, gprune_macs, prefill_macs, prune_stage_macs
 
 
 @pytest.mark.parametrize(("text", "value"), [("64", 64), ("0.25", 0.25), ("25%", 0.25), ("1.0", 1.0)])
@@ -54,6 +54,21 @@ def test_gprune_macs_and_report():
     assert gprune_macs([576, 2304], 4096, 5) == 576**2 * 4096 + 5 * 576**2 + 2304**2 * 4096 + 5 * 2304**2
     r = FlopsReport(1000, 400, 100)
     assert r.saved_fraction == pytest.approx(0.5) and r.to_dict()["saved_fraction"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [("gprune", gprune_macs([576, 2304], 4096, 3)), ("divprune", (576**2 + 2304**2) * 4096), ("random", 0),
+     ("uniform", 0), ("none", 0)],
+)  # fmt: skip
+def test_prune_stage_macs_per_method(method, expected):
+    cfg = PruneConfig(method=method, keep=64 if method != "none" else None, iters=3)
+    assert prune_stage_macs(cfg, [576, 2304], 4096) == expected
+
+
+def test_in_llm_methods_have_no_pre_llm_stage():
+    for method in IN_LLM_METHODS:
+        assert prune_stage_macs(PruneConfig(method=method, keep=64), [576], 4096) == 0
 
 
 def test_import_vtprune_is_light():

@@ -59,6 +59,7 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--selector", choices=SELECTOR_KINDS, default=d.selector, help="ALVTS selector: lowrank "
                    "(RoPE-free proxy) or exact (recomputed attention rows) (default: %(default)s)")  # fmt: skip
     g.add_argument("--factors", type=Path, help="ALVTS calibrated selector factors ('vtprune calib alvts' output)")
+    g.add_argument("--prune-seed", type=int, default=d.seed, help="random: seed of the kept tokens (default: 0)")
 
 
 def prune_config(args: argparse.Namespace) -> PruneConfig:
@@ -68,7 +69,7 @@ def prune_config(args: argparse.Namespace) -> PruneConfig:
     return PruneConfig(
         method=method, keep=keep, theta=args.theta, tau=args.tau, iters=args.iters, degree=args.degree,
         positions=args.positions, layer=args.layer, rank=args.rank, query=args.query, skip=args.skip,
-        budget=args.budget, selector=args.selector, factors=factors,
+        budget=args.budget, selector=args.selector, factors=factors, seed=args.prune_seed,
     )  # fmt: skip
 
 

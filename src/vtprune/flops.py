@@ -5,13 +5,16 @@ Per decoder layer, for n tokens (SwiGLU MLP, GQA-aware attention projections):
   + 2*n^2*d_q              QK^T and attention x V, the full square (no causal halving)
   + 3*n*d*m                gate, up and down projections
 which is the spec's 4*n*d^2 + 2*n^2*d + 3*n*d*m when d_q = d_kv = d. The LM head adds d*V for the one
-position whose logits prefill needs. G-Prune adds N^2*D (similarity) + T*N^2 (propagation) per group.
+position whose logits prefill needs. The pre-LLM stage adds, per group of N tokens: G-Prune N^2*D
+(similarity) + T*N^2 (propagation); DivPrune N^2*D (cosine Gram matrix); random and uniform nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+
+from vtprune.config import PRE_LLM_METHODS, PruneConfig
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,28 @@ def layerwise_prefill_macs(dims: TextDims, rows: Sequence[int], kv_rows: Sequenc
 def gprune_macs(group_sizes: Sequence[int], dim: int, iters: int) -> int:
     """MACs of the G-Prune stage: similarity matrix plus T mat-vec propagation steps, per group."""
     return sum(n * n * dim + iters * n * n for n in group_sizes)
+
+
+# MACs of one group of n tokens of width d, per pre-LLM method. DivPrune's Gram matrix is its only
+# multiply-accumulate work: the k greedy steps are k*n comparisons (min, argmax). random and uniform
+# do index arithmetic only.
+_GROUP_MACS: dict[str, Callable[[int, int, PruneConfig], int]] = {
+    "gprune": lambda n, d, cfg: gprune_macs([n], d, cfg.iters),
+    "divprune": lambda n, d, cfg: n * n * d,
+    "random": lambda n, d, cfg: 0,
+    "uniform": lambda n, d, cfg: 0,
+}
+assert set(_GROUP_MACS) == set(PRE_LLM_METHODS), "every pre-LLM method needs a stage cost"
+
+
+def prune_stage_macs(cfg: PruneConfig, group_sizes: Sequence[int], dim: int) -> int:
+    """MACs of the pre-LLM pruning stage over groups of ``group_sizes`` tokens of width ``dim``.
+
+    0 without a pre-LLM stage (method ``none``; in-LLM methods account their selectors per layer).
+    """
+    if not cfg.pre_llm:
+        return 0
+    return sum(_GROUP_MACS[cfg.method](n, dim, cfg) for n in group_sizes)
 
 
 @dataclass(frozen=True)

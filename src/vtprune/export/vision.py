@@ -17,16 +17,26 @@ from torch import Tensor, nn
 import vtprune.export.ops  # noqa: F401  (registers torch.ops.vtprune.*)
 from vtprune.config import PruneConfig
 from vtprune.errors import ConfigError
-from vtprune.prune import VisualLayout
+from vtprune.prune import SELECTORS, ScoreFn, VisualLayout
 from vtprune.prune.select import gather_tokens
 
 # LLaVA-NeXT token kinds fed to the graph
 PAD, BASE, HR, NEWLINE = 0, 1, 2, 3
 
+# Methods whose scores are one custom op in the graph; every other method's pure score function is
+# traced to standard ops (random/uniform: a constant table and integer arithmetic on the valid ranks;
+# divprune: its greedy loop unrolled over the static k, no ONNX Loop).
+GRAPH_SCORES: dict[str, ScoreFn] = {
+    "gprune": lambda x, valid, k, cfg: torch.ops.vtprune.graph_propagate(x, valid, cfg.theta, cfg.tau, cfg.iters),
+}
+
 
 def prune_tokens(x: Tensor, valid: Tensor, cfg: PruneConfig, k: int) -> tuple[Tensor, Tensor]:
-    """G-Prune one group inside an exported graph: (B, N, D), (B, N) -> (B, k, D), (B, k) ascending."""
-    scores = torch.ops.vtprune.graph_propagate(x, valid, cfg.theta, cfg.tau, cfg.iters)
+    """One group's pre-LLM pruning inside an exported graph: (B, N, D), (B, N) -> (B, k, D), (B, k) ascending.
+
+    The method's budget-aware scores feed ``vtprune::TopKRoute``, which keeps, sorts and gathers.
+    """
+    scores = GRAPH_SCORES.get(cfg.method, SELECTORS[cfg.method].scores)(x, valid, k, cfg)  # (B, N) fp32
     return torch.ops.vtprune.topk_route(x, scores, k)
 
 
@@ -37,12 +47,12 @@ class LlavaVision(nn.Module):
         super().__init__()
         self.adapter, self.cfg = adapter, cfg
         layout = VisualLayout(num_tokens, (torch.arange(num_tokens),), torch.zeros(0, dtype=torch.long), ("image",))
-        self.k = layout.budgets(cfg.keep)[0] if cfg.prunes else num_tokens
+        self.k = layout.budgets(cfg.keep)[0] if cfg.pre_llm else num_tokens
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         feats = self.adapter.vision_features(pixel_values)  # (B, N, D)
         valid = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
-        if not self.cfg.prunes:
+        if not self.cfg.pre_llm:
             idx = torch.arange(feats.shape[1], device=feats.device).expand(feats.shape[0], -1)
             return feats, idx, valid
         tokens, idx = prune_tokens(feats, valid, self.cfg, self.k)
@@ -64,7 +74,7 @@ class LlavaNextVision(nn.Module):
         self.k_base, self.k_hr = (
             VisualLayout(0, (torch.zeros(per_crop), torch.zeros(hr_capacity)), torch.zeros(0), ("base", "hr"),
                          (per_crop, hr_capacity)).budgets(cfg.keep)
-            if cfg.prunes else (per_crop, hr_capacity)
+            if cfg.pre_llm else (per_crop, hr_capacity)
         )  # fmt: skip
 
     def forward(self, pixel_values: Tensor, pack_index: Tensor, token_kind: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -72,7 +82,7 @@ class LlavaNextVision(nn.Module):
         packed = gather_tokens(feats, pack_index)  # (B, N_max, D)
         newline = self.adapter.model.model.image_newline.to(packed.dtype)
         packed = torch.where((token_kind == NEWLINE).unsqueeze(-1), newline, packed)
-        if not self.cfg.prunes:
+        if not self.cfg.pre_llm:
             idx = torch.arange(packed.shape[1], device=packed.device).expand(packed.shape[0], -1)
             return packed, idx, token_kind != PAD
         parts = [self._group(packed, token_kind, BASE, 0, self.k_base),
@@ -161,7 +171,7 @@ def export_vision(adapter: Any, cfg: PruneConfig, sample: dict[str, Tensor], pat
 
     if adapter.family not in VISION_SPECS:
         raise ConfigError(f"vision export is not implemented yet for {adapter.family}")
-    if cfg.degree != "mask":
+    if cfg.method == "gprune" and cfg.degree != "mask":
         raise ConfigError("export supports --degree mask only (the fp32 neighbour count)")
     spec = VISION_SPECS[adapter.family](adapter, cfg, sample)
     with spec.get("patch") or contextlib.nullcontext():
@@ -199,7 +209,7 @@ class QwenVision(nn.Module):
         out = self.adapter.model.model.visual(pixel_values, grid_thw=torch.tensor([self.grid]), **pre)
         feats = out.pooler_output.unsqueeze(0)  # (1, N, D) merger output, raster order over (t, h, w)
         valid = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
-        if self.cfg.prunes:
+        if self.cfg.pre_llm:
             tokens, idx = prune_tokens(feats, valid, self.cfg, self.k)
         else:
             tokens, idx = feats, torch.arange(self.n, device=feats.device)[None]
@@ -210,7 +220,7 @@ class QwenVision(nn.Module):
 
 def single_budget(n: int, cfg: PruneConfig) -> int:
     layout = VisualLayout(n, (torch.arange(n),), torch.zeros(0, dtype=torch.long), ("image",))
-    return layout.budgets(cfg.keep)[0] if cfg.prunes else n
+    return layout.budgets(cfg.keep)[0] if cfg.pre_llm else n
 
 
 def _masked_vision_attention(attn: nn.Module) -> Any:

@@ -140,7 +140,8 @@ def uniform_scores(valid: Tensor, k: int) -> Tensor:
     n = valid.long().sum(dim=-1, keepdim=True)  # (B, 1) valid tokens
     side = _isqrt(n).clamp_min(1)
     strided, _ = _strided(rank, k, n.clamp_min(1))
-    chosen = torch.where(side * side == n, _lattice(rank, side, k), strided)
+    square = side * side == n  # (B, 1)
+    chosen = (square & _lattice(rank, side, k)) | (~square & strided)  # And/Or: ORT has no bool Where
     chosen = valid & (chosen | (n <= k))  # a budget of every valid token keeps them all
     return torch.where(chosen, 1.0, torch.where(valid, 0.0, pad_scores(valid)))
 

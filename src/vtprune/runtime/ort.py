@@ -14,7 +14,7 @@ import torch
 
 from vtprune.config import PruneConfig, SamplingConfig
 from vtprune.errors import BackendUnavailableError, ConfigError, InputError
-from vtprune.flops import FlopsReport, gprune_macs, prefill_macs
+from vtprune.flops import FlopsReport, prefill_macs, prune_stage_macs
 from vtprune.runtime.images import check_image_size
 from vtprune.runtime.pipeline import Generation
 from vtprune.runtime.report import peak_rss_mb
@@ -183,6 +183,6 @@ class OrtVlm:
         dims = self.adapter.text_dims()
         meta = self.manifest["graphs"]["vision"]["meta"]
         sizes = [meta["per_crop"], meta["hr_capacity"]] if "per_crop" in meta else [prefill["visual_total"]]
-        stage = gprune_macs(sizes, dims.hidden, self.cfg.iters) if self.cfg.prunes else 0
+        stage = prune_stage_macs(self.cfg, sizes, dims.hidden)
         n = int(prefill["embeds"].shape[1])
         return FlopsReport(prefill_macs(dims, prefill["prompt_len"]), prefill_macs(dims, n), stage)

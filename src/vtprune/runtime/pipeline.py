@@ -16,7 +16,7 @@ from torch import Tensor
 
 from vtprune.config import PruneConfig, SamplingConfig
 from vtprune.errors import InputError, InternalError
-from vtprune.flops import FlopsReport, gprune_macs, layerwise_prefill_macs, prefill_macs
+from vtprune.flops import FlopsReport, layerwise_prefill_macs, prefill_macs, prune_stage_macs
 from vtprune.models.base import VlmAdapter
 from vtprune.prune import VisualLayout, select_visual
 from vtprune.prune.select import gather_positions, gather_tokens
@@ -227,7 +227,7 @@ class PrunedVlm:
             pruned = layerwise_prefill_macs(dims, trace.rows, trace.kv_rows)
             return FlopsReport(prefill_macs(dims, prefill.prompt_len), pruned, trace.selector_macs)
         sizes = [int(g.numel()) for g in prefill.layout.groups]
-        stage = gprune_macs(sizes, prefill.embeds.shape[-1], self.cfg.iters) if self.cfg.prunes else 0
+        stage = prune_stage_macs(self.cfg, sizes, prefill.embeds.shape[-1])
         return FlopsReport(prefill_macs(dims, prefill.prompt_len), prefill_macs(dims, prefill.seq_keep.shape[1]), stage)
 
 
