@@ -70,6 +70,12 @@ def test_padding_only_fills_a_budget_larger_than_the_valid_tokens(method: str):
 
 
 @pytest.mark.parametrize("method", PRE_LLM_METHODS)
+def test_a_group_with_no_budget_keeps_nothing(method: str):
+    x, valid = _padded_batch()
+    assert SELECTORS[method](x, valid, 0, PruneConfig(method=method, keep=1)).shape == (3, 0)
+
+
+@pytest.mark.parametrize("method", PRE_LLM_METHODS)
 def test_batch_rows_are_independent(method: str):
     x, valid = _padded_batch()
     cfg = PruneConfig(method=method, keep=4)

@@ -136,6 +136,8 @@ def uniform_scores(valid: Tensor, k: int) -> Tensor:
     Returns:
         (B, N) fp32: 1 for chosen tokens, 0 for other valid ones, ``pad_scores`` for invalid slots.
     """
+    if k == 0:  # a group whose share of an integer budget rounds to nothing
+        return torch.where(valid, 0.0, pad_scores(valid))
     rank = valid_rank(valid)  # (B, N)
     n = valid.long().sum(dim=-1, keepdim=True)  # (B, 1) valid tokens
     side = _isqrt(n).clamp_min(1)
@@ -212,6 +214,8 @@ def divprune_scores(x: Tensor, valid: Tensor, k: int) -> Tensor:
     Returns:
         (B, N) fp32; its top-k is ``divprune_order``'s set.
     """
+    if k == 0:  # a group whose share of an integer budget rounds to nothing
+        return torch.zeros(valid.shape, device=x.device)
     order = divprune_order(x, valid, k)  # (B, k)
     steps = torch.arange(k, 0, -1, device=x.device, dtype=torch.float32).expand(order.shape)
     return torch.zeros(valid.shape, device=x.device).scatter(1, order, steps)
