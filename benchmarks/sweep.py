@@ -99,6 +99,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"[{result['unpruned']['ci95'][0]:.2f}, {result['unpruned']['ci95'][1]:.2f}], "
         f"TTFT {result['unpruned']['ttft_ms_median']:.0f} ms.",
         "",
+        *([] if result.get("complete", True) else ["**Partial run**: the sweep stopped before every cell ran.", ""]),
         "| method | kept | accuracy | 95% CI | retained | prefill GFLOPs | net FLOPs saved | TTFT ms | prefill ms |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -147,15 +148,39 @@ def plots(result: dict[str, Any], out: Path) -> list[str]:
     return written
 
 
+def write(args: argparse.Namespace, budgets: list[int], unpruned: dict[str, Any], cells: list[dict[str, Any]],
+          start: float, complete: bool) -> None:
+    """Write sweep.json (first, so a run is never lost) and sweep.md after every cell."""
+    result = {
+        "schema": "vtprune.sweep/1", "complete": complete,
+        "settings": {"model": "pocket", "split": "test", "limit": args.limit, "seed": args.seed, "budgets": budgets,
+                     "backend": "torch-cpu"},
+        "environment": environment(), "unpruned": unpruned, "cells": cells, "wall_s": time.perf_counter() - start,
+        "summary": {"median_ttft_ms_unpruned": unpruned["ttft_ms_median"],
+                    "retained": {f"{c['variant']}:{c['keep']}": c["accuracy"] / unpruned["accuracy"] for c in cells}},
+    }  # fmt: skip
+    (args.out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "sweep.md").write_text(markdown(result))
+
+
+def _load(out: Path) -> dict[str, Any]:
+    return json.loads((out / "sweep.json").read_text())
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budgets", default="128,64,32,16")
+    p.add_argument("--budgets", default="64,32,128,16")
     p.add_argument("--methods", default="all", help="comma-separated variants (default: all)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/pocket/sweep"))
     p.add_argument("--only", help="re-run one cell METHOD:K and compare with the committed sweep.json")
+    p.add_argument("--render", action="store_true", help="only rewrite sweep.md and the plots from sweep.json")
     args = p.parse_args()
+    if args.render:
+        (args.out / "sweep.md").write_text(markdown(_load(args.out)))
+        print(", ".join(plots(_load(args.out), args.out)), file=sys.stderr)
+        return 0
     questions = subsample(load_questions("test"), args.limit, args.seed)
     adapter = load_vlm("pocket")
     if args.only:
@@ -172,23 +197,14 @@ def main() -> int:
     start = time.perf_counter()
     unpruned = run_cell(adapter, "none", None, questions)
     print(f"unpruned: {unpruned['accuracy']:.3f}", file=sys.stderr, flush=True)
-    cells = []
-    for name in names:
-        for keep in budgets:
+    args.out.mkdir(parents=True, exist_ok=True)
+    cells: list[dict[str, Any]] = []
+    for keep in budgets:  # budget-major: a run cut short still holds every method at the first budgets
+        for name in names:
             cells.append(run_cell(adapter, name, keep, questions))
             print(f"{name}:{keep}: {cells[-1]['accuracy']:.3f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-    result = {
-        "schema": "vtprune.sweep/1", "settings": {"model": "pocket", "split": "test", "limit": args.limit,
-                                                  "seed": args.seed, "budgets": budgets, "backend": "torch-cpu"},
-        "environment": environment(), "unpruned": unpruned, "cells": cells,
-        "wall_s": time.perf_counter() - start,
-        "summary": {"median_ttft_ms_unpruned": unpruned["ttft_ms_median"],
-                    "retained": {f"{c['variant']}:{c['keep']}": c["accuracy"] / unpruned["accuracy"] for c in cells}},
-    }  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")  # first: a run is never lost
-    (args.out / "sweep.md").write_text(markdown(result))
-    print(f"wrote {args.out}/sweep.json, sweep.md, " + ", ".join(plots(result, args.out)), file=sys.stderr)
+            write(args, budgets, unpruned, cells, start, complete=len(cells) == len(names) * len(budgets))
+    print(f"wrote {args.out}/sweep.json, sweep.md, " + ", ".join(plots(_load(args.out), args.out)), file=sys.stderr)
     return 0
 
 

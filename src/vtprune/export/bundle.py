@@ -153,6 +153,11 @@ def export_bundle(
 
     log = log or (lambda msg: None)
     out = Path(out)
+    if prune.in_llm:
+        raise ConfigError(
+            f"--method {prune.method} selects tokens inside the decoder, which the exported decoder graph does not "
+            "do yet; run it in PyTorch (vtprune run --model / vtprune eval) or export a pre-LLM method"
+        )
     prepare_target(out, export.force)
     log(f"loading {model}")
     adapter = load_vlm(model, cache_dir=cache_dir)
