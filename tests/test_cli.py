@@ -170,7 +170,7 @@ CASES: dict[str, Case] = {
     "theta-out-of-range": lambda t, d, p: (_model("tiny-llava", p, "--keep", "16", "--theta", "2"), ("theta",)),
     "tau-zero": lambda t, d, p: (_model("tiny-llava", p, "--keep", "16", "--tau", "0"), ("tau",)),
     "iters-negative": lambda t, d, p: (_model("tiny-llava", p, "--keep", "16", "--iters", "-1"), ("iters",)),
-    "method-unknown": lambda t, d, p: (_model("tiny-llava", p, "--method", "random"), ("--method", "'random'")),
+    "method-unknown": lambda t, d, p: (_model("tiny-llava", p, "--method", "lottery"), ("--method", "'lottery'")),
     # prompt and decoding
     "raw-prompt-no-slot-llava": lambda t, d, p: (
         _model("tiny-llava", p, "--raw-prompt", prompt="USER: what color ? ASSISTANT:"), ("'<image>'", "found 0")),
