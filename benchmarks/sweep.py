@@ -82,7 +82,8 @@ def run_cell(adapter: Any, name: str, keep: int | None, questions: list) -> dict
         "accuracy": r["accuracy"], "ci95": [lo, hi], "by_type": r["by_type"], "unparsed": r["unparsed"],
         "tokens": r["tokens"], "flops": r["flops"], "stage_ms_median": stages,
         "ttft_ms_median": sum(v for k, v in stages.items() if k != "decode"),
-        "per_question_ms_median": r["time"]["per_question_ms_median"], "kept_digest": kept_digest(adapter, cfg, questions),
+        "per_question_ms_median": r["time"]["per_question_ms_median"],
+        "kept_digest": kept_digest(adapter, cfg, questions),
     }  # fmt: skip
 
 
@@ -107,7 +108,8 @@ def markdown(result: dict[str, Any]) -> str:
         f = c["flops"]
         lines.append(
             f"| {c['variant']} | {c['keep']} | {c['accuracy']:.2f} | {c['ci95'][0]:.2f}–{c['ci95'][1]:.2f} | "
-            f"{100 * c['accuracy'] / base:.0f}% | {f['prefill_gflops_pruned']:.2f} | {100 * f['saved_fraction']:.0f}% | "
+            f"{100 * c['accuracy'] / base:.0f}% | {f['prefill_gflops_pruned']:.2f} | "
+            f"{100 * f['saved_fraction']:.0f}% | "
             f"{c['ttft_ms_median']:.0f} | {c['stage_ms_median'].get('prefill', float('nan')):.0f} |"
         )
     lines += ["", "In-LLM methods (fastv, dart, alvts) keep `kept` visual tokens from their selection layer on "
@@ -202,7 +204,8 @@ def main() -> int:
     for keep in budgets:  # budget-major: a run cut short still holds every method at the first budgets
         for name in names:
             cells.append(run_cell(adapter, name, keep, questions))
-            print(f"{name}:{keep}: {cells[-1]['accuracy']:.3f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+            elapsed = time.perf_counter() - start
+            print(f"{name}:{keep}: {cells[-1]['accuracy']:.3f} ({elapsed:.0f} s)", file=sys.stderr, flush=True)
             write(args, budgets, unpruned, cells, start, complete=len(cells) == len(names) * len(budgets))
     print(f"wrote {args.out}/sweep.json, sweep.md, " + ", ".join(plots(_load(args.out), args.out)), file=sys.stderr)
     return 0

@@ -70,7 +70,8 @@ def test_calib_alvts_end_to_end(cache_dir: Path, tmp_path: Path, scene, capsys) 
     png = tmp_path / "q.png"
     scene.save(png)
     rc = run_main(["run", "--model", "tiny-llava", "--cache-dir", str(cache_dir), "--image", str(png), "--prompt",
-                   "what ?", "--method", "alvts", "--keep", "4", "--layer", "1", "--factors", str(out), "--json"])  # fmt: skip
+                   "what ?", "--method", "alvts", "--keep", "4", "--layer", "1", "--factors", str(out),
+                   "--json"])  # fmt: skip
     assert rc == 0 and json.loads(capsys.readouterr()[0])["layer_visual_tokens"] == [64, 4]
     assert_user_error(run_main(["calib", "alvts", "--model", "tiny-llava", "--cache-dir", str(cache_dir), "--data",
                                 str(tmp_path / "nope"), "--out", str(tmp_path / "f2")]), *capsys.readouterr(),

@@ -14,12 +14,20 @@ from typing import Any, NoReturn
 from vtprune import __version__
 from vtprune.bench.cli import BENCH_COMMANDS
 from vtprune.bench.cli import add_commands as add_bench_commands
+from vtprune.calib.cli import add_calib_command, cmd_calib
 from vtprune.config import (
-    BUDGET_MODES, DEGREE_MODES, METHODS, POSITION_MODES, QUERY_SETS, SELECTOR_KINDS, SKIP_MODES, PruneConfig, SamplingConfig,
+    BUDGET_MODES,
+    DEGREE_MODES,
+    METHODS,
+    POSITION_MODES,
+    QUERY_SETS,
+    SELECTOR_KINDS,
+    SKIP_MODES,
+    PruneConfig,
+    SamplingConfig,
     parse_keep,
 )
 from vtprune.errors import VtpruneError
-from vtprune.calib.cli import add_calib_command, cmd_calib
 from vtprune.eval.cli import add_eval_command, cmd_eval
 
 EXIT_USER_ERROR = 2

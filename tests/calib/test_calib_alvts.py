@@ -57,7 +57,6 @@ def test_calibrated_factors_drive_generation(calibrated, scene):
 
 
 def test_tampered_or_foreign_factors_are_refused(calibrated, tmp_path, tiny_dirs):
-    from vtprune.models import load_vlm
 
     adapter, selectors, card, out = calibrated
     (out / "factors.safetensors").write_bytes((out / "factors.safetensors").read_bytes()[:-4] + b"oops")

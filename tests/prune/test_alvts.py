@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 
 from vtprune.prune.alvts import (
-    LayerSelector, data_free_selector, factor_svd, factor_whitened, logit_scale, qk_bilinear, recall_at_k,
+    LayerSelector,
+    data_free_selector,
+    factor_svd,
+    factor_whitened,
+    logit_scale,
+    qk_bilinear,
+    recall_at_k,
     select_visual_rows,
 )  # fmt: skip
 from vtprune.prune.attention import QkWeights

@@ -32,7 +32,12 @@ from vtprune.errors import CheckpointError, ConfigError, InputError
 from vtprune.files import read_json
 from vtprune.flops import layer_macs
 from vtprune.prune.alvts import (
-    LayerSelector, data_free_selector, factor_whitened, logit_scale, qk_bilinear, qk_product,
+    LayerSelector,
+    data_free_selector,
+    factor_whitened,
+    logit_scale,
+    qk_bilinear,
+    qk_product,
 )
 from vtprune.prune.alvts import recall_at_k as _recall
 from vtprune.prune.attention import QkWeights, attention_rows
@@ -65,7 +70,8 @@ def calibration_pairs(data: str, n: int, seed: int) -> list[tuple[Any, str]]:
     if data == "easy-vqa":
         from vtprune.eval.data import load_questions, subsample
 
-        return [(Image.open(q.image_path).convert("RGB"), q.question) for q in subsample(load_questions("train"), n, seed)]
+        picked = subsample(load_questions("train"), n, seed)
+        return [(Image.open(q.image_path).convert("RGB"), q.question) for q in picked]
     root = Path(data)
     if not root.is_dir():
         raise InputError(f"--data {data!r} is neither 'easy-vqa' nor a directory of images")
@@ -80,7 +86,8 @@ def calibration_pairs(data: str, n: int, seed: int) -> list[tuple[Any, str]]:
 def _layer_inputs(adapter: Any, embeds: Tensor, positions: Tensor) -> list[Tensor]:
     """Every layer's input hidden states (1, L, D) from one unpruned prefill."""
     captured: list[Tensor] = []
-    hooks = [layer.register_forward_pre_hook(lambda m, args: captured.append(args[0])) for layer in adapter.decoder.layers]
+    layers = adapter.decoder.layers
+    hooks = [layer.register_forward_pre_hook(lambda m, args: captured.append(args[0])) for layer in layers]
     try:
         mask = torch.ones(1, embeds.shape[1], dtype=torch.long)
         adapter.decoder(inputs_embeds=embeds, position_ids=positions, attention_mask=mask, use_cache=False)
@@ -100,8 +107,9 @@ def exact_importance(layer: torch.nn.Module, w: QkWeights, x: Tensor, rope: tupl
 
 
 @torch.inference_mode()
-def calibrate(adapter: Any, pairs: Sequence[tuple[Any, str]], cfg: CalibConfig,
-              progress: Callable[[Iterable], Iterable] = iter) -> tuple[dict[int, LayerSelector], dict[str, Any]]:  # fmt: skip
+def calibrate(
+    adapter: Any, pairs: Sequence[tuple[Any, str]], cfg: CalibConfig, progress: Callable[[Iterable], Iterable] = iter
+) -> tuple[dict[int, LayerSelector], dict[str, Any]]:
     """Fit a selector per layer; returns the selectors and the card (JSON-ready)."""
     from vtprune.runtime.pipeline import PrunedVlm
 
@@ -114,11 +122,12 @@ def calibrate(adapter: Any, pairs: Sequence[tuple[Any, str]], cfg: CalibConfig,
                          torch.zeros(dims.hidden, dims.hidden, dtype=torch.float64)) for _ in layers]  # fmt: skip
     held: list[list[_Heldout]] = [[] for _ in layers]
     pipe = PrunedVlm(adapter, PruneConfig())
-    n_text, n_visual = [], []
+    n_text, n_visual, n_query = [], [], []
     for i, (image, question) in enumerate(progress(pairs)):
         prefill = pipe.build_prefill(pipe.inputs(image, question))
         query, visual = prefill.query_rows(cfg.query), prefill.visual_rows
         n_visual.append(visual.numel())
+        n_query.append(query.numel())
         n_text.append(prefill.embeds.shape[1] - visual.numel())
         rope = adapter.decoder.rotary_emb(prefill.embeds, prefill.position_ids)
         for li, h in enumerate(_layer_inputs(adapter, prefill.embeds, prefill.position_ids)):
@@ -147,7 +156,7 @@ def calibrate(adapter: Any, pairs: Sequence[tuple[Any, str]], cfg: CalibConfig,
         free = _mean_recall(data_free_selector(w, rank), held[li], k_eff)
         rows.append({"layer": li, "rank": rank, "recall": recalls[rank], "recall_data_free": free,
                      "recall_by_rank": {str(r): v for r, v in recalls.items()},
-                     "selector_macs": selectors[li].macs(1 if cfg.query == "last" else 16, round(sum(n_visual) / len(n_visual))),
+                     "selector_macs": selectors[li].macs(_mean(n_query), _mean(n_visual)),
                      "layer_macs": layer_macs(dims, n_mean)})  # fmt: skip
     card = {
         "kind": "calibrated", "settings": asdict(cfg), "k_measured": k_eff,
@@ -158,6 +167,10 @@ def calibrate(adapter: Any, pairs: Sequence[tuple[Any, str]], cfg: CalibConfig,
         "layers": rows,
     }  # fmt: skip
     return selectors, card
+
+
+def _mean(values: Sequence[int]) -> int:
+    return round(sum(values) / len(values))
 
 
 def _mean_recall(sel: LayerSelector, held: Sequence[_Heldout], k: int) -> float:
@@ -204,8 +217,10 @@ def load_factors(path: str | Path, adapter: Any) -> dict[int, LayerSelector]:
     dims = adapter.text_dims()
     model = card.get("model", {})
     if (model.get("hidden"), model.get("layers")) != (dims.hidden, dims.layers):
-        raise ConfigError(f"--factors {root} were calibrated for hidden={model.get('hidden')} layers="
-                          f"{model.get('layers')}, this model has hidden={dims.hidden} layers={dims.layers}")  # fmt: skip
+        raise ConfigError(
+            f"--factors {root} were calibrated for hidden={model.get('hidden')} layers={model.get('layers')}, "
+            f"this model has hidden={dims.hidden} layers={dims.layers}"
+        )
     tensors = load_file(str(root / FACTORS_FILE))
     return {int(li): LayerSelector(tensors[f"layer{li}.a"], tensors[f"layer{li}.b"], tensors[f"layer{li}.u"], scale)
             for li, scale in card["scales"].items()}  # fmt: skip
@@ -216,7 +231,8 @@ def format_card(card: dict[str, Any]) -> str:
     lines = [f"layer  rank  recall@{card['k_measured']}  data-free  selector/layer MACs"]
     for r in card["layers"]:
         share = 100 * r["selector_macs"] / r["layer_macs"]
-        lines.append(f"{r['layer']:>5}  {r['rank']:>4}  {r['recall']:>9.3f}  {r['recall_data_free']:>9.3f}  {share:>10.2f}%")
+        recall, free = r["recall"], r["recall_data_free"]
+        lines.append(f"{r['layer']:>5}  {r['rank']:>4}  {recall:>9.3f}  {free:>9.3f}  {share:>10.2f}%")
     lines.append(f"mean recall: calibrated {card['mean_recall']:.3f}, data-free {card['mean_recall_data_free']:.3f} "
                  f"({card['pairs']['fit']} fit / {card['pairs']['heldout']} held-out pairs)")  # fmt: skip
     return "\n".join(lines)

@@ -23,7 +23,8 @@ def add_calib_command(subparsers: Any) -> argparse.ArgumentParser:
     a.add_argument("--data", default="easy-vqa", help="easy-vqa (train split) or a DIR of images "
                    "[+ questions.json: file name -> question] (default: easy-vqa)")  # fmt: skip
     a.add_argument("--n", type=int, default=d.n, help="calibration pairs (default: %(default)s)")
-    a.add_argument("--heldout", type=float, default=d.heldout, help="fraction held out to pick ranks (default: %(default)s)")
+    a.add_argument("--heldout", type=float, default=d.heldout, help="fraction held out to pick ranks "
+                   "(default: %(default)s)")  # fmt: skip
     a.add_argument("--keep", type=int, default=d.k, help="budget k that recall@k is measured at (default: %(default)s)")
     a.add_argument("--query", choices=QUERY_SETS, default=d.query, help="query set (default: %(default)s)")
     a.add_argument("--gamma", type=float, default=d.gamma, help="recall@k target per layer (default: %(default)s)")

@@ -23,6 +23,7 @@ from torch import Tensor
 from vtprune.prune.attention import QkWeights
 from vtprune.prune.select import keep_topk
 
+
 @dataclass(frozen=True)
 class LayerSelector:
     """One layer's selector: ``a``, ``b`` (d, r) factors, ``u`` (d,) key-bias term, logit ``scale``."""

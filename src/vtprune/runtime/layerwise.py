@@ -217,7 +217,9 @@ class LayerwiseDecoder:
         return layer(h, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
 
     @torch.inference_mode()
-    def prefill(self, embeds: Tensor, positions: Tensor, visual: Tensor, query: Tensor, cache: Any) -> tuple[Tensor, Trace]:
+    def prefill(
+        self, embeds: Tensor, positions: Tensor, visual: Tensor, query: Tensor, cache: Any
+    ) -> tuple[Tensor, Trace]:
         """Prefill over the whole prompt (batch 1).
 
         Args:
