@@ -134,6 +134,9 @@ def test_alvts_generation_report(tiny_adapter, scene):
     assert g.layer_visual_tokens[0] == g.visual_tokens_total and g.layer_visual_tokens[1:] == [2] * (layers - 1)
     assert g.visual_tokens_kept == 2 and g.prefill_tokens == g.prompt_tokens
     assert 0 < g.flops.prefill_macs_pruned < g.flops.prefill_macs_unpruned and g.flops.prune_stage_macs > 0
+    dims = tiny_adapter.text_dims()
+    assert len(g.layer_macs) == layers and g.layer_macs[0] > g.layer_macs[1]
+    assert sum(g.layer_macs) + dims.hidden * dims.vocab == g.flops.prefill_macs_pruned + g.flops.prune_stage_macs
     assert len(g.token_ids) >= 1
 
 

@@ -65,6 +65,13 @@ def format_summary(r: dict[str, Any]) -> str:
         f"unpruned (net saved {100 * f['saved_fraction']:.1f}%)",
         f"wall time: {t['wall_s']:.1f} s ({t['per_question_ms_mean']:.0f} ms per question)",
     ]
+    if "layer_visual_tokens" in tok:  # in-LLM methods
+        runs, counts = [], [round(v) for v in tok["layer_visual_tokens"]]
+        for c in counts:
+            runs = runs[:-1] + [(c, runs[-1][1] + 1)] if runs and runs[-1][0] == c else runs + [(c, 1)]
+        per_layer = ", ".join(f"{c} x{n}" for c, n in runs)
+        gf = f.get("layer_gflops", [])
+        lines.append(f"visual tokens per decoder layer: {per_layer}; layer GFLOPs {min(gf):.2f}..{max(gf):.2f}")
     if "warning" in r["model_info"]:
         lines.append(f"WARNING: {r['model_info']['warning']}")
     return "\n".join(lines)

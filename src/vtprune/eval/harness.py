@@ -137,25 +137,34 @@ def _advance(bar: Any, records: list[dict[str, Any]]) -> None:
 
 
 # --- aggregates ----------------------------------------------------------------------------------
-def token_stats(generations: Iterable[Any]) -> dict[str, float]:
+def token_stats(generations: Iterable[Any]) -> dict[str, Any]:
     """Mean token budget per question: visual tokens total/kept, prompt and prefill lengths."""
     gens = list(generations)
     keys = ("visual_tokens_total", "visual_tokens_kept", "prompt_tokens", "prefill_tokens")
-    return {k: statistics.fmean(getattr(g, k) for g in gens) if gens else 0.0 for k in keys}
+    out: dict[str, Any] = {k: statistics.fmean(getattr(g, k) for g in gens) if gens else 0.0 for k in keys}
+    if gens and gens[0].layer_visual_tokens is not None:  # in-LLM methods: per decoder layer
+        per_layer = zip(*(g.layer_visual_tokens for g in gens), strict=True)
+        out["layer_visual_tokens"] = [statistics.fmean(v) for v in per_layer]
+    return out
 
 
-def flops_stats(generations: Iterable[Any]) -> dict[str, float]:
+def flops_stats(generations: Iterable[Any]) -> dict[str, Any]:
     """Prefill FLOPs (2 x MACs) per question, mean, unpruned vs pruned, and the net share saved."""
+    generations = list(generations)
     reports = [g.flops for g in generations]
     if not reports:
         return {}
     unpruned = statistics.fmean(r.prefill_macs_unpruned for r in reports) * 2
     pruned = statistics.fmean(r.prefill_macs_pruned for r in reports) * 2
     stage = statistics.fmean(r.prune_stage_macs for r in reports) * 2
-    return {
+    out = {
         "prefill_gflops_unpruned": unpruned / 1e9, "prefill_gflops_pruned": pruned / 1e9,
         "prune_stage_gflops": stage / 1e9, "saved_fraction": 1.0 - (pruned + stage) / unpruned,
     }  # fmt: skip
+    layers = [g.layer_macs for g in generations if g.layer_macs is not None]
+    if layers:  # in-LLM methods: mean GFLOPs of each decoder layer (selector included)
+        out["layer_gflops"] = [2 * statistics.fmean(v) / 1e9 for v in zip(*layers, strict=True)]
+    return out
 
 
 def time_stats(generations: Iterable[Any], wall_s: float) -> dict[str, Any]:

@@ -50,6 +50,12 @@ class Trace:
     visual: list[int] = field(default_factory=list)
     selected: dict[int, Tensor] = field(default_factory=dict)  # layer -> kept visual token ids (0..N_v-1)
     selector_macs: int = 0
+    layer_selector_macs: dict[int, int] = field(default_factory=dict)
+
+    def layer_macs(self, dims: TextDims) -> list[int]:
+        """Prefill MACs of each layer: its rows (and key/value rows) plus its selector."""
+        return [layer_macs(dims, n, m) + self.layer_selector_macs.get(i, 0)
+                for i, (n, m) in enumerate(zip(self.rows, self.kv_rows, strict=True))]  # fmt: skip
 
 
 class Router(ABC):
@@ -110,7 +116,9 @@ class AlvtsRouter(Router):
             scores = sel.scores(x[ctx.query], x[ctx.visual])
         keep = select_visual_rows(scores, k)  # into the visual rows
         trace.selected[index] = keep
-        trace.selector_macs += sel.macs(ctx.query.numel(), n_v)
+        cost = sel.macs(ctx.query.numel(), n_v)
+        trace.selector_macs += cost
+        trace.layer_selector_macs[index] = cost
         return _with_text(ctx, ctx.visual[keep])
 
 

@@ -63,6 +63,7 @@ class Generation:
     timings_ms: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: float = 0.0
     layer_visual_tokens: list[int] | None = None  # in-LLM methods: visual tokens each decoder layer processed
+    layer_macs: list[int] | None = None  # in-LLM methods: prefill MACs of each decoder layer (selector included)
 
     @property
     def ttft_ms(self) -> float:
@@ -212,6 +213,7 @@ class PrunedVlm:
             prompt_tokens=prefill.prompt_len, prefill_tokens=int(prefill.seq_keep.shape[1]),
             flops=self.flops(prefill), timings_ms=dict(timer.ms), peak_rss_mb=peak_rss_mb(),
             layer_visual_tokens=list(self.last_trace.visual) if self.cfg.in_llm else None,
+            layer_macs=self.last_trace.layer_macs(self.adapter.text_dims()) if self.cfg.in_llm else None,
         )  # fmt: skip
 
     def visual_kept(self, prefill: Prefill) -> int:
