@@ -196,3 +196,29 @@ def test_alvts_router_trace_names_image_token_ids(tiny_adapter, scene):
     for layer, ids in trace.selected.items():
         assert ids.numel() == 3 and int(ids.max()) < prefill.visual_rows.numel()
         assert torch.equal(prefill.visual_rows[ids], rec.rows[layer][torch.isin(rec.rows[layer], prefill.visual_rows)])
+
+
+class _Fixed(Router):
+    """The same rows at every layer: equivalent to pruning before the LLM."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def plan(self, index, layer, ctx, trace):
+        return self.rows
+
+
+def test_subset_rows_equal_transformers_on_the_gathered_sequence(tiny_adapter, scene):
+    """Skipping the same visual rows in every layer equals transformers' forward on the pruned sequence
+    (original position ids): an independent check of the gather, RoPE and mask of the subset path."""
+    pipe, prefill = _prefill(tiny_adapter, scene, PruneConfig())
+    n, visual = prefill.embeds.shape[1], prefill.visual_rows
+    keep_visual = visual[torch.tensor([1, 4, 5, 9, visual.numel() - 1]) % visual.numel()].unique()
+    is_text = torch.ones(n, dtype=torch.bool)
+    is_text[visual] = False
+    rows = torch.cat([is_text.nonzero().squeeze(-1), keep_visual]).sort().values
+    ours, _ = LayerwiseDecoder(tiny_adapter, _Fixed(rows)).prefill(
+        prefill.embeds, prefill.position_ids, visual, torch.tensor([n - 1]), pipe.new_cache()
+    )
+    ref = pipe.decoder_step(prefill.embeds[:, rows], prefill.position_ids[..., rows], pipe.new_cache())
+    assert (ours[:, rows] - ref).abs().max().item() <= 1e-5
