@@ -257,6 +257,28 @@ def test_vtprune_ops_with_their_function_bodies_build(tmp_path: Path):
 
 
 @needs_trt
+def test_fp16_tokens_around_fp32_pruning_ops_build_strongly_typed(tmp_path: Path):
+    """An fp16 vision graph's pruning stage: fp16 tokens cast up for the vtprune ops, kept tokens cast back."""
+    from vtprune.export.ops import onnx_defs
+
+    nodes = [
+        oh.make_node("Cast", ["x"], ["xf"], to=TP.FLOAT),
+        oh.make_node("GraphPropagate", ["xf", "valid"], ["scores"], domain="vtprune", theta=0.5, tau=0.1, iters=3),
+        oh.make_node("TopKRoute", ["xf", "scores"], ["kept", "indices"], domain="vtprune", k=K),
+        oh.make_node("Cast", ["kept"], ["tokens"], to=TP.FLOAT16),
+    ]
+    inputs = [oh.make_tensor_value_info("x", TP.FLOAT16, ["batch", N, D]),
+              oh.make_tensor_value_info("valid", TP.BOOL, ["batch", N])]  # fmt: skip
+    outputs = [oh.make_tensor_value_info("tokens", TP.FLOAT16, ["batch", K, D]),
+               oh.make_tensor_value_info("indices", TP.INT64, ["batch", K])]  # fmt: skip
+    model = oh.make_model(oh.make_graph(nodes, "fp16_ops", inputs, outputs), opset_imports=[oh.make_opsetid("", OPSET)])
+    onnx.save(onnx_defs.attach_functions(model), tmp_path / "fp16_ops.onnx")
+    profiles = {**PROFILE, "valid": ((1, N), (2, N), (4, N))}
+    result = build_engine(tmp_path / "fp16_ops.onnx", profiles, precision="typed", target=TARGET)
+    assert result.engine_size > 0 and result.precision == "typed"
+
+
+@needs_trt
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 def test_torch_export_of_topk_sort_gather_builds(tmp_path: Path, dynamo: bool):
     torch = pytest.importorskip("torch")

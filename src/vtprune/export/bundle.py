@@ -39,8 +39,8 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if not 18 <= self.opset <= 23:
             raise ConfigError(f"--opset {self.opset}: vtprune exports opsets 18..23 (function bodies need >= 18)")
-        if self.dtype != "fp32":
-            raise ConfigError(f"--dtype {self.dtype}: only fp32 export is supported so far")
+        if self.dtype not in ("fp32", "fp16"):
+            raise ConfigError(f"--dtype {self.dtype}: bundles export fp32 or fp16; use --dtype fp16 for half precision")
 
 
 def sha256(path: Path) -> str:
@@ -176,6 +176,7 @@ def _write_bundle(adapter: Any, model: str, prune: PruneConfig, export: ExportCo
 
     from vtprune.demo import scene_image
     from vtprune.export.decoder import export_decoder, export_embed
+    from vtprune.export.precision import export_copy, fp32_parts
     from vtprune.export.validate import validate_bundle
     from vtprune.export.vision import export_vision
     from vtprune.runtime.pipeline import PrunedVlm
@@ -187,13 +188,15 @@ def _write_bundle(adapter: Any, model: str, prune: PruneConfig, export: ExportCo
         log(f"--keep {requested.keep} is a ratio; exported graphs need a static count: --keep {prune.keep}")
     manifest = new_manifest(adapter, model, prune, export) | {"keep_requested": requested.keep}
     donor = lm_donor(export, model) if export.reuse_lm_from else None
-    steps = [("vision", lambda p: export_vision(adapter, prune, sample, p, export.opset)),
-             ("embed", lambda p: donor["embed"](p) if donor else export_embed(adapter, p, export.opset)),
-             ("decoder", lambda p: donor["decoder"](p) if donor else export_decoder(adapter, p, export.opset)),
+    traced = export_copy(adapter, export.dtype)  # the fp32 ``adapter`` stays the validation reference
+    steps = [("vision", lambda p: export_vision(traced, prune, sample, p, export.opset)),
+             ("embed", lambda p: donor["embed"](p) if donor else export_embed(traced, p, export.opset)),
+             ("decoder", lambda p: donor["decoder"](p) if donor else export_decoder(traced, p, export.opset)),
              ]  # fmt: skip
     for i, (name, fn) in enumerate(steps, 1):
         start = time.perf_counter()
-        manifest["graphs"][name] = fn(tmp / f"{name}.onnx")
+        precision = {"dtype": export.dtype, "fp32_parts": fp32_parts(traced, name) if export.dtype != "fp32" else []}
+        manifest["graphs"][name] = fn(tmp / f"{name}.onnx") | precision
         log(f"[{i}/{len(steps) + 1}] {name}.onnx exported in {time.perf_counter() - start:.1f} s")
     save_processing_files(adapter, tmp / PROCESSOR_DIR)
     if export.inline:
@@ -212,9 +215,10 @@ def lm_donor(export: ExportConfig, model: str) -> dict[str, Any]:
     the pruning config), after checking that bundle's integrity and settings."""
     src = Path(export.reuse_lm_from)
     manifest = read_manifest(src)
-    if manifest["model"]["source"] != model or manifest["export"]["opset"] != export.opset:
-        raise BundleError(f"--reuse-lm-from {src} was exported from {manifest['model']['source']} at opset "
-                          f"{manifest['export']['opset']}, not {model} at opset {export.opset}")  # fmt: skip
+    had = (manifest["model"]["source"], manifest["export"]["opset"], manifest["export"].get("dtype", "fp32"))
+    if had != (model, export.opset, export.dtype):
+        raise BundleError(f"--reuse-lm-from {src} was exported from {had[0]} at opset {had[1]} in {had[2]}, "
+                          f"not {model} at opset {export.opset} in {export.dtype}")  # fmt: skip
     if manifest["tools"] != tool_versions():
         raise BundleError(f"--reuse-lm-from {src} was exported with other tool versions; re-export it")
 

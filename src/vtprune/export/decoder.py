@@ -78,7 +78,7 @@ class DecoderGraph(nn.Module):
             inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
             past_key_values=cache, use_cache=True,
         )  # fmt: skip
-        logits = self.lm_head(out.last_hidden_state[:, -1:])  # (B, 1, V): the next token only
+        logits = self.lm_head(out.last_hidden_state[:, -1:]).float()  # (B, 1, V) fp32: the next token only
         present = [t for layer in cache.layers[: self.num_layers] for t in (layer.keys, layer.values)]
         return (logits, *present)
 

@@ -1,8 +1,17 @@
-"""Parity between backends: the bundle in ONNX Runtime against the PyTorch reference.
+"""Parity between backends: the bundle in ONNX Runtime against the fp32 PyTorch reference.
 
-``compare_backends`` measures (identical prompt tokens and position ids; kept-index IoU; max abs diff and
-cosine similarity of the decoder's input embeddings and of the prefill logits; greedy-token agreement).
-``validate_bundle`` runs it on every export with strict fp32 tolerances; ``vtprune check`` reports it.
+``compare_backends`` measures (identical prompt tokens; kept visual indices and their IoU; position ids
+and decoder input embeddings of the prompt tokens both backends kept; max abs diff and cosine similarity
+of the embeddings and of the prefill logits; greedy-token agreement). ``validate_bundle`` runs it on every
+export; ``vtprune check`` reports it.
+
+What passes depends on the bundle's dtype (``thresholds``). fp32 bundles must match exactly where
+exactness is possible (kept indices, positions, greedy tokens) and within ``ATOL`` elsewhere. fp16
+bundles are compared with the same fp32 reference, so they are held to cosine similarities
+(``MIN_COSINE``) and the first greedy token (the agreement over all steps is reported), and may keep
+other visual tokens only where the reference scores tie at the cut (``TIE_RTOL``): on images with flat
+regions many tokens score alike, and fp16 rounding reorders them (pocket: IoU down to 0.71 with every
+swapped token within 0.1% of the cut), so an IoU floor would reject correct graphs.
 """
 
 from __future__ import annotations
@@ -16,8 +25,22 @@ import torch
 from vtprune.config import PruneConfig
 from vtprune.errors import AccuracyError
 
-ATOL = {"embeds": 1e-4, "logits": 1e-3}
+ATOL = {"embeds": 1e-4, "logits": 1e-3}  # fp32: max abs diff
+# fp16 vs the fp32 reference; measured figures are in the README (`vtprune export`).
+MIN_COSINE = {"embeds": 0.999, "logits": 0.99}
+# fp16: a visual token may replace a reference-kept one if its fp32 reference score is within this fraction
+# of its group's cut (the k-th score). Worst gap measured on pocket (11 images x K 32/64/128): 0.00096.
+TIE_RTOL = 0.01
 GREEDY_STEPS = 32
+
+
+def thresholds(dtype: str) -> dict[str, Any]:
+    """What a bundle of ``dtype`` must meet, as recorded in its manifest."""
+    if dtype == "fp32":
+        return {"kept": "identical", "embeds_atol": ATOL["embeds"], "logits_atol": ATOL["logits"],
+                "greedy": "all tokens"}  # fmt: skip
+    return {"kept": f"swaps only within {TIE_RTOL:g} of the reference cut score", "embeds_min_cosine":
+            MIN_COSINE["embeds"], "logits_min_cosine": MIN_COSINE["logits"], "greedy": "first token"}  # fmt: skip
 
 
 def compare_backends(adapter: Any, cfg: PruneConfig, bundle: Path, image: Any, prompt: str, steps: int) -> list:
@@ -27,34 +50,43 @@ def compare_backends(adapter: Any, cfg: PruneConfig, bundle: Path, image: Any, p
     from vtprune.runtime.timing import StageTimer
 
     ref, bun = PrunedVlm(adapter, cfg), OrtVlm(bundle, verify=False)
+    strict = bun.dtype == "fp32"
     image = bun._fit_image(image)
     ref_in, bun_in = ref.inputs(image, prompt), bun.inputs(image, prompt)
     ref_pre, bun_pre = ref.build_prefill(ref_in), bun.prefill_inputs(bun_in, StageTimer())
-    ref_keep = ref_pre.visual_keep[0].numpy()
+    ref_keep, bun_keep = ref_pre.visual_keep[0].numpy(), bun_pre["keep_idx"]
+    same = _same_tokens(ref_pre.seq_keep[0].numpy(), bun_pre["seq_keep"])  # (n,) or None
     rows = [_exact("prompt token ids", ref_in["input_ids"].numpy(), bun_in["input_ids"].numpy()),
-            _exact("kept visual indices", ref_keep, bun_pre["keep_idx"]) | {"iou": iou(ref_keep, bun_pre["keep_idx"])},
-            _exact("position ids", ref_pre.position_ids.numpy(), bun_pre["positions"])]  # fmt: skip
+            _exact("kept visual indices", ref_keep, bun_keep) | {"iou": iou(ref_keep, bun_keep)},
+            _positions(ref_pre.position_ids.numpy(), bun_pre["positions"], same)]  # fmt: skip
+    if not strict and not rows[1]["ok"] and ref_keep.shape == bun_keep.shape:
+        rows[1] |= _tie_swaps(adapter, cfg, ref_in, ref_keep, bun_keep)
     if not all(r["ok"] for r in rows):
         return rows
-    rows.append(_close("decoder input embeds", ref_pre.embeds.numpy(), bun_pre["embeds"], ATOL["embeds"]))
+    rows.append(_close("decoder input embeds", ref_pre.embeds.numpy()[:, same], bun_pre["embeds"][:, same],
+                       "embeds", strict) | {"rows": int(same.sum())})  # fmt: skip
     ref_logits = ref.prompt_logits(ref_pre)[:, -1].numpy()
     bun_logits, _ = bun.decoder_step(bun_pre["embeds"], bun_pre["positions"], bun._empty_past())
-    rows.append(_close("prefill logits", ref_logits, bun_logits, ATOL["logits"]))
+    rows.append(_close("prefill logits", ref_logits, bun_logits, "logits", strict))
     with torch.inference_mode():
         ref_tokens = ref.decode(ref_pre, steps, eos=set())
     bun_tokens = bun.decode(bun_pre, steps, StageTimer(), eos=set())
-    rows.append(_exact(f"greedy tokens ({steps} steps)", np.array(ref_tokens), np.array(bun_tokens))
-                | {"agreement": float(np.mean(np.array(ref_tokens) == np.array(bun_tokens)))})  # fmt: skip
+    rows.append(_greedy(f"greedy tokens ({steps} steps)", np.array(ref_tokens), np.array(bun_tokens), strict))
     return rows
 
 
 def validate_bundle(adapter: Any, cfg: PruneConfig, bundle: Path, image: Any, prompt: str) -> dict[str, Any]:
-    """Strict fp32 check run on every export; raises ``AccuracyError`` with the table on any failure."""
+    """The check run on every export (dtype-aware, see ``thresholds``); raises ``AccuracyError`` with
+    the table on any failure."""
+    from vtprune.export.bundle import read_manifest
+
+    dtype = read_manifest(bundle, verify=False)["export"]["dtype"]
     rows = compare_backends(adapter, cfg, bundle, image, prompt, GREEDY_STEPS)
     if not all(r["ok"] for r in rows):
         failed = ", ".join(r["check"] for r in rows if not r["ok"])
-        raise AccuracyError(f"exported bundle disagrees with PyTorch on: {failed}; no bundle was written", rows)
-    return {"image_size": list(image.size), "prompt": prompt, "checks": rows}
+        raise AccuracyError(f"exported {dtype} bundle disagrees with PyTorch on: {failed}; no bundle was written", rows)
+    return {"image_size": list(image.size), "prompt": prompt, "dtype": dtype, "thresholds": thresholds(dtype),
+            "checks": rows}  # fmt: skip
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -74,8 +106,60 @@ def _exact(name: str, a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
     return {"check": name, "ok": ok, "mismatches": None if a.shape != b.shape else int((a != b).sum())}
 
 
-def _close(name: str, a: np.ndarray, b: np.ndarray, atol: float) -> dict[str, Any]:
+def _same_tokens(ref_seq: np.ndarray, got_seq: np.ndarray) -> np.ndarray | None:
+    """(n,) True where both backends' prefill holds the same prompt token (indices into the unpruned
+    prompt); all True when the kept sets agree, None when the lengths differ."""
+    return ref_seq == got_seq if ref_seq.shape == got_seq.shape else None
+
+
+def _positions(ref: np.ndarray, got: np.ndarray, same: np.ndarray | None) -> dict[str, Any]:
+    """Position ids (..., n) must be identical at every column holding the same prompt token."""
+    if same is None or ref.shape != got.shape:
+        return {"check": "position ids", "ok": False, "mismatches": None, "compared": 0}
+    bad = int((ref[..., same] != got[..., same]).sum())
+    return {"check": "position ids", "ok": bad == 0, "mismatches": bad, "compared": int(same.sum())}
+
+
+def _tie_swaps(adapter: Any, cfg: PruneConfig, inputs: dict, ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
+    """Judge kept-set differences against the fp32 reference scores: ok when every token kept in place of a
+    reference-kept one scores within ``TIE_RTOL`` of its group's cut."""
+    swapped_in = np.setdiff1d(got, ref)
+    gaps = reference_cut_gaps(adapter, cfg, inputs)[swapped_in]
+    worst = float(gaps.max()) if gaps.size else 0.0
+    return {"ok": worst <= TIE_RTOL, "swapped": int(swapped_in.size), "max_cut_gap": worst, "tie_rtol": TIE_RTOL}
+
+
+@torch.inference_mode()
+def reference_cut_gaps(adapter: Any, cfg: PruneConfig, inputs: dict[str, torch.Tensor]) -> np.ndarray:
+    """(N_v,) how far each visual token's fp32 score lies below its group's cut, relative to the cut
+    (<= 0 for tokens the reference keeps; 0 for tokens kept unconditionally)."""
+    from vtprune.prune import SELECTORS
+
+    visual = adapter.encode_image(inputs)
+    layout, gaps = visual.layout, np.zeros(visual.layout.num_tokens)
+    for idx, k in zip(layout.groups, layout.budgets(cfg.keep), strict=True):
+        feats = visual.embeds[:, idx].float()  # (1, N_g, D)
+        scores = SELECTORS[cfg.method].scores(feats, torch.ones(feats.shape[:2], dtype=torch.bool), k, cfg)[0]
+        cut = scores.double().topk(k).values[-1]  # (N_g,) scores, the k-th largest is the cut
+        gaps[idx.numpy()] = ((cut - scores.double()) / cut.abs().clamp_min(1e-30)).numpy()
+    return gaps
+
+
+def _close(name: str, a: np.ndarray, b: np.ndarray, key: str, strict: bool) -> dict[str, Any]:
+    """Max abs diff within ``ATOL[key]`` (strict) or cosine similarity at least ``MIN_COSINE[key]``."""
+    bounds = {"atol": ATOL[key], "min_cosine": None} if strict else {"atol": None, "min_cosine": MIN_COSINE[key]}
     if a.shape != b.shape:
-        return {"check": name, "ok": False, "max_abs_diff": float("inf"), "cosine": None, "atol": atol}
-    diff = float(np.abs(a - b).max())
-    return {"check": name, "ok": diff <= atol, "max_abs_diff": diff, "cosine": cosine(a, b), "atol": atol}
+        return {"check": name, "ok": False, "max_abs_diff": float("inf"), "cosine": None} | bounds
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    diff, cos = float(np.abs(a - b).max()), cosine(a, b)
+    ok = diff <= ATOL[key] if strict else cos >= MIN_COSINE[key]
+    return {"check": name, "ok": ok, "max_abs_diff": diff, "cosine": cos} | bounds
+
+
+def _greedy(name: str, ref: np.ndarray, got: np.ndarray, strict: bool) -> dict[str, Any]:
+    """Greedy tokens: all identical (strict) or the first; ``agree_prefix`` counts leading agreements."""
+    n = min(ref.size, got.size)
+    same = ref[:n] == got[:n]
+    prefix = int(n if same.all() else np.argmin(same))
+    row = _exact(name, ref, got) | {"agreement": float(same.mean()) if n else 0.0, "agree_prefix": prefix}
+    return row if strict else row | {"ok": bool(n and same[0])}

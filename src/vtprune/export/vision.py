@@ -34,10 +34,14 @@ GRAPH_SCORES: dict[str, ScoreFn] = {
 def prune_tokens(x: Tensor, valid: Tensor, cfg: PruneConfig, k: int) -> tuple[Tensor, Tensor]:
     """One group's pre-LLM pruning inside an exported graph: (B, N, D), (B, N) -> (B, k, D), (B, k) ascending.
 
-    The method's budget-aware scores feed ``vtprune::TopKRoute``, which keeps, sorts and gathers.
+    The method's budget-aware scores feed ``vtprune::TopKRoute``, which keeps, sorts and gathers. The
+    stage is specified in fp32: lower-precision tokens are cast up before both ops (so their function
+    bodies see fp32) and the kept tokens cast back, which is exact.
     """
-    scores = GRAPH_SCORES.get(cfg.method, SELECTORS[cfg.method].scores)(x, valid, k, cfg)  # (B, N) fp32
-    return torch.ops.vtprune.topk_route(x, scores, k)
+    xf = x.float()  # a no-op for fp32 graphs
+    scores = GRAPH_SCORES.get(cfg.method, SELECTORS[cfg.method].scores)(xf, valid, k, cfg)  # (B, N) fp32
+    tokens, idx = torch.ops.vtprune.topk_route(xf, scores, k)
+    return tokens.to(x.dtype), idx
 
 
 class LlavaVision(nn.Module):
@@ -50,7 +54,7 @@ class LlavaVision(nn.Module):
         self.k = layout.budgets(cfg.keep)[0] if cfg.pre_llm else num_tokens
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        feats = self.adapter.vision_features(pixel_values)  # (B, N, D)
+        feats = self.adapter.vision_features(pixel_values.to(self.adapter.model.dtype))  # (B, N, D)
         valid = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
         if not self.cfg.pre_llm:
             idx = torch.arange(feats.shape[1], device=feats.device).expand(feats.shape[0], -1)
@@ -78,7 +82,7 @@ class LlavaNextVision(nn.Module):
         )  # fmt: skip
 
     def forward(self, pixel_values: Tensor, pack_index: Tensor, token_kind: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        feats = self.adapter.vision_features(pixel_values)  # (B, P * per_crop, D)
+        feats = self.adapter.vision_features(pixel_values.to(self.adapter.model.dtype))  # (B, P * per_crop, D)
         packed = gather_tokens(feats, pack_index)  # (B, N_max, D)
         newline = self.adapter.model.model.image_newline.to(packed.dtype)
         packed = torch.where((token_kind == NEWLINE).unsqueeze(-1), newline, packed)
@@ -127,7 +131,7 @@ OUTPUTS = ["image_embeds", "kept_indices", "kept_valid"]
 # --- export entry point ----------------------------------------------------------------------------
 def _llava_spec(adapter: Any, cfg: PruneConfig, sample: dict[str, Tensor]) -> dict[str, Any]:
     pixels = sample["pixel_values"].repeat(2, 1, 1, 1)  # batch 2 so the batch axis stays symbolic
-    n = adapter.vision_features(pixels[:1]).shape[1]
+    n = adapter.vision_features(pixels[:1].to(adapter.model.dtype)).shape[1]
     return {"module": LlavaVision(adapter, cfg, n), "args": (pixels,), "inputs": ["pixel_values"],
             "dynamic": {"pixel_values": {0: torch.export.Dim.DYNAMIC}}, "meta": {"num_tokens": n}}  # fmt: skip
 
@@ -206,7 +210,8 @@ class QwenVision(nn.Module):
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         pre = {k: torch.tensor(v, dtype=torch.int32 if k.startswith("cu") else torch.long) for k, v in self.pre.items()}
-        out = self.adapter.model.model.visual(pixel_values, grid_thw=torch.tensor([self.grid]), **pre)
+        visual = self.adapter.model.model.visual
+        out = visual(pixel_values.to(visual.dtype), grid_thw=torch.tensor([self.grid]), **pre)
         feats = out.pooler_output.unsqueeze(0)  # (1, N, D) merger output, raster order over (t, h, w)
         valid = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
         if self.cfg.pre_llm:
@@ -215,6 +220,7 @@ class QwenVision(nn.Module):
             tokens, idx = feats, torch.arange(self.n, device=feats.device)[None]
         per_frame = self.gh * self.gw
         rel = torch.stack([idx // per_frame, (idx % per_frame) // self.gw, idx % self.gw])  # (3, 1, K)
+        tokens = tokens.to(self.adapter.model.get_input_embeddings().weight.dtype)  # merger: maybe an fp32 island
         return tokens, idx, torch.ones_like(idx, dtype=torch.bool), rel
 
 

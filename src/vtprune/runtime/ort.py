@@ -74,6 +74,7 @@ class OrtVlm:
         self.sessions = {g: make_session(self.bundle / f"{g}.onnx", provider, threads)
                          for g in ("vision", "embed", "decoder")}  # fmt: skip
         self.decoder_io = self.manifest["graphs"]["decoder"]
+        self.dtype = self.manifest["export"].get("dtype", "fp32")
         self.sampling = sampling or SamplingConfig()
 
     # --- preprocessing ---------------------------------------------------------------------------
@@ -96,18 +97,26 @@ class OrtVlm:
         p = self.adapter.patch_size
         return image.resize((grid[2] * p, grid[1] * p))
 
+    def input_dtype(self, graph: str, name: str) -> np.dtype:
+        """The element type ``graph`` declares for input ``name`` (the manifest's IO description)."""
+        return np.dtype(next(e["dtype"] for e in self.manifest["graphs"][graph]["inputs"] if e["name"] == name))
+
+    def typed(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``feeds`` cast to the dtypes ``graph`` declares (fp16 bundles take fp16 embeddings and KV cache)."""
+        return {name: np.asarray(v).astype(self.input_dtype(graph, name), copy=False) for name, v in feeds.items()}
+
     def vision_feeds(self, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         meta = self.manifest["graphs"]["vision"]["meta"]
-        pixels = inputs["pixel_values"].numpy().astype(np.float32)
+        pixels = inputs["pixel_values"].numpy()
         if self.adapter.family != "llava_next":
-            return {"pixel_values": pixels}
+            return self.typed("vision", {"pixel_values": pixels})
         from vtprune.export.vision import llava_next_static_inputs
 
-        padded = np.zeros((pixels.shape[0], meta["max_crops"], *pixels.shape[2:]), np.float32)
+        padded = np.zeros((pixels.shape[0], meta["max_crops"], *pixels.shape[2:]), pixels.dtype)
         padded[:, : pixels.shape[1]] = pixels
         size = inputs["image_sizes"][0]
         static = llava_next_static_inputs(self.adapter.config, size, meta["max_crops"], meta["n_max"])
-        return {"pixel_values": padded} | {k: v.numpy() for k, v in static.items()}
+        return self.typed("vision", {"pixel_values": padded} | {k: v.numpy() for k, v in static.items()})
 
     # --- model stages -----------------------------------------------------------------------------
     def prefill_inputs(self, inputs: dict[str, torch.Tensor], timer: StageTimer) -> dict[str, Any]:
@@ -127,25 +136,25 @@ class OrtVlm:
         if self.cfg.positions == "contiguous":
             positions = np.broadcast_to(np.arange(seq_keep.size), positions.shape).copy()
         return {"embeds": embeds[:, seq_keep], "positions": positions, "visual_kept": int(keep.size),
-                "visual_total": int(image_pos.size), "prompt_len": int(ids.shape[1]), "keep_idx": keep}  # fmt: skip
+                "visual_total": int(image_pos.size), "prompt_len": int(ids.shape[1]), "keep_idx": keep,
+                "seq_keep": seq_keep}  # fmt: skip
 
     def _empty_past(self) -> dict[str, np.ndarray]:
         io = self.decoder_io
         shape = (1, io["kv_heads"], 0, io["head_dim"])
-        return {name: np.zeros(shape, np.float32) for name in self._past_names()}
+        return {name: np.zeros(shape, self.input_dtype("decoder", name)) for name in self._past_names()}
 
     def _past_names(self) -> list[str]:
         return [i.name for i in self.sessions["decoder"].get_inputs() if i.name.startswith("past_key_values")]
 
     def decoder_step(self, embeds: np.ndarray, positions: np.ndarray, past: dict[str, np.ndarray]) -> tuple:
         total = embeds.shape[1] + next(iter(past.values())).shape[2]
-        feeds = {"inputs_embeds": embeds.astype(np.float32), "position_ids": positions.astype(np.int64),
-                 "attention_mask": np.ones((1, total), np.int64)} | past  # fmt: skip
-        outs = self.sessions["decoder"].run(None, feeds)
+        feeds = {"inputs_embeds": embeds, "position_ids": positions, "attention_mask": np.ones((1, total))}
+        outs = self.sessions["decoder"].run(None, self.typed("decoder", feeds) | past)  # past: already typed
         names = [o.name for o in self.sessions["decoder"].get_outputs()]
         result = dict(zip(names, outs, strict=True))
         presents = {n.replace("present", "past_key_values", 1): result[n] for n in names if n.startswith("present")}
-        return result["logits"][:, -1], presents
+        return result["logits"][:, -1].astype(np.float32, copy=False), presents
 
     def decode(self, prefill: dict[str, Any], max_new_tokens: int, timer: StageTimer, eos: set[int]) -> list[int]:
         choose = TokenChooser(self.sampling)

@@ -56,6 +56,7 @@ def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, A
     if existing and not cfg.force:
         raise BundleError(f"{bundle} already has {', '.join(existing)} engine(s); pass --force to rebuild")
     max_seq = cfg.max_seq or _model_max_positions(bundle / manifest["processor_dir"])
+    precision = bundle_precision(cfg.precision, manifest["export"].get("dtype", "fp32"), log)
     limits = ProfileLimits(batch=(1, 1, cfg.max_batch), sequence=(1, min(64, max_seq), max_seq),
                            past=(0, max_seq // 2, max_seq))  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix=".engines-", dir=bundle))
@@ -64,7 +65,7 @@ def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, A
         for i, graph in enumerate(cfg.graphs, 1):
             onnx_path = bundle / f"{graph}.onnx"
             log(f"[{i}/{len(cfg.graphs)}] building {graph}.engine ...")
-            result = build_engine(onnx_path, profiles_from_onnx(onnx_path, limits), cfg.precision, cfg.target,
+            result = build_engine(onnx_path, profiles_from_onnx(onnx_path, limits), precision, cfg.target,
                                   cfg.workspace_mb)  # fmt: skip
             meta = result.to_dict() | {"onnx_sha256": sha256(onnx_path), "build": asdict(cfg) | {"max_seq": max_seq}}
             (tmp / f"{graph}.engine").write_bytes(result.engine)
@@ -78,6 +79,16 @@ def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, A
     manifest["engines"] = engines
     write_manifest(bundle, manifest)
     return engines
+
+
+def bundle_precision(requested: str, dtype: str, log: Any) -> str:
+    """The builder precision for a bundle of ``dtype``: graphs exported in fp16 carry their precision in their
+    tensor types, so the default ``fp32`` request becomes a strongly typed build (full TensorRT would
+    otherwise run those layers in fp32)."""
+    if dtype == "fp32" or requested != "fp32":
+        return requested
+    log(f"{dtype} bundle: building strongly typed (precision 'typed'), so layers keep the graphs' {dtype} types")
+    return "typed"
 
 
 def _model_max_positions(processor_dir: Path) -> int:
