@@ -188,7 +188,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     manifest = export_bundle(args.model, prune_config(args), export, args.out, args.cache_dir, log)
     checks = manifest.get("validation", {}).get("checks", [])
     for row in checks:
-        detail = f"max abs diff {row['max_abs_diff']:.2e}" if "max_abs_diff" in row else "identical"
+        detail = ", ".join(
+            f"{k} {row[k]:.3g}" if isinstance(row[k], float) else f"{k} {row[k]}"
+            for k in ("max_abs_diff", "cosine", "swapped", "max_cut_gap", "agreement", "agree_prefix", "mismatches")
+            if row.get(k) is not None
+        ) or "identical"
         print(f"  {'ok ' if row['ok'] else 'FAIL'} {row['check']}: {detail}")
     print(f"wrote {args.out} ({', '.join(sorted(manifest['files']))[:200]})")
     return 0
