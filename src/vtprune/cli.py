@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-seq", type=int, help="longest prompt and KV cache (default: model max, <= 4096)")
     build.add_argument("--graphs", default="vision,embed,decoder", help="which graphs to build")
     build.add_argument("--force", action="store_true", help="rebuild engines that exist")
+    build.add_argument("--timing-cache", type=Path, metavar="FILE",
+                       help="TensorRT timing cache: reused if it exists, created otherwise, updated after the build")
 
     check = sub.add_parser("check", help="parity of a bundle in ONNX Runtime against the PyTorch source model")
     check.add_argument("bundle", type=Path, help="bundle directory")
@@ -226,7 +228,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     from vtprune.runtime.trt.engines import BuildConfig, build_bundle
 
     cfg = BuildConfig(args.precision, args.target, args.workspace_mb, args.max_batch, args.max_seq,
-                      tuple(g.strip() for g in args.graphs.split(",") if g.strip()), args.force)  # fmt: skip
+                      tuple(g.strip() for g in args.graphs.split(",") if g.strip()), args.force,
+                      args.timing_cache)  # fmt: skip
     engines = build_bundle(args.bundle, cfg, lambda msg: print(f"vtprune build: {msg}", file=sys.stderr, flush=True))
     for graph, meta in engines.items():
         print(f"{graph}.engine: {meta['engine_size'] / 1e6:.1f} MB, {meta['flavour']} {meta['trt_version']}, "

@@ -333,3 +333,68 @@ def test_topk_above_limit_fails_with_a_hint(tmp_path: Path):
     path = _save(tmp_path, "topk", [node], [scores], [idx], [_const("k", np.array([3841], np.int64))])
     with pytest.raises(EngineBuildError, match="3840"):
         build_engine(path, target=TARGET)
+
+
+# --- timing cache, progress, cancel --------------------------------------------------------------------------
+@needs_trt
+def test_timing_cache_is_written_and_reused(standard_onnx: Path, tmp_path: Path):
+    cache = tmp_path / "caches" / "trt.cache"
+    first = build_engine(standard_onnx, PROFILE, target=TARGET, timing_cache=cache)
+    assert cache.stat().st_size > 0 and first.timing_cache["sha256_before"] is None
+    assert first.timing_cache["path"] == str(cache) and first.timing_cache["used_by_builder"] == (FLAVOUR == "tensorrt")
+    second = build_engine(standard_onnx, PROFILE, target=TARGET, timing_cache=cache)
+    assert second.engine_size > 0 and second.timing_cache["sha256_before"] == first.timing_cache["sha256_after"]
+    assert not list(cache.parent.glob(".trt.cache.*"))  # the atomic write's temp file is gone
+
+
+@needs_trt
+def test_unreadable_timing_cache_is_a_config_error(standard_onnx: Path, tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"cannot be read .*delete it"):
+        build_engine(standard_onnx, PROFILE, target=TARGET, timing_cache=tmp_path)  # a directory
+
+
+@needs_trt
+def test_progress_reports_phases_and_ctrl_c_cancels_the_build(standard_onnx: Path):
+    if not hasattr(TRT, "IProgressMonitor"):
+        pytest.skip(f"{FLAVOUR} {TRT.__version__} has no IProgressMonitor")
+    lines: list[str] = []
+    build_engine(standard_onnx, PROFILE, target=TARGET, progress=lines.append)
+    assert lines[0].startswith("Building engine (") and lines[-1].startswith("Building engine: done in ")
+
+    def interrupt(line: str) -> None:
+        lines.append(line)
+        if "Preparing graph" in line:
+            raise KeyboardInterrupt
+
+    lines.clear()
+    with pytest.raises(KeyboardInterrupt):
+        build_engine(standard_onnx, PROFILE, target=TARGET, progress=interrupt)
+    assert lines[-1].strip().startswith("Preparing graph")  # TensorRT stopped: no later phase started
+
+
+@needs_trt
+def test_bundle_build_with_timing_cache_through_the_cli(bundles, tmp_path: Path, capsys):
+    import shutil
+
+    from vtprune.cli import main
+
+    copy, cache = tmp_path / "b", tmp_path / "trt.cache"
+    shutil.copytree(bundles["tiny-llava"], copy)
+    args = ["build", str(copy), "--graphs", "embed", "--max-seq", "64", "--timing-cache", str(cache)]
+    args += ["--target", TARGET] if TARGET else []
+    assert main(args) == 0 and cache.stat().st_size > 0
+    err = capsys.readouterr().err
+    assert "vtprune build:       Building engine (" in err  # the progress monitor's lines
+    assert main([*args, "--force"]) == 0
+    meta = json.loads((copy / "embed.engine.json").read_text())
+    assert meta["timing_cache"]["path"] == str(cache) and meta["timing_cache"]["sha256_before"]
+    assert meta["build"]["timing_cache"] == str(cache)
+
+    engine = (copy / "embed.engine").read_bytes()
+    cache.write_bytes(b"not a timing cache")
+    assert main([*args, "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and not list(copy.glob(".engines-*"))
+    assert (copy / "embed.engine").read_bytes() == engine  # no new engine was written over the old one
+    (line,) = [line for line in err.splitlines() if line.startswith("vtprune: error:")]
+    assert "ConfigError" not in line and str(cache) in line and "delete it" in line

@@ -8,12 +8,16 @@ lazily, only when a function here is called.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import json
 import logging
+import os
 import re
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -28,6 +32,8 @@ PRECISIONS = ("fp32", "fp16", "bf16", "typed")
 INSTALL_HINT = "pip install 'vtprune[trt]'"
 
 Shape = Sequence[int]
+Progress = Callable[[str], None]
+PROGRESS_EVERY_S = 10.0  # at most one step-count line per phase this often
 Profiles = Mapping[str, tuple[Shape, Shape, Shape]]
 
 # Targets TensorRT-RTX does not compile for, and what to use instead.
@@ -98,6 +104,9 @@ class BuildResult:
         num_layers: layers of the parsed network (before the builder fuses them).
         onnx_path: the ONNX file the engine was built from.
         profiles: the optimization profile used, ``{input: (min, opt, max)}``.
+        timing_cache: ``None``, or the timing cache file used: ``path``, ``sha256_before`` (``None`` when it
+            was created by this build), ``sha256_after`` and ``used_by_builder`` (``False`` for TensorRT-RTX,
+            whose timing cache calls are no-ops since 1.2: the file is still validated and written).
         engine: the serialized engine (write it with ``write``).
     """
 
@@ -111,6 +120,7 @@ class BuildResult:
     onnx_path: str
     profiles: dict[str, tuple[tuple[int, ...], ...]]
     engine: bytes = field(repr=False)
+    timing_cache: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the engine bytes, for a JSON sidecar."""
@@ -153,6 +163,8 @@ def build_engine(
     precision: str = "fp32",
     target: str | None = None,
     workspace_mb: int | None = None,
+    timing_cache: str | Path | None = None,
+    progress: Progress | None = None,
 ) -> BuildResult:
     """Parse an ONNX file with the TensorRT ONNX parser and build a serialized engine.
 
@@ -166,13 +178,22 @@ def build_engine(
         target: TensorRT-RTX compute capabilities, e.g. ``"sm89"`` or ``"sm86,sm120"``; ``"native"`` for the
             GPU present; ``None`` for the builder's default. Full TensorRT only builds for the GPU present.
         workspace_mb: builder workspace limit in MiB; ``None`` keeps TensorRT's default.
+        timing_cache: a timing cache file: loaded when it exists (an empty cache otherwise), attached to the
+            builder, and after a successful build rewritten atomically with the tactics timed. The cache is
+            attached with ``ignore_mismatch=False``: timings from another GPU or TensorRT version would pick
+            tactics for the wrong device, so such a file is refused (delete it to start a new one).
+        progress: called with one line per top-level build phase and its direct sub-phases (with step
+            counts), and a step count at most every ``PROGRESS_EVERY_S`` seconds; only when the installed
+            TensorRT has ``IProgressMonitor``. A ``KeyboardInterrupt`` (Ctrl-C, or raised by ``progress``)
+            cancels the build: TensorRT stops at its next step and the interrupt propagates.
 
     Returns:
         A ``BuildResult`` holding the serialized engine and the build settings.
 
     Raises:
         BackendUnavailableError: no TensorRT module imports.
-        ConfigError: a bad precision, target, workspace or profile, or a dynamic input without a profile.
+        ConfigError: a bad precision, target, workspace or profile, a dynamic input without a profile, or a
+            timing cache file that cannot be read or does not deserialize.
         OnnxParseError: the parser rejected nodes; the message lists each one.
         EngineBuildError: the builder failed; the message carries TensorRT's errors.
     """
@@ -185,7 +206,9 @@ def build_engine(
     network, parser = _parse_onnx(trt, builder, logger, path, precision)  # parser owns the weights: keep it
     shapes = _profile_shapes(network, profiles)
     config = _builder_config(trt, builder, precision, capabilities, workspace_mb, shapes)
-    engine, seconds = _build(builder, network, config, logger, path)
+    cache = _TimingCache.attach(config, logger, Path(timing_cache)) if timing_cache is not None else None
+    monitor = _attach_progress(trt, config, progress)  # referenced until the build returns
+    engine, seconds = _build(builder, network, config, logger, path, monitor)
     return BuildResult(
         flavour=flavour,
         trt_version=trt.__version__,
@@ -197,6 +220,7 @@ def build_engine(
         onnx_path=str(path),
         profiles=shapes,
         engine=engine,
+        timing_cache=cache.save() if cache is not None else None,
     )
 
 
@@ -265,12 +289,14 @@ def _capturing_logger(trt: ModuleType) -> Any:
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.errors: list[str] = []
+            self.warnings: list[str] = []
 
         def log(self, severity: Any, msg: str) -> None:
             if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
                 self.errors.append(msg)
                 _LOG.error("%s", msg)
             elif severity == trt.ILogger.Severity.WARNING:
+                self.warnings.append(msg)
                 _LOG.warning("%s", msg)
             else:
                 _LOG.debug("%s", msg)
@@ -372,11 +398,13 @@ def _builder_config(
     return config
 
 
-def _build(builder: Any, network: Any, config: Any, logger: Any, path: Path) -> tuple[bytes, float]:
+def _build(builder: Any, network: Any, config: Any, logger: Any, path: Path, monitor: Any) -> tuple[bytes, float]:
     logger.errors.clear()
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - start
+    if monitor is not None and monitor.cancelled:
+        raise KeyboardInterrupt  # TensorRT stopped at the monitor's request; nothing was returned
     if serialized is None:
         raise _build_error(logger.errors, path)
     return bytes(serialized), seconds
@@ -387,3 +415,112 @@ def _build_error(errors: list[str], path: Path) -> EngineBuildError:
     first = hints[0] if hints else "see TensorRT's errors below"
     lines = [f"TensorRT could not build an engine from {path.name}: {first}", *hints[1:]]
     return EngineBuildError("\n".join(lines + [f"  {error}" for error in errors or ["(no error was logged)"]]))
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class _TimingCache:
+    """A timing cache file attached to a builder config; ``save`` writes it back after the build.
+
+    TensorRT-RTX (1.2 and later) accepts timing cache calls but ignores them, and without a GPU it cannot
+    deserialize any cache (it checks the device first). There the file is checked against the format of a
+    cache this TensorRT writes, and kept as it is (``keep``), so a cache shared with a GPU build is not lost.
+    """
+
+    path: Path
+    cache: Any
+    sha256_before: str | None
+    used_by_builder: bool
+    keep: bytes = b""
+
+    @classmethod
+    def attach(cls, config: Any, logger: Any, path: Path) -> _TimingCache:
+        delete = "delete it (a new one is written by the next build) or pass another --timing-cache file"
+        try:
+            data = path.read_bytes() if path.exists() else b""
+        except OSError as exc:
+            raise ConfigError(f"timing cache {path} cannot be read ({exc.strerror or exc}): {delete}") from None
+        logger.warnings.clear()
+        with warnings.catch_warnings(record=True) as caught:  # TensorRT-RTX: "timing cache operations are no-ops"
+            warnings.simplefilter("always")
+            cache = config.create_timing_cache(data)
+            attached = cache is not None and config.set_timing_cache(cache, False)
+            no_op = any("no-op" in str(w.message) for w in caught)
+            corrupt = any("deserialize timing cache" in msg for msg in logger.warnings)
+            if no_op:  # the builder ignores it: check the format only (the magic of an empty cache)
+                corrupt = data[:8] != bytes(config.create_timing_cache(b"").serialize())[:8]
+        if not attached or (data and corrupt):
+            raise ConfigError(f"timing cache {path} is corrupt or was written for another GPU or TensorRT: {delete}")
+        return cls(path, cache, _sha256(data) if data else None, not no_op, data if no_op else b"")
+
+    def save(self) -> dict[str, Any]:
+        """Write the serialized cache next to ``path`` and rename it over ``path``; returns the metadata."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            data = self.keep or bytes(self.cache.serialize())
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return {"path": str(self.path), "sha256_before": self.sha256_before, "sha256_after": _sha256(data),
+                "used_by_builder": self.used_by_builder}  # fmt: skip
+
+
+def _attach_progress(trt: ModuleType, config: Any, progress: Progress | None) -> Any:
+    if progress is None or not hasattr(trt, "IProgressMonitor") or not hasattr(config, "progress_monitor"):
+        return None
+    monitor = _progress_monitor_class(trt)(progress)
+    config.progress_monitor = monitor
+    return monitor
+
+
+@functools.cache
+def _progress_monitor_class(trt: ModuleType) -> type:
+    """An ``IProgressMonitor`` reporting phases at depth 0 and 1 to a callback, and cancelling on Ctrl-C.
+
+    TensorRT calls back into Python during the build, so a ``KeyboardInterrupt`` may surface inside a callback;
+    raising it through TensorRT's C++ would abort the process, so the monitor records it and asks TensorRT to
+    stop (``step_complete`` returns ``False``); ``_build`` then re-raises it.
+    """
+
+    class ProgressMonitor(trt.IProgressMonitor):
+        def __init__(self, report: Progress) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self.report = report
+            self.cancelled = False
+            self.phases: dict[str, tuple[int, int, float]] = {}  # name -> (depth, steps, start time)
+            self.last = 0.0
+
+        def _say(self, line: str) -> None:
+            try:
+                self.report(line)
+                self.last = time.perf_counter()
+            except KeyboardInterrupt:
+                self.cancelled = True
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            depth = self.phases[parent_phase][0] + 1 if parent_phase in self.phases else 0
+            self.phases[phase_name] = (depth, num_steps, time.perf_counter())
+            if depth <= 1:
+                self._say(f"{'  ' * depth}{phase_name} ({num_steps} step{'s' * (num_steps != 1)})")
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            depth, steps, _ = self.phases.get(phase_name, (0, 0, 0.0))
+            if depth <= 1 and time.perf_counter() - self.last >= PROGRESS_EVERY_S:
+                self._say(f"{'  ' * depth}{phase_name}: step {step + 1}/{steps}")
+            return not self.cancelled
+
+        def phase_finish(self, phase_name: str) -> None:
+            depth, _, start = self.phases.pop(phase_name, (1, 0, 0.0))
+            if depth == 0 and not self.cancelled:
+                self._say(f"{phase_name}: done in {time.perf_counter() - start:.1f} s")
+
+    return ProgressMonitor

@@ -3,7 +3,9 @@
 Profiles come from the bundle's symbolic ONNX dims: batch up to ``max_batch``; decoder prompts up to
 ``max_seq`` new tokens and a KV cache up to ``max_seq`` so one decoder engine serves every budget and
 the unpruned A/B. Each engine gets ``<graph>.engine.json`` (TensorRT flavour and version, target,
-precision, profiles, sha256 of the source ONNX) and the manifest records it.
+precision, profiles, sha256 of the source ONNX, the timing cache used) and the manifest records it.
+Engines are built into a temporary folder and renamed into the bundle only when every graph built, so an
+error or a Ctrl-C (the progress monitor cancels TensorRT's build) leaves no partial engine behind.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class BuildConfig:
     max_seq: int | None = None  # default: the model's max positions, capped at 4096
     graphs: tuple[str, ...] = GRAPHS
     force: bool = False
+    timing_cache: Path | None = None  # loaded if present, shared by the graphs, rewritten after each build
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -66,8 +69,9 @@ def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, A
             onnx_path = bundle / f"{graph}.onnx"
             log(f"[{i}/{len(cfg.graphs)}] building {graph}.engine ...")
             result = build_engine(onnx_path, profiles_from_onnx(onnx_path, limits), precision, cfg.target,
-                                  cfg.workspace_mb)  # fmt: skip
-            meta = result.to_dict() | {"onnx_sha256": sha256(onnx_path), "build": asdict(cfg) | {"max_seq": max_seq}}
+                                  cfg.workspace_mb, cfg.timing_cache, lambda msg: log(f"      {msg}"))  # fmt: skip
+            settings = asdict(cfg) | {"max_seq": max_seq, "timing_cache": cfg.timing_cache and str(cfg.timing_cache)}
+            meta = result.to_dict() | {"onnx_sha256": sha256(onnx_path), "build": settings}
             (tmp / f"{graph}.engine").write_bytes(result.engine)
             (tmp / f"{graph}.engine.json").write_text(json.dumps(meta, indent=2, default=list) + "\n")
             engines[graph] = {k: meta[k] for k in ("flavour", "trt_version", "target", "precision", "engine_size")}
