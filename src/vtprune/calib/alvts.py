@@ -40,7 +40,7 @@ from vtprune.prune.alvts import (
     qk_product,
 )
 from vtprune.prune.alvts import recall_at_k as _recall
-from vtprune.prune.attention import QkWeights, attention_rows
+from vtprune.prune.attention import QkWeights, visual_importance
 
 FACTORS_FILE, CARD_FILE = "factors.safetensors", "card.json"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -97,15 +97,6 @@ def _layer_inputs(adapter: Any, embeds: Tensor, positions: Tensor) -> list[Tenso
     return captured
 
 
-def exact_importance(layer: torch.nn.Module, w: QkWeights, x: Tensor, rope: tuple[Tensor, Tensor],
-                     query: Tensor, visual: Tensor) -> Tensor:  # fmt: skip
-    """a_j: attention the query rows pay visual token j, averaged over heads and queries (RoPE, causal)."""
-    cos, sin = rope[0][0], rope[1][0]
-    rows = torch.arange(x.shape[0])
-    probs = attention_rows(w, x[query], x, (cos[query], sin[query]), (cos, sin), rows[query], rows)
-    return probs.mean(dim=(0, 1))[visual]
-
-
 @torch.inference_mode()
 def calibrate(
     adapter: Any, pairs: Sequence[tuple[Any, str]], cfg: CalibConfig, progress: Callable[[Iterable], Iterable] = iter
@@ -138,7 +129,7 @@ def calibrate(
                 s.c_v += (x[visual].T @ x[visual]).double()
                 s.n_q, s.n_v = s.n_q + query.numel(), s.n_v + visual.numel()
             else:
-                exact = exact_importance(layers[li], weights[li], x, rope, query, visual)
+                exact = visual_importance(weights[li], x, rope, query, visual)  # softmax over every key
                 held[li].append(_Heldout(x[query].clone(), x[visual].clone(), exact))
     selectors, rows = {}, []
     k_eff = min(cfg.k, min(n_visual))

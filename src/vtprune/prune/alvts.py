@@ -47,13 +47,17 @@ class LayerSelector:
         return self.logits(x_q, x_v).softmax(dim=-1).mean(dim=0)
 
     def macs(self, n_q: int, n_v: int) -> int:
-        """Cost of ``scores``: visual keys, queries, key-bias term and the score matrix."""
-        d = self.a.shape[0]
-        return n_v * d * self.rank + n_q * d * self.rank + n_v * d + n_q * n_v * self.rank
+        """Cost of ``scores`` (see ``lowrank_selector_macs``)."""
+        return lowrank_selector_macs(self.a.shape[0], self.rank, n_q, n_v)
 
     def truncated(self, rank: int) -> LayerSelector:
         """The same selector at a lower rank (factors are stored in descending singular-value order)."""
         return LayerSelector(self.a[:, :rank], self.b[:, :rank], self.u, self.scale)
+
+
+def lowrank_selector_macs(d: int, rank: int, n_q: int, n_v: int) -> int:
+    """MACs of one rank-r selector: visual keys, queries, key-bias term and the score matrix."""
+    return n_v * d * rank + n_q * d * rank + n_v * d + n_q * n_v * rank
 
 
 def qk_product(w: QkWeights) -> tuple[Tensor, Tensor]:

@@ -75,6 +75,27 @@ def attention_rows(
     return logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
 
 
+def visual_importance(
+    w: QkWeights, x: Tensor, rope: tuple[Tensor, Tensor], query: Tensor, visual: Tensor, keys: Tensor | None = None
+) -> Tensor:
+    """Attention the ``query`` rows pay each ``visual`` row, averaged over heads and queries (RoPE, causal).
+
+    Args:
+        w: the layer's projections.
+        x: (n, d) normalised hidden states of every row.
+        rope: (1, n, hd) cos, sin tables of every row.
+        query, visual: row indices.
+        keys: rows the softmax runs over (ascending, holding ``visual``); None for every row.
+
+    Returns:
+        (N_v,) float32 importance.
+    """
+    cos, sin = rope[0][0], rope[1][0]
+    keys = torch.arange(x.shape[0]) if keys is None else keys
+    probs = attention_rows(w, x[query], x[keys], (cos[query], sin[query]), (cos[keys], sin[keys]), query, keys)
+    return probs.mean(dim=(0, 1))[torch.isin(keys, visual)]
+
+
 def _project(x: Tensor, weight: Tensor, bias: Tensor | None, heads: int, head_dim: int) -> Tensor:
     y = x.float() @ weight.float().T
     if bias is not None:

@@ -27,8 +27,8 @@ from torch import Tensor
 from vtprune.config import PruneConfig
 from vtprune.errors import UnsupportedModelError
 from vtprune.flops import TextDims, layer_macs
-from vtprune.prune.alvts import LayerSelector, data_free_selector, select_visual_rows
-from vtprune.prune.attention import QkWeights, attention_rows
+from vtprune.prune.alvts import LayerSelector, data_free_selector, lowrank_selector_macs, select_visual_rows
+from vtprune.prune.attention import QkWeights, visual_importance
 
 
 @dataclass
@@ -49,8 +49,11 @@ class Trace:
     kv_rows: list[int] = field(default_factory=list)
     visual: list[int] = field(default_factory=list)
     selected: dict[int, Tensor] = field(default_factory=dict)  # layer -> kept visual token ids (0..N_v-1)
-    selector_macs: int = 0
     layer_selector_macs: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def selector_macs(self) -> int:
+        return sum(self.layer_selector_macs.values())
 
     def layer_macs(self, dims: TextDims) -> list[int]:
         """Prefill MACs of each layer: its rows (and key/value rows) plus its selector."""
@@ -87,10 +90,8 @@ class ExactSelector:
         self.w = weights
 
     def scores_in(self, x: Tensor, ctx: LayerContext) -> Tensor:
-        cos, sin, q = ctx.rope[0][0], ctx.rope[1][0], ctx.query
-        keys = torch.cat([ctx.visual, q]).unique()  # visual keys plus the queries' own (causal context)
-        probs = attention_rows(self.w, x[q], x[keys], (cos[q], sin[q]), (cos[keys], sin[keys]), q, keys)
-        return probs.mean(dim=(0, 1))[torch.isin(keys, ctx.visual)]
+        keys = torch.cat([ctx.visual, ctx.query]).unique()  # visual keys plus the queries' own (causal context)
+        return visual_importance(self.w, x, ctx.rope, ctx.query, ctx.visual, keys)
 
     def macs(self, n_q: int, n_v: int) -> int:
         w = self.w
@@ -116,9 +117,7 @@ class AlvtsRouter(Router):
             scores = sel.scores(x[ctx.query], x[ctx.visual])
         keep = select_visual_rows(scores, k)  # into the visual rows
         trace.selected[index] = keep
-        cost = sel.macs(ctx.query.numel(), n_v)
-        trace.selector_macs += cost
-        trace.layer_selector_macs[index] = cost
+        trace.layer_selector_macs[index] = sel.macs(ctx.query.numel(), n_v)
         return _with_text(ctx, ctx.visual[keep])
 
 
@@ -156,12 +155,9 @@ class FastVRouter(_DropRouter):
         self.heads, self.kv_heads = heads, kv_heads
 
     def score(self, layer: torch.nn.Module, ctx: LayerContext) -> Tensor:
-        x = _normed_rows(layer, ctx)
         w = QkWeights.of(layer.self_attn, self.heads, self.kv_heads)
-        last, rows = ctx.hidden.shape[1] - 1, torch.arange(ctx.hidden.shape[1])
-        cos, sin = ctx.rope[0][0], ctx.rope[1][0]
-        probs = attention_rows(w, x[last:], x, (cos[last:], sin[last:]), (cos, sin), rows[last:], rows)
-        return probs.mean(dim=0)[0, ctx.visual]  # (N_v,)
+        last = torch.tensor([ctx.hidden.shape[1] - 1])
+        return visual_importance(w, _normed_rows(layer, ctx), ctx.rope, last, ctx.visual)  # (N_v,)
 
     def choose(self, scores: Tensor, ctx: LayerContext) -> Tensor:
         return select_visual_rows(scores, self.k)
@@ -308,8 +304,7 @@ def alvts_budgets(cfg: PruneConfig, dims: TextDims, n_text: int, n_visual: int, 
     if cfg.budget == "flops":
         target = dims.layers * layer_macs(dims, n_text + k)
         n_q = 1 if cfg.query == "last" else n_text  # an upper bound on the query set for the selector cost
-        d = dims.hidden
-        sel = n_visual * d * rank + n_q * d * rank + n_visual * d + n_q * n_visual * rank  # LayerSelector.macs
+        sel = lowrank_selector_macs(dims.hidden, rank, n_q, n_visual)
         fixed = l0 * layer_macs(dims, n_text + n_visual)
 
         def cost(kk: int) -> int:
@@ -342,16 +337,18 @@ def build_router(cfg: PruneConfig, adapter: Any, n_text: int, n_visual: int) -> 
 
 def selectors_for(adapter: Any, cfg: PruneConfig) -> dict[int, LayerSelector]:
     """Calibrated factors from ``cfg.factors``, else data-free SVD factors (computed once per adapter)."""
-    if cfg.factors is not None:
-        from vtprune.calib.alvts import load_factors
-
-        return {i: s for i, s in load_factors(cfg.factors, adapter).items() if i >= cfg.layer}
     memo = adapter.__dict__.setdefault("_alvts_selectors", {})
-    if cfg.rank not in memo:
-        dims = adapter.text_dims()
-        memo[cfg.rank] = {
-            i: data_free_selector(QkWeights.of(layer.self_attn, dims.heads, dims.kv_heads), cfg.rank)
-            for i, layer in enumerate(adapter.decoder.layers)
-        }
-    return {i: s for i, s in memo[cfg.rank].items() if i >= cfg.layer}
+    key = ("factors", str(cfg.factors)) if cfg.factors is not None else ("rank", cfg.rank)
+    if key not in memo:  # once per adapter, not once per prompt
+        if cfg.factors is not None:
+            from vtprune.calib.alvts import load_factors
+
+            memo[key] = load_factors(cfg.factors, adapter)
+        else:
+            dims = adapter.text_dims()
+            memo[key] = {
+                i: data_free_selector(QkWeights.of(layer.self_attn, dims.heads, dims.kv_heads), cfg.rank)
+                for i, layer in enumerate(adapter.decoder.layers)
+            }
+    return {i: s for i, s in memo[key].items() if i >= cfg.layer}
 
