@@ -1,12 +1,13 @@
 """Accuracy / FLOPs / latency sweep: every pruning method x budget on the pocket VLM, easy-vqa test split.
 
     python benchmarks/sweep.py [--limit 100] [--seed 0] [--budgets 128,64,32,16] [--methods all]
-                               [--out benchmarks/results/pocket/sweep] [--only METHOD:K]
+                               [--out benchmarks/results/pocket/sweep] [--only METHOD:K] [--render]
 
 Each cell answers the same ``--limit`` questions (drawn with ``--seed``) greedily in PyTorch on this
 machine and records exact-match accuracy with a 95% Wilson interval, prefill MACs (pruned, unpruned,
 selection stage), median per-stage wall times and TTFT, and a digest of the visual tokens kept for the
-first questions (so a re-run of one cell, ``--only gprune:64``, can be checked for identical choices).
+first questions (so a re-run of one cell, ``--only gprune:64``, can be checked for identical choices;
+``--only`` on a cell the committed sweep.json lacks, e.g. a newly added method, runs it and adds it).
 The unpruned model is the 256-token cell of every method. Writes sweep.json, sweep.md and, with
 matplotlib, accuracy_vs_budget.png, accuracy_vs_ttft.png and accuracy_vs_flops.png. ONNX Runtime and
 GPU latencies are not part of this sweep (see benchmarks/results/pocket/ort-cpu for ORT timings).
@@ -35,6 +36,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "random": {"method": "random"},
     "uniform": {"method": "uniform"},
     "divprune": {"method": "divprune"},
+    "visionzip": {"method": "visionzip"},
     "fastv": {"method": "fastv"},
     "dart": {"method": "dart"},
     "alvts": {"method": "alvts"},
@@ -169,6 +171,22 @@ def _load(out: Path) -> dict[str, Any]:
     return json.loads((out / "sweep.json").read_text())
 
 
+def add_cell(out: Path, cell: dict[str, Any]) -> None:
+    """Add a cell the committed sweep lacks (same questions, seed and model) and rewrite sweep.md."""
+    result = _load(out)
+    cells = result["cells"] + [cell]
+    order = {name: i for i, name in enumerate(VARIANTS)}
+    result["cells"] = sorted(cells, key=lambda c: (result["settings"]["budgets"].index(c["keep"]),
+                                                   order.get(c["variant"], len(order))))  # fmt: skip
+    result["summary"]["retained"][f"{cell['variant']}:{cell['keep']}"] = (
+        cell["accuracy"] / result["unpruned"]["accuracy"]
+    )
+    result.setdefault("added_cells", []).append({"cell": f"{cell['variant']}:{cell['keep']}",
+                                                 "environment": environment()})  # fmt: skip
+    (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "sweep.md").write_text(markdown(result))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--limit", type=int, default=100)
@@ -188,8 +206,11 @@ def main() -> int:
     if args.only:
         name, keep = args.only.split(":")
         cell = run_cell(adapter, name, int(keep), questions)
-        old = next(c for c in json.loads((args.out / "sweep.json").read_text())["cells"]
-                   if c["variant"] == name and c["keep"] == int(keep))  # fmt: skip
+        old = next((c for c in _load(args.out)["cells"] if c["variant"] == name and c["keep"] == int(keep)), None)
+        if old is None:
+            add_cell(args.out, cell)
+            print(f"{name}:{keep} accuracy {cell['accuracy']:.3f}; added to {args.out}/sweep.json", file=sys.stderr)
+            return 0
         same = (cell["accuracy"], cell["kept_digest"]) == (old["accuracy"], old["kept_digest"])
         print(f"{name}:{keep} accuracy {cell['accuracy']:.3f} (committed {old['accuracy']:.3f}); kept tokens "
               f"{'identical' if cell['kept_digest'] == old['kept_digest'] else 'DIFFERENT'}")  # fmt: skip

@@ -171,6 +171,10 @@ CASES: dict[str, Case] = {
     "tau-zero": lambda t, d, p: (_model("tiny-llava", p, "--keep", "16", "--tau", "0"), ("tau",)),
     "iters-negative": lambda t, d, p: (_model("tiny-llava", p, "--keep", "16", "--iters", "-1"), ("iters",)),
     "method-unknown": lambda t, d, p: (_model("tiny-llava", p, "--method", "lottery"), ("--method", "'lottery'")),
+    "visionzip-on-qwen": lambda t, d, p: (
+        _model("tiny-qwen2.5-vl", p, "--method", "visionzip", "--keep", "16"), ("visionzip", "no [CLS] token")),
+    "visionzip-on-llava-next": lambda t, d, p: (
+        _model("tiny-llava-next", p, "--method", "visionzip", "--keep", "16"), ("visionzip", "LLaVA-NeXT")),
     # prompt and decoding
     "raw-prompt-no-slot-llava": lambda t, d, p: (
         _model("tiny-llava", p, "--raw-prompt", prompt="USER: what color ? ASSISTANT:"), ("'<image>'", "found 0")),
@@ -253,7 +257,11 @@ def test_run_json_succeeds(raw: bool, tmp_path: Path, cache_dir: Path, png: Path
     assert isinstance(result["answer"], str)
 
 
-@pytest.mark.parametrize("method", ["random", "uniform", "divprune"])
+PRE_LLM_STAGE_MACS = {"random": 0, "uniform": 0, "divprune": 64 * 64 * 64,  # N^2 * D
+                      "visionzip": (1 + 2) * 64 * 64}  # (c + 2) * N * D, keep 8 = 7 dominant + 1 contextual
+
+
+@pytest.mark.parametrize("method", ["random", "uniform", "divprune", "visionzip"])
 def test_run_pre_llm_baselines(method: str, cache_dir: Path, png: Path, capsys) -> None:
     capsys.readouterr()
     rc = run_main([
@@ -265,4 +273,4 @@ def test_run_pre_llm_baselines(method: str, cache_dir: Path, png: Path, capsys) 
     result = json.loads(out)
     assert (result["method"], result["keep"], result["visual_tokens_kept"]) == (method, 8, 8)
     assert result["prefill_tokens"] == result["prompt_tokens"] - 64 + 8
-    assert result["flops"]["prune_stage_macs"] == (64 * 64 * 64 if method == "divprune" else 0)  # N^2 * D
+    assert result["flops"]["prune_stage_macs"] == PRE_LLM_STAGE_MACS[method]

@@ -12,7 +12,10 @@ from vtprune.errors import ConfigError
 # Where each method acts. Pre-LLM methods choose among the visual tokens as they enter the language
 # model (projector/merger output) and are registered in ``vtprune.prune.SELECTORS``; in-LLM methods choose
 # inside the decoder, layer by layer, and are driven by ``vtprune.runtime.layerwise``.
-PRE_LLM_METHODS: tuple[str, ...] = ("gprune", "random", "uniform", "divprune")
+PRE_LLM_METHODS: tuple[str, ...] = ("gprune", "random", "uniform", "divprune", "visionzip")
+# Pre-LLM methods that read the vision encoder itself (the feature layer's CLS attention and keys) and
+# merge tokens before the projector; the adapter provides that seam (``VlmAdapter.encoder_tokens``).
+ENCODER_METHODS: tuple[str, ...] = ("visionzip",)
 IN_LLM_METHODS: tuple[str, ...] = ("alvts", "fastv", "dart")
 METHODS = ("none", *PRE_LLM_METHODS, *IN_LLM_METHODS)
 DEGREE_MODES = ("mask", "nonzero")
@@ -42,8 +45,9 @@ class PruneConfig:
     """How visual tokens are pruned before the language model.
 
     Args:
-        method: ``none`` (keep everything), ``gprune`` (ALGORITHMS.md §1), or a pre-LLM baseline
-            ``random``, ``uniform``, ``divprune`` (§3; docs/methods.md).
+        method: ``none`` (keep everything), ``gprune`` (ALGORITHMS.md §1), a pre-LLM baseline
+            ``random``, ``uniform``, ``divprune``, ``visionzip`` (§3; docs/methods.md), or an in-LLM
+            method ``alvts``, ``fastv``, ``dart``.
         keep: an ``int`` K is the total number of prunable visual tokens kept per image, split over the
             image's groups in proportion to their sizes (static shapes); a ``float`` rho in (0, 1] keeps
             ``floor(rho * N_g)`` tokens of each group g (the reference code's behaviour).
@@ -141,6 +145,11 @@ class PruneConfig:
     def pre_llm(self) -> bool:
         """True when the method chooses visual tokens before the language model (pruning stage)."""
         return self.method in PRE_LLM_METHODS
+
+    @property
+    def in_encoder(self) -> bool:
+        """True when the pre-LLM method reads the vision encoder and merges before the projector."""
+        return self.method in ENCODER_METHODS
 
     @property
     def in_llm(self) -> bool:

@@ -6,7 +6,9 @@ Per decoder layer, for n tokens (SwiGLU MLP, GQA-aware attention projections):
   + 3*n*d*m                gate, up and down projections
 which is the spec's 4*n*d^2 + 2*n^2*d + 3*n*d*m when d_q = d_kv = d. The LM head adds d*V for the one
 position whose logits prefill needs. The pre-LLM stage adds, per group of N tokens: G-Prune N^2*D
-(similarity) + T*N^2 (propagation); DivPrune N^2*D (cosine Gram matrix); random and uniform nothing.
+(similarity) + T*N^2 (propagation); DivPrune N^2*D (cosine Gram matrix); VisionZip (c + 2)*N*D (CLS
+row, key cosines to the c targets, group sums; counted at the width the report passes, see
+``visionzip_macs``); random and uniform nothing.
 """
 
 from __future__ import annotations
@@ -59,6 +61,22 @@ def gprune_macs(group_sizes: Sequence[int], dim: int, iters: int) -> int:
     return sum(n * n * dim + iters * n * n for n in group_sizes)
 
 
+def visionzip_macs(n: int, d: int, cfg: PruneConfig) -> int:
+    """VisionZip's selection and merge on a group of n tokens: the CLS attention row (n*d), the key
+    cosines to the c targets (c*n*d) and the group sums (n*d), for a budget of ``cfg.keep`` tokens.
+
+    The work runs at the vision encoder's width C and key head width, not the LLM width d the reports
+    pass to every method, so this is a proxy of the right order; the CLS query and key projections it
+    recomputes (C^2 + N*C^2) belong to the vision encoder, which prefill MACs do not count either.
+    """
+    from vtprune.prune.visionzip import split_budget  # here: importing vtprune.flops must not load torch
+
+    keep = cfg.keep if isinstance(cfg.keep, int) else max(1, int(cfg.keep * n + 1e-9))
+    if keep >= n:  # every token kept as is: nothing to score
+        return 0
+    return (split_budget(keep)[1] + 2) * n * d
+
+
 # MACs of one group of n tokens of width d, per pre-LLM method. DivPrune's Gram matrix is its only
 # multiply-accumulate work: the k greedy steps are k*n comparisons (min, argmax). random and uniform
 # do index arithmetic only.
@@ -67,6 +85,7 @@ _GROUP_MACS: dict[str, Callable[[int, int, PruneConfig], int]] = {
     "divprune": lambda n, d, cfg: n * n * d,
     "random": lambda n, d, cfg: 0,
     "uniform": lambda n, d, cfg: 0,
+    "visionzip": lambda n, d, cfg: visionzip_macs(n, d, cfg),
 }
 assert set(_GROUP_MACS) == set(PRE_LLM_METHODS), "every pre-LLM method needs a stage cost"
 

@@ -44,6 +44,17 @@ def prune_tokens(x: Tensor, valid: Tensor, cfg: PruneConfig, k: int) -> tuple[Te
     return tokens.to(x.dtype), idx
 
 
+def merge_tokens(x: Tensor, evidence: Tensor, valid: Tensor, cfg: PruneConfig, k: int) -> tuple[Tensor, Tensor]:
+    """An encoder method's stage (VisionZip) inside an exported graph, before the projector: scores of the
+    encoder evidence, merged features, then ``vtprune::TopKRoute``. (B, N, C), (B, N, E), (B, N) ->
+    (B, k, C) kept pre-projector tokens, (B, k) indices ascending. Traced to standard ops + TopKRoute."""
+    selector = SELECTORS[cfg.method]
+    xf = x.float()
+    scores = selector.scores(evidence, valid, k, cfg)  # (B, N) fp32
+    tokens, idx = torch.ops.vtprune.topk_route(selector.merge(xf, evidence, valid, k, cfg), scores, k)
+    return tokens.to(x.dtype), idx
+
+
 class LlavaVision(nn.Module):
     """LLaVA-1.5: ``pixel_values [B, 3, H, W]`` -> kept tokens of the single group."""
 
@@ -54,6 +65,8 @@ class LlavaVision(nn.Module):
         self.k = layout.budgets(cfg.keep)[0] if cfg.pre_llm else num_tokens
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.cfg.in_encoder:
+            return self._encoder_method(pixel_values.to(self.adapter.model.dtype))
         feats = self.adapter.vision_features(pixel_values.to(self.adapter.model.dtype))  # (B, N, D)
         valid = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
         if not self.cfg.pre_llm:
@@ -61,6 +74,13 @@ class LlavaVision(nn.Module):
             return feats, idx, valid
         tokens, idx = prune_tokens(feats, valid, self.cfg, self.k)
         return tokens, idx, torch.ones_like(idx, dtype=torch.bool)
+
+    def _encoder_method(self, pixel_values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """VisionZip: choose and merge at the feature layer, then project only the k kept tokens."""
+        feats, evidence = self.adapter.encoder_evidence(pixel_values)  # (B, N, C), (B, N, 1 + hd)
+        valid = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+        tokens, idx = merge_tokens(feats, evidence, valid, self.cfg, self.k)  # (B, k, C), (B, k)
+        return self.adapter.project(tokens), idx, torch.ones_like(idx, dtype=torch.bool)
 
 
 class LlavaNextVision(nn.Module):
@@ -132,8 +152,23 @@ OUTPUTS = ["image_embeds", "kept_indices", "kept_valid"]
 def _llava_spec(adapter: Any, cfg: PruneConfig, sample: dict[str, Tensor]) -> dict[str, Any]:
     pixels = sample["pixel_values"].repeat(2, 1, 1, 1)  # batch 2 so the batch axis stays symbolic
     n = adapter.vision_features(pixels[:1].to(adapter.model.dtype)).shape[1]
-    return {"module": LlavaVision(adapter, cfg, n), "args": (pixels,), "inputs": ["pixel_values"],
-            "dynamic": {"pixel_values": {0: torch.export.Dim.DYNAMIC}}, "meta": {"num_tokens": n}}  # fmt: skip
+    module = LlavaVision(adapter, cfg, n)
+    meta = {"num_tokens": n} | (encoder_method_meta(cfg, module.k) if cfg.in_encoder else {})
+    return {"module": module, "args": (pixels,), "inputs": ["pixel_values"],
+            "dynamic": {"pixel_values": {0: torch.export.Dim.DYNAMIC}}, "meta": meta}  # fmt: skip
+
+
+def encoder_method_meta(cfg: PruneConfig, k: int) -> dict[str, Any]:
+    """What an encoder method's kept indices mean, for the manifest (VisionZip: dominant + targets)."""
+    from vtprune.prune.visionzip import split_budget
+
+    dominant, contextual = split_budget(k)
+    return {"visionzip": {
+        "dominant": dominant, "contextual": contextual, "feature_layer": "vision_feature_layer",
+        "kept_indices": "ascending union of the dominant patches and one target patch per contextual "
+                        "token; a contextual token is the mean (pre-projector) of its target and the patches "
+                        "assigned to it, placed at the target's index and position id",
+    }}  # fmt: skip
 
 
 def _llava_next_spec(adapter: Any, cfg: PruneConfig, sample: dict[str, Tensor]) -> dict[str, Any]:
@@ -177,6 +212,10 @@ def export_vision(adapter: Any, cfg: PruneConfig, sample: dict[str, Tensor], pat
         raise ConfigError(f"vision export is not implemented yet for {adapter.family}")
     if cfg.method == "gprune" and cfg.degree != "mask":
         raise ConfigError("export supports --degree mask only (the fp32 neighbour count)")
+    adapter.check_prune(cfg)
+    if cfg.in_encoder and adapter.model.dtype != torch.float32:
+        # validate.py's fp16 tie handling re-scores projector outputs, which an encoder method does not use
+        raise ConfigError(f"--method {cfg.method} exports fp32 bundles only for now; drop --dtype fp16")
     spec = VISION_SPECS[adapter.family](adapter, cfg, sample)
     with spec.get("patch") or contextlib.nullcontext():
         io = export_module(spec["module"], spec["args"], path, spec["inputs"], spec.get("outputs", OUTPUTS),

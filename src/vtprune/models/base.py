@@ -16,7 +16,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from vtprune.errors import InputError
+from vtprune.config import PruneConfig
+from vtprune.errors import InputError, UnsupportedModelError
 from vtprune.flops import TextDims
 from vtprune.prune import VisualLayout
 
@@ -26,6 +27,20 @@ class VisualTokens:
     """One image's visual tokens as they enter the language model."""
 
     embeds: Tensor  # (B, N_v, D)
+    layout: VisualLayout
+
+
+@dataclass
+class EncoderTokens:
+    """One image's visual tokens read inside the vision encoder, for encoder methods (VisionZip).
+
+    ``features`` are the feature layer's outputs before the projector; ``evidence`` packs, per token, the
+    [CLS] token's attention at that layer (summed over heads) and the layer's head-averaged keys
+    (``vtprune.prune.visionzip``). Both follow ``layout``'s visual-token order.
+    """
+
+    features: Tensor  # (B, N_v, C)
+    evidence: Tensor  # (B, N_v, 1 + hd) fp32
     layout: VisualLayout
 
 
@@ -106,6 +121,27 @@ class VlmAdapter(ABC):
     @abstractmethod
     def encode_image(self, inputs: dict[str, Tensor]) -> VisualTokens:
         ...
+
+    @property
+    def encoder_refusal(self) -> str | None:
+        """Why this model cannot run encoder methods (VisionZip), or None where ``encoder_tokens`` works."""
+        return "this model family has no vision-encoder seam for it yet"
+
+    def check_prune(self, cfg: PruneConfig) -> None:
+        """Refuse a pruning config this family cannot run, with one actionable line."""
+        if cfg.in_encoder and self.encoder_refusal is not None:
+            raise UnsupportedModelError(
+                f"--method {cfg.method} cannot run on {self.family}: {self.encoder_refusal}; "
+                "use gprune, divprune, uniform or random (pre-LLM) or fastv, dart, alvts (in-LLM)"
+            )
+
+    def encoder_tokens(self, inputs: dict[str, Tensor]) -> EncoderTokens:
+        """Pre-projector features and per-token encoder evidence of one image (encoder methods)."""
+        raise UnsupportedModelError(f"{self.family}: {self.encoder_refusal}")
+
+    def project(self, features: Tensor) -> Tensor:
+        """The multimodal projector on pre-projector features: (B, K, C) -> (B, K, D)."""
+        raise UnsupportedModelError(f"{self.family}: {self.encoder_refusal}")
 
     def position_ids(self, inputs: dict[str, Tensor]) -> Tensor:
         """Unpruned position ids of the whole prompt: (B, L) for 1-D RoPE."""

@@ -31,6 +31,12 @@ class LlavaNextAdapter(LlavaAdapter):
 
         return LlavaNextProcessor.from_pretrained(str(path), local_files_only=True)
 
+    @property
+    def encoder_refusal(self) -> str | None:
+        # Each crop has its own [CLS] row; ranking the union of crops, and VisionZip's merge across the
+        # unpadded, stitched high-res grid (and the static-shape graph's padded crops), is not built yet.
+        return "VisionZip is not implemented for LLaVA-NeXT's multi-crop (anyres) layout yet"
+
     def encode_image(self, inputs: dict[str, Tensor]) -> VisualTokens:
         pixels, sizes = inputs["pixel_values"].to(self.model.dtype), inputs["image_sizes"]
         feats = self.model.model.get_image_features(pixel_values=pixels, image_sizes=sizes).pooler_output

@@ -44,6 +44,10 @@ class Qwen25VLAdapter(VlmAdapter):
     image_slot = "<|image_pad|>"
     required_config_keys = ("vision_config",)  # older checkpoints keep text fields at the top level
 
+    @property
+    def encoder_refusal(self) -> str | None:
+        return "Qwen2.5-VL's vision tower has no [CLS] token, whose attention VisionZip ranks patches by"
+
     @classmethod
     def load_processor(cls, path: Path) -> Any:
         from transformers import AutoImageProcessor, AutoTokenizer

@@ -2,8 +2,9 @@
 
 A pre-LLM method is a ``Selector``: budget-aware scores of one group's tokens whose top-k is the kept
 set. ``select_visual`` applies it to each group of one image's visual tokens under a ``PruneConfig``
-and the image's ``VisualLayout`` (which the model adapter provides). Nothing here knows about
-transformers or any model library.
+and the image's ``VisualLayout`` (which the model adapter provides). Encoder methods (VisionZip) score
+the encoder's per-patch evidence instead of the projector output and also ``merge`` the features before
+the projector (``merge_visual``). Nothing here knows about transformers or any model library.
 """
 
 from __future__ import annotations
@@ -16,20 +17,27 @@ from torch import Tensor
 
 from vtprune.config import PRE_LLM_METHODS, PruneConfig
 from vtprune.errors import BudgetError
-from vtprune.prune import baselines, gprune
+from vtprune.prune import baselines, gprune, visionzip
 from vtprune.prune.select import gather_tokens, keep_topk
 
 # (B, N, D) group features, (B, N) bool valid, static k, config -> (B, N) fp32 scores
 ScoreFn = Callable[[Tensor, Tensor, int, PruneConfig], Tensor]
+# (B, N, C) features, (B, N, E) evidence, (B, N) bool valid, static k, config -> (B, N, C) merged features
+MergeFn = Callable[[Tensor, Tensor, Tensor, int, PruneConfig], Tensor]
 
 
 @dataclass(frozen=True)
 class Selector:
     """A pre-LLM method. ``scores`` are budget-aware: their ``k`` largest entries are the kept tokens
     (the export graph feeds them to ``vtprune::TopKRoute``); calling the selector returns those indices.
+
+    An encoder method also has ``merge``: its ``scores`` read the encoder's per-patch evidence (the
+    adapter's ``encoder_tokens``) instead of the projector output, and ``merge`` rewrites the kept
+    tokens' pre-projector features (VisionZip: each contextual token is its group's mean).
     """
 
     scores: ScoreFn
+    merge: MergeFn | None = None
 
     def __call__(self, x: Tensor, valid: Tensor, k: int, cfg: PruneConfig) -> Tensor:
         """(B, N, D), (B, N) bool, k -> (B, k) int64 indices into N, ascending; invalid slots never
@@ -42,6 +50,8 @@ SELECTORS: dict[str, Selector] = {
     "random": Selector(lambda x, valid, k, cfg: baselines.random_scores(valid, cfg.seed)),
     "uniform": Selector(lambda x, valid, k, cfg: baselines.uniform_scores(valid, k)),
     "divprune": Selector(lambda x, valid, k, cfg: baselines.divprune_scores(x, valid, k)),
+    "visionzip": Selector(lambda ev, valid, k, cfg: visionzip.scores(ev, valid, k),
+                          lambda x, ev, valid, k, cfg: visionzip.merge(x, ev, valid, k)),
 }
 assert set(SELECTORS) == set(PRE_LLM_METHODS), "config.PRE_LLM_METHODS and the selector registry disagree"
 
@@ -125,3 +135,28 @@ def select_visual(x: Tensor, layout: VisualLayout, cfg: PruneConfig) -> Tensor:
         local = SELECTORS[cfg.method](feats, valid, k, cfg)  # (B, k) into the group
         kept.append(idx[local])  # (B, k) into N_v
     return torch.cat(kept, dim=-1).sort(dim=-1).values  # raster order keeps RoPE positions monotone
+
+
+def merge_visual(x: Tensor, evidence: Tensor, layout: VisualLayout, cfg: PruneConfig) -> Tensor:
+    """An encoder method's merged features, group by group (identity for other methods).
+
+    Args:
+        x: (B, N_v, C) pre-projector features in the visual-token order of ``layout``.
+        evidence: (B, N_v, E) the encoder's per-token evidence, same order.
+        layout: the adapter's grouping.
+        cfg: method and budget.
+
+    Returns:
+        (B, N_v, C); gathering ``select_visual(evidence, layout, cfg)`` from it gives the kept tokens.
+    """
+    merge = SELECTORS[cfg.method].merge if cfg.pre_llm else None
+    if merge is None:
+        return x
+    out = x.clone()
+    batch = x.shape[0]
+    for idx, k in zip(layout.groups, layout.budgets(cfg.keep), strict=True):
+        idx = idx.to(x.device).expand(batch, -1)
+        feats, ev = gather_tokens(x, idx), gather_tokens(evidence, idx)  # (B, N_g, C), (B, N_g, E)
+        valid = torch.ones(feats.shape[:2], dtype=torch.bool, device=x.device)
+        out.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), merge(feats, ev, valid, k, cfg))
+    return out

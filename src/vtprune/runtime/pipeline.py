@@ -18,7 +18,7 @@ from vtprune.config import PruneConfig, SamplingConfig
 from vtprune.errors import InputError, InternalError
 from vtprune.flops import FlopsReport, layerwise_prefill_macs, prefill_macs, prune_stage_macs
 from vtprune.models.base import VlmAdapter
-from vtprune.prune import VisualLayout, select_visual
+from vtprune.prune import VisualLayout, merge_visual, select_visual
 from vtprune.prune.select import gather_positions, gather_tokens
 from vtprune.runtime.images import check_image_size
 from vtprune.runtime.layerwise import LayerwiseDecoder, build_router
@@ -88,6 +88,7 @@ class PrunedVlm:
     """A loaded VLM adapter plus a pruning config, driven as one generation pipeline."""
 
     def __init__(self, adapter: VlmAdapter, cfg: PruneConfig, sampling: SamplingConfig | None = None) -> None:
+        adapter.check_prune(cfg)
         self.adapter = adapter
         self.cfg = cfg
         self.sampling = sampling or SamplingConfig()
@@ -111,15 +112,12 @@ class PrunedVlm:
         ids = inputs["input_ids"]
         if ids.shape[0] != 1:
             raise InternalError("the PyTorch pipeline runs one prompt at a time")
-        with timer.stage("vision"):
-            visual = self.adapter.encode_image(inputs)
-        with timer.stage("prune"):
-            visual_keep = select_visual(visual.embeds, visual.layout, self.cfg)  # (1, K)
+        layout, visual_keep, kept = self.visual_tokens(inputs, timer)  # (1, K), (1, K, D)
         image_pos = (ids[0] == self.adapter.image_token_id).nonzero().squeeze(-1)  # (N_v,)
-        if image_pos.numel() != visual.layout.num_tokens:
-            raise InternalError(f"{image_pos.numel()} image slots for {visual.layout.num_tokens} visual tokens")
+        if image_pos.numel() != layout.num_tokens:
+            raise InternalError(f"{image_pos.numel()} image slots for {layout.num_tokens} visual tokens")
         embeds = self.adapter.embed_tokens(ids).clone()  # (1, L, D)
-        embeds[:, image_pos] = visual.embeds.to(embeds.dtype)
+        embeds[:, image_pos[visual_keep[0]]] = kept.to(embeds.dtype)
         seq_keep = self._sequence_keep(ids.shape[1], image_pos, visual_keep)  # (1, n)
         positions = self.adapter.position_ids(inputs)
         if self.cfg.positions == "contiguous":
@@ -128,8 +126,29 @@ class PrunedVlm:
             positions = gather_positions(positions, seq_keep)
         visual_rows = torch.isin(seq_keep[0], image_pos).nonzero().squeeze(-1)
         return Prefill(
-            gather_tokens(embeds, seq_keep), positions, seq_keep, visual_keep, ids.shape[1], visual.layout, visual_rows
+            gather_tokens(embeds, seq_keep), positions, seq_keep, visual_keep, ids.shape[1], layout, visual_rows
         )
+
+    def visual_tokens(self, inputs: dict[str, Tensor], timer: StageTimer) -> tuple[VisualLayout, Tensor, Tensor]:
+        """The image's layout, kept visual-token indices (1, K) ascending, and their embeddings (1, K, D).
+
+        Encoder methods (VisionZip) choose and merge on the vision encoder's feature layer, and only
+        the K kept tokens go through the projector.
+        """
+        if not self.cfg.in_encoder:
+            with timer.stage("vision"):
+                visual = self.adapter.encode_image(inputs)
+            with timer.stage("prune"):
+                keep = select_visual(visual.embeds, visual.layout, self.cfg)  # (1, K)
+            return visual.layout, keep, gather_tokens(visual.embeds, keep)
+        with timer.stage("vision"):
+            enc = self.adapter.encoder_tokens(inputs)
+        with timer.stage("prune"):
+            keep = select_visual(enc.evidence, enc.layout, self.cfg)  # (1, K)
+            merged = merge_visual(enc.features, enc.evidence, enc.layout, self.cfg)  # (1, N_v, C)
+        with timer.stage("vision"):
+            kept = self.adapter.project(gather_tokens(merged, keep))  # (1, K, D)
+        return enc.layout, keep, kept
 
     @staticmethod
     def _sequence_keep(length: int, image_pos: Tensor, visual_keep: Tensor) -> Tensor:
