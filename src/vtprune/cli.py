@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--workspace", type=int, dest="workspace_mb", help="builder workspace limit in MiB")
     build.add_argument("--max-batch", type=int, default=1, help="largest batch the engines accept")
     build.add_argument("--max-seq", type=int, help="longest prompt and KV cache (default: model max, <= 4096)")
-    build.add_argument("--graphs", default="vision,embed,decoder", help="which graphs to build")
+    build.add_argument("--graphs", help="comma-separated graphs to build (default: every graph of the bundle)")
     build.add_argument("--force", action="store_true", help="rebuild engines that exist")
     build.add_argument("--timing-cache", type=Path, metavar="FILE",
                        help="TensorRT timing cache: reused if it exists, created otherwise, updated after the build")
@@ -228,7 +228,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     from vtprune.runtime.trt.engines import BuildConfig, build_bundle
 
     cfg = BuildConfig(args.precision, args.target, args.workspace_mb, args.max_batch, args.max_seq,
-                      tuple(g.strip() for g in args.graphs.split(",") if g.strip()), args.force,
+                      None if args.graphs is None else tuple(g.strip() for g in args.graphs.split(",") if g.strip()),
+                      args.force,
                       args.timing_cache)  # fmt: skip
     engines = build_bundle(args.bundle, cfg, lambda msg: print(f"vtprune build: {msg}", file=sys.stderr, flush=True))
     for graph, meta in engines.items():

@@ -161,12 +161,12 @@ class _FakeProgram:
 
 def test_save_is_atomic(tmp_path):
     with pytest.raises(OSError, match="disk full"):
-        export_mod._save_atomic(_FakeProgram(fail=True), tmp_path / "decoder.onnx")
+        export_mod.save_program_atomic(_FakeProgram(fail=True), tmp_path / "decoder.onnx")
     assert list(tmp_path.iterdir()) == []  # no .onnx, no temp dir
     with pytest.raises(onnx.checker.ValidationError):
-        export_mod._save_atomic(_FakeProgram(fail=False), tmp_path / "decoder.onnx")  # not a valid model
+        export_mod.save_program_atomic(_FakeProgram(fail=False), tmp_path / "decoder.onnx")  # not a valid model
     assert list(tmp_path.iterdir()) == []
-    files = export_mod._save_atomic(_FakeProgram(fail=False), tmp_path / "decoder.onnx", check=lambda p: None)
+    files = export_mod.save_program_atomic(_FakeProgram(fail=False), tmp_path / "decoder.onnx", check=lambda p: None)
     assert files == ["decoder.onnx", "decoder.onnx.data"]
     assert sorted(f.name for f in tmp_path.iterdir()) == files
 

@@ -153,11 +153,7 @@ def export_bundle(
 
     log = log or (lambda msg: None)
     out = Path(out)
-    if prune.in_llm:
-        raise ConfigError(
-            f"--method {prune.method} selects tokens inside the decoder, which the exported decoder graph does not "
-            "do yet; run it in PyTorch (vtprune run --model / vtprune eval) or export a pre-LLM method"
-        )
+    check_exportable(prune)
     prepare_target(out, export.force)
     log(f"loading {model}")
     adapter = load_vlm(model, cache_dir=cache_dir)
@@ -171,11 +167,43 @@ def export_bundle(
     return manifest
 
 
+def check_exportable(prune: PruneConfig) -> None:
+    """Refuse, before any model is loaded, a config the exported graphs cannot carry."""
+    from vtprune.export.layerwise import EXPORTABLE
+
+    if prune.in_llm and prune.method not in EXPORTABLE:
+        raise ConfigError(
+            f"--method {prune.method} cannot be exported yet (in-LLM methods in the exported decoder: "
+            f"{', '.join(EXPORTABLE)}); run it in PyTorch (vtprune run --model / vtprune eval)"
+        )
+    if prune.in_llm and prune.selector != "lowrank":
+        raise ConfigError("--selector exact recomputes full attention rows (a PyTorch diagnostic); "
+                          "export the low-rank selector (--selector lowrank)")  # fmt: skip
+
+
+def _lm_steps(traced: Any, prune: PruneConfig, sample: dict, export: ExportConfig, donor: Any) -> list:
+    """The language-model graphs: embed + decoder (pre-LLM), or embed + routed prefill + decode (in-LLM)."""
+    from vtprune.export.decoder import export_decoder, export_embed
+
+    embed = ("embed", lambda p: donor["embed"](p) if donor else export_embed(traced, p, export.opset))
+    if not prune.in_llm:
+        return [embed, ("decoder", lambda p: donor["decoder"](p) if donor else export_decoder(traced, p, export.opset))]
+    from vtprune.export.layerwise import export_decode, export_prefill
+    from vtprune.runtime.layerwise import layer_budgets
+    from vtprune.runtime.pipeline import PrunedVlm
+
+    prefill = PrunedVlm(traced, prune).build_prefill(sample)
+    n_visual = int(prefill.visual_rows.numel())
+    n_text = int(prefill.embeds.shape[1]) - n_visual
+    budgets = layer_budgets(prune, traced, n_text, n_visual)
+    return [embed, ("prefill", lambda p: export_prefill(traced, prune, budgets, n_text, n_visual, p, export.opset)),
+            ("decode", lambda p: export_decode(traced, p, export.opset))]  # fmt: skip
+
+
 def _write_bundle(adapter: Any, model: str, prune: PruneConfig, export: ExportConfig, tmp: Path, log: Any) -> dict:
     import time
 
     from vtprune.demo import scene_image
-    from vtprune.export.decoder import export_decoder, export_embed
     from vtprune.export.precision import export_copy, fp32_parts
     from vtprune.export.validate import validate_bundle
     from vtprune.export.vision import export_vision
@@ -190,17 +218,16 @@ def _write_bundle(adapter: Any, model: str, prune: PruneConfig, export: ExportCo
     donor = lm_donor(export, model) if export.reuse_lm_from else None
     traced = export_copy(adapter, export.dtype)  # the fp32 ``adapter`` stays the validation reference
     steps = [("vision", lambda p: export_vision(traced, prune, sample, p, export.opset)),
-             ("embed", lambda p: donor["embed"](p) if donor else export_embed(traced, p, export.opset)),
-             ("decoder", lambda p: donor["decoder"](p) if donor else export_decoder(traced, p, export.opset)),
-             ]  # fmt: skip
+             *_lm_steps(traced, prune, sample, export, donor)]  # fmt: skip
     for i, (name, fn) in enumerate(steps, 1):
         start = time.perf_counter()
         precision = {"dtype": export.dtype, "fp32_parts": fp32_parts(traced, name) if export.dtype != "fp32" else []}
         manifest["graphs"][name] = fn(tmp / f"{name}.onnx") | precision
         log(f"[{i}/{len(steps) + 1}] {name}.onnx exported in {time.perf_counter() - start:.1f} s")
     save_processing_files(adapter, tmp / PROCESSOR_DIR)
-    if export.inline:
-        inline_copy(tmp / "vision.onnx", tmp / "vision.inlined.onnx")
+    if export.inline:  # the graphs holding vtprune functions
+        for name in ("vision", "prefill") if prune.in_llm else ("vision",):
+            inline_copy(tmp / f"{name}.onnx", tmp / f"{name}.inlined.onnx")
     write_manifest(tmp, manifest)
     if export.validate:
         start = time.perf_counter()
@@ -224,6 +251,9 @@ def lm_donor(export: ExportConfig, model: str) -> dict[str, Any]:
 
     def copier(graph: str) -> Any:
         def copy(dest: Path) -> dict[str, Any]:
+            if graph not in manifest["graphs"]:
+                raise BundleError(f"--reuse-lm-from {src} has no {graph} graph (it prunes inside the decoder); "
+                                  "reuse a bundle of a pre-LLM method")  # fmt: skip
             try:
                 os.link(src / f"{graph}.onnx", dest)  # same bytes, no extra disk
             except OSError:

@@ -104,11 +104,11 @@ def export_embed(adapter: VlmAdapter, path: Path, opset: int = 18) -> dict[str, 
     Returns:
         The IO description (see ``io_spec``): ``input_ids (B, S) int64 -> inputs_embeds (B, S, D)``.
     """
-    _require_model(adapter)
+    require_model(adapter)
     ids = torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_SEQ, dtype=torch.long)
     dims = {"input_ids": {0: torch.export.Dim(BATCH), 1: torch.export.Dim(SEQUENCE)}}
     program = _export(EmbedGraph(adapter).eval(), (ids,), ["input_ids"], ["inputs_embeds"], dims, opset)
-    files = _save_atomic(program, Path(path))
+    files = save_program_atomic(program, Path(path))
     return io_spec(Path(path), "embed", files, opset, adapter)
 
 
@@ -128,12 +128,12 @@ def export_decoder(adapter: VlmAdapter, path: Path, opset: int = 18) -> dict[str
     Returns:
         The IO description (see ``io_spec``).
     """
-    _require_model(adapter)
+    require_model(adapter)
     graph = DecoderGraph(adapter).eval()
     args = _decoder_example(adapter)
     inputs, outputs = decoder_names(graph.num_layers)
     program = _export(graph, args, inputs, outputs, _decoder_dims(args[1].ndim, graph.num_layers), opset)
-    files = _save_atomic(program, Path(path))
+    files = save_program_atomic(program, Path(path))
     return io_spec(Path(path), "decoder", files, opset, adapter)
 
 
@@ -144,7 +144,7 @@ def decoder_names(num_layers: int) -> tuple[list[str], list[str]]:
     return ["inputs_embeds", "position_ids", "attention_mask", *past], ["logits", *present]
 
 
-def _require_model(adapter: VlmAdapter) -> None:
+def require_model(adapter: VlmAdapter) -> None:
     if adapter.model is None:
         raise ExportError(f"the {adapter.family} adapter was loaded for processing only; export needs its model")
 
@@ -191,7 +191,7 @@ def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str
         raise ExportError(f"torch.onnx.export failed for {name}: {str(exc).splitlines()[0][:300]}") from exc
 
 
-def _save_atomic(program: Any, path: Path, check: Callable[[Path], None] | None = None) -> list[str]:
+def save_program_atomic(program: Any, path: Path, check: Callable[[Path], None] | None = None) -> list[str]:
     """Save into a temp dir next to ``path``, check, then move into place (external data first, ``.onnx``
     last), so a failure never leaves a half-written ``.onnx``. Returns the file names written."""
     check = check or _check_model

@@ -38,6 +38,12 @@ FP32_PARTS = {
         "logits output (lm_head runs in fp16, the result is cast to fp32)",
     ),
 }
+FP32_PARTS["decode"] = FP32_PARTS["decoder"]
+FP32_PARTS["prefill"] = (
+    *FP32_PARTS["decoder"],
+    "in-LLM selectors: factors, scores and TopKRoute in fp32 (hidden states upcast; ties at the cut are judged "
+    "like the vision graph's)",
+)
 
 
 def _qwen_islands(model: nn.Module) -> dict[str, nn.Module]:

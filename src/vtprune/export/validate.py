@@ -66,8 +66,12 @@ def compare_backends(adapter: Any, cfg: PruneConfig, bundle: Path, image: Any, p
     if not all(r["ok"] for r in rows):
         return rows
     rows.append(_close("decoder input embeds", ref_pre.embeds.numpy(), bun_pre["embeds"], "embeds", strict))
-    ref_logits = ref.prompt_logits(ref_pre)[:, -1].numpy()
-    bun_logits, _ = bun.decoder_step(bun_pre["embeds"], bun_pre["positions"], bun._empty_past())
+    bun_logits, _ = bun.prefill(bun_pre)
+    if cfg.in_llm:
+        ref_logits, ref_selected = routed_reference(ref, ref_pre)
+        rows.append(_per_layer("kept visual tokens per routed layer", ref_selected, bun_pre["selected"], strict))
+    else:
+        ref_logits = ref.prompt_logits(ref_pre)[:, -1].numpy()
     rows.append(_close("prefill logits", ref_logits, bun_logits, "logits", strict))
     with torch.inference_mode():
         ref_tokens = ref.decode(ref_pre, steps, eos=set())
@@ -88,6 +92,26 @@ def validate_bundle(adapter: Any, cfg: PruneConfig, bundle: Path, image: Any, pr
         raise AccuracyError(f"exported {dtype} bundle disagrees with PyTorch on: {failed}; no bundle was written", rows)
     return {"image_size": list(image.size), "prompt": prompt, "dtype": dtype, "thresholds": thresholds(dtype),
             "checks": rows}  # fmt: skip
+
+
+@torch.inference_mode()
+def routed_reference(ref: Any, prefill: Any) -> tuple[np.ndarray, list[np.ndarray]]:
+    """In-LLM reference: last-position logits (1, V) of the routed PyTorch prefill and, per routed layer
+    in order, the visual tokens it kept."""
+    hidden = ref.layerwise_prefill(prefill, ref.new_cache())[1]
+    selected = ref.last_trace.selected
+    return ref.adapter.lm_head(hidden[:, -1]).float().numpy(), [selected[i].numpy() for i in sorted(selected)]
+
+
+def _per_layer(name: str, ref: list[np.ndarray], got: list[np.ndarray], strict: bool) -> dict[str, Any]:
+    """Kept sets of every routed layer: identical (fp32), or reported by IoU only (fp16, where near-tied
+    selector scores may swap; the logits and greedy checks judge the result)."""
+    if len(ref) != len(got):
+        return {"check": name, "ok": False, "layers": len(ref), "bundle_layers": len(got)}
+    pairs = list(zip(ref, got, strict=True))
+    identical = sum(a.shape == b.shape and bool(np.array_equal(a, b)) for a, b in pairs)
+    return {"check": name, "ok": identical == len(pairs) or not strict, "layers": len(pairs),
+            "identical_layers": identical, "min_iou": min((iou(a, b) for a, b in pairs), default=1.0)}  # fmt: skip
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

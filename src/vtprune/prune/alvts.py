@@ -38,13 +38,15 @@ class LayerSelector:
         return int(self.a.shape[1])
 
     def logits(self, x_q: Tensor, x_v: Tensor) -> Tensor:
-        """(n_q, d), (N_v, d) normalised hidden states -> (n_q, N_v) approximate head-mean logits."""
+        """(..., n_q, d), (..., N_v, d) normalised hidden states -> (..., n_q, N_v) approximate head-mean
+        logits (leading batch dims optional)."""
         x_q, x_v = x_q.float(), x_v.float()
-        return ((x_q @ self.a) @ (x_v @ self.b).T + (x_v @ self.u)[None]) * self.scale
+        return ((x_q @ self.a) @ (x_v @ self.b).transpose(-1, -2) + (x_v @ self.u).unsqueeze(-2)) * self.scale
 
     def scores(self, x_q: Tensor, x_v: Tensor) -> Tensor:
-        """Importance of each visual token: softmax over the visual tokens, averaged over the queries (N_v,)."""
-        return self.logits(x_q, x_v).softmax(dim=-1).mean(dim=0)
+        """Importance of each visual token: softmax over the visual tokens, averaged over the queries
+        (..., N_v)."""
+        return self.logits(x_q, x_v).softmax(dim=-1).mean(dim=-2)
 
     def macs(self, n_q: int, n_v: int) -> int:
         """Cost of ``scores`` (see ``lowrank_selector_macs``)."""

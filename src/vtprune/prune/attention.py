@@ -46,7 +46,8 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding as LLaMA/Qwen2 apply it: x (H, n, hd), cos/sin (n, hd)."""
+    """Rotary embedding as LLaMA/Qwen2 apply it: x (..., H, n, hd), cos/sin (..., n, hd)."""
+    cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)  # broadcast over heads
     return x * cos + rotate_half(x) * sin
 
 
@@ -58,19 +59,19 @@ def attention_rows(
 
     Args:
         w: the layer's projections.
-        x_q: (n_q, d) normalised hidden states of the query rows.
-        x_k: (n_k, d) normalised hidden states of every key row.
-        rope_q, rope_k: (cos, sin) tables, (n_q, hd) and (n_k, hd).
+        x_q: (..., n_q, d) normalised hidden states of the query rows (leading batch dims optional).
+        x_k: (..., n_k, d) normalised hidden states of every key row.
+        rope_q, rope_k: (cos, sin) tables, (..., n_q, hd) and (..., n_k, hd).
         pos_q, pos_k: (n_q,) and (n_k,) 1-D positions for the causal rule (key pos <= query pos).
 
     Returns:
-        (H, n_q, n_k) float32 probabilities; each row sums to 1 over its visible keys.
+        (..., H, n_q, n_k) float32 probabilities; each row sums to 1 over its visible keys.
     """
     q = _project(x_q, w.q_weight, w.q_bias, w.heads, w.head_dim)
     k = _project(x_k, w.k_weight, w.k_bias, w.kv_heads, w.head_dim)
     q, k = apply_rope(q, *(t.float() for t in rope_q)), apply_rope(k, *(t.float() for t in rope_k))
-    k = k.repeat_interleave(w.heads // w.kv_heads, dim=0)
-    logits = q @ k.transpose(-1, -2) / w.head_dim**0.5  # (H, n_q, n_k)
+    k = k.repeat_interleave(w.heads // w.kv_heads, dim=-3)
+    logits = q @ k.transpose(-1, -2) / w.head_dim**0.5  # (..., H, n_q, n_k)
     visible = pos_k[None, :] <= pos_q[:, None]
     return logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
 
@@ -100,4 +101,4 @@ def _project(x: Tensor, weight: Tensor, bias: Tensor | None, heads: int, head_di
     y = x.float() @ weight.float().T
     if bias is not None:
         y = y + bias.float()
-    return y.view(x.shape[0], heads, head_dim).transpose(0, 1)  # (heads, n, hd)
+    return y.view(*x.shape[:-1], heads, head_dim).transpose(-2, -3)  # (..., heads, n, hd)

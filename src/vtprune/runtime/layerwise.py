@@ -183,23 +183,24 @@ class DartRouter(_DropRouter):
 
 
 def dart_select(x: Tensor, key_norms: Tensor, k: int, pivots: int) -> Tensor:
-    """DART selection on (N, D) features: (k,) ascending indices; pivots are the ``pivots`` largest
-    key norms; the rest is split evenly over the pivots (earlier pivots take the remainder)."""
+    """DART selection on (..., N, D) features: (..., k) ascending indices; pivots are the ``pivots``
+    largest key norms; the rest is split evenly over the pivots (earlier pivots take the remainder).
+    Static in k and the pivot count (an unrolled loop of gathers, top-k and scatters: exportable)."""
     p = min(pivots, k)
-    chosen = key_norms.topk(p).indices
-    taken = torch.zeros(x.shape[0], dtype=torch.bool)
-    taken[chosen] = True
+    chosen = key_norms.topk(p, dim=-1).indices  # (..., p)
+    taken = torch.zeros(key_norms.shape, dtype=torch.bool, device=x.device).scatter(-1, chosen, True)
     unit = torch.nn.functional.normalize(x.float(), dim=-1)
     extra, kept = k - p, [chosen]
-    for i, pivot in enumerate(chosen.tolist()):
+    for i in range(p):
         share = extra // p + (1 if i < extra % p else 0)
         if share == 0:
             continue
-        sim = (unit @ unit[pivot]).masked_fill(taken, float("inf"))
-        pick = (-sim).topk(share).indices  # least similar first
-        taken[pick] = True
+        at = chosen[..., i : i + 1, None].expand(*unit.shape[:-2], 1, unit.shape[-1])
+        sim = (unit @ unit.gather(-2, at).transpose(-1, -2)).squeeze(-1).masked_fill(taken, float("inf"))
+        pick = (-sim).topk(share, dim=-1).indices  # least similar first
+        taken = taken.scatter(-1, pick, True)
         kept.append(pick)
-    return torch.cat(kept).sort().values
+    return torch.cat(kept, dim=-1).sort(dim=-1).values
 
 
 class LayerwiseDecoder:
@@ -314,6 +315,17 @@ def alvts_budgets(cfg: PruneConfig, dims: TextDims, n_text: int, n_visual: int, 
 
         k = max([1] + [kk for kk in range(1, n_visual + 1) if cost(kk) <= target])
     return [n_visual] * l0 + [k] * (dims.layers - l0)
+
+
+def layer_budgets(cfg: PruneConfig, adapter: Any, n_text: int, n_visual: int) -> list[int]:
+    """Visual rows each decoder layer processes under an in-LLM ``cfg`` for a prompt of this shape: the
+    static per-layer budgets an exported prefill graph is built with."""
+    router = build_router(cfg, adapter, n_text, n_visual)
+    if isinstance(router, AlvtsRouter):
+        return [k if i in router.selectors else n_visual for i, k in enumerate(router.budgets)]
+    n_layers = len(adapter.decoder.layers)
+    cut = min(router.layer, n_layers)
+    return [n_visual] * cut + [min(router.k, n_visual)] * (n_layers - cut)
 
 
 def build_router(cfg: PruneConfig, adapter: Any, n_text: int, n_visual: int) -> Router:

@@ -14,7 +14,8 @@ import torch
 
 from vtprune.config import PruneConfig, SamplingConfig
 from vtprune.errors import BackendUnavailableError, ConfigError, InputError
-from vtprune.flops import FlopsReport, prefill_macs, prune_stage_macs
+from vtprune.flops import FlopsReport, layer_macs, layerwise_prefill_macs, prefill_macs, prune_stage_macs
+from vtprune.prune.alvts import lowrank_selector_macs
 from vtprune.runtime.images import check_image_size
 from vtprune.runtime.pipeline import Generation
 from vtprune.runtime.report import peak_rss_mb
@@ -71,9 +72,12 @@ class OrtVlm:
         config = AutoConfig.from_pretrained(str(proc_dir), local_files_only=True, trust_remote_code=False)
         self.adapter = cls(None, cls.load_processor(proc_dir), proc_dir, config)
         self.cfg = PruneConfig.from_dict(self.manifest["prune"])
-        self.sessions = {g: make_session(self.bundle / f"{g}.onnx", provider, threads)
-                         for g in ("vision", "embed", "decoder")}  # fmt: skip
-        self.decoder_io = self.manifest["graphs"]["decoder"]
+        # In-LLM bundles (ALVTS, FastV) route tokens inside a prefill graph and decode with per-layer caches.
+        self.routing = self.manifest["graphs"].get("prefill", {}).get("routing")
+        graphs = ("vision", "embed", "prefill", "decode") if self.routing else ("vision", "embed", "decoder")
+        self.sessions = {g: make_session(self.bundle / f"{g}.onnx", provider, threads) for g in graphs}
+        self.step_graph = "decode" if self.routing else "decoder"
+        self.decoder_io = self.manifest["graphs"][self.step_graph]
         self.dtype = self.manifest["export"].get("dtype", "fp32")
         self.sampling = sampling or SamplingConfig()
 
@@ -135,9 +139,19 @@ class OrtVlm:
         positions = self.adapter.position_ids(inputs).numpy()[..., seq_keep]
         if self.cfg.positions == "contiguous":
             positions = np.broadcast_to(np.arange(seq_keep.size), positions.shape).copy()
-        return {"embeds": embeds[:, seq_keep], "positions": positions, "visual_kept": int(keep.size),
-                "visual_total": int(image_pos.size), "prompt_len": int(ids.shape[1]), "keep_idx": keep,
-                "seq_keep": seq_keep}  # fmt: skip
+        out = {"embeds": embeds[:, seq_keep], "positions": positions, "visual_kept": int(keep.size),
+               "visual_total": int(image_pos.size), "prompt_len": int(ids.shape[1]), "keep_idx": keep,
+               "seq_keep": seq_keep}  # fmt: skip
+        return out | (self._routing_rows(text_pos, image_pos, ids.shape[1]) if self.routing else {})
+
+    def _routing_rows(self, text_pos: np.ndarray, image_pos: np.ndarray, length: int) -> dict[str, np.ndarray]:
+        """The prompt layout the prefill graph routes on (every prompt row is present in an in-LLM bundle)."""
+        if image_pos.size < self.routing["min_visual_tokens"]:
+            raise InputError(f"this image gives {image_pos.size} visual tokens; the bundle's prefill graph routes "
+                             f"budgets up to {self.routing['min_visual_tokens'] - 1} and needs more")  # fmt: skip
+        query = np.array([length - 1]) if self.routing["query"] == "last" else np.arange(image_pos.max() + 1, length)
+        return {"text_rows": text_pos.astype(np.int64), "visual_rows": image_pos.astype(np.int64),
+                "query_rows": query.astype(np.int64)}  # fmt: skip
 
     def _empty_past(self) -> dict[str, np.ndarray]:
         io = self.decoder_io
@@ -145,21 +159,38 @@ class OrtVlm:
         return {name: np.zeros(shape, self.input_dtype("decoder", name)) for name in self._past_names()}
 
     def _past_names(self) -> list[str]:
-        return [i.name for i in self.sessions["decoder"].get_inputs() if i.name.startswith("past_key_values")]
+        return [i.name for i in self.sessions[self.step_graph].get_inputs() if i.name.startswith("past_key_values")]
 
     def decoder_step(self, embeds: np.ndarray, positions: np.ndarray, past: dict[str, np.ndarray]) -> tuple:
-        total = embeds.shape[1] + next(iter(past.values())).shape[2]
-        feeds = {"inputs_embeds": embeds, "position_ids": positions, "attention_mask": np.ones((1, total))}
-        outs = self.sessions["decoder"].run(None, self.typed("decoder", feeds) | past)  # past: already typed
-        names = [o.name for o in self.sessions["decoder"].get_outputs()]
+        """New tokens through the decoder (or the in-LLM decode graph) with the cache: last logits, cache."""
+        feeds = {"inputs_embeds": embeds, "position_ids": positions}
+        if not self.routing:  # the per-layer-cache decode graph takes no mask (one query after every key)
+            total = embeds.shape[1] + next(iter(past.values())).shape[2]
+            feeds["attention_mask"] = np.ones((1, total))
+        return self._run_lm(self.step_graph, self.typed(self.step_graph, feeds) | past)  # past: already typed
+
+    def prefill(self, pre: dict[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The prompt through the decoder: last-position logits and the KV cache. In-LLM bundles route
+        inside the prefill graph and leave each routed layer's kept visual tokens in ``pre["selected"]``."""
+        if not self.routing:
+            return self.decoder_step(pre["embeds"], pre["positions"], self._empty_past())
+        feeds = {"inputs_embeds": pre["embeds"], "position_ids": pre["positions"]}
+        feeds |= {k: pre[k] for k in ("text_rows", "visual_rows", "query_rows")}
+        return self._run_lm("prefill", self.typed("prefill", feeds), pre)
+
+    def _run_lm(self, graph: str, feeds: dict[str, np.ndarray], pre: dict[str, Any] | None = None) -> tuple:
+        outs = self.sessions[graph].run(None, feeds)
+        names = [o.name for o in self.sessions[graph].get_outputs()]
         result = dict(zip(names, outs, strict=True))
         presents = {n.replace("present", "past_key_values", 1): result[n] for n in names if n.startswith("present")}
+        if pre is not None:
+            pre["selected"] = [result[n][0] for n in names if n.startswith("selected.")]
         return result["logits"][:, -1].astype(np.float32, copy=False), presents
 
     def decode(self, prefill: dict[str, Any], max_new_tokens: int, timer: StageTimer, eos: set[int]) -> list[int]:
         choose = TokenChooser(self.sampling)
         with timer.stage("prefill"):
-            logits, past = self.decoder_step(prefill["embeds"], prefill["positions"], self._empty_past())
+            logits, past = self.prefill(prefill)
             token = choose(logits[0])
         next_pos = prefill["positions"].max(axis=-1, keepdims=True) + 1  # one past the unpruned prompt
         out: list[int] = []
@@ -181,17 +212,46 @@ class OrtVlm:
         eos = self.adapter.eos_token_ids()
         tokens = self.decode(prefill, max_new_tokens, timer, eos)
         answer = self.adapter.decode([t for t in tokens if t not in eos])
+        costs = self.layer_costs(prefill)
         return Generation(
             answer=answer, token_ids=tokens, method=self.cfg.method, keep=self.cfg.keep,
-            visual_tokens_total=prefill["visual_total"], visual_tokens_kept=prefill["visual_kept"],
+            visual_tokens_total=prefill["visual_total"],
+            visual_tokens_kept=min(costs[0]) if costs else prefill["visual_kept"],
             prompt_tokens=prefill["prompt_len"], prefill_tokens=int(prefill["embeds"].shape[1]),
             flops=self.flops(prefill), timings_ms=dict(timer.ms), peak_rss_mb=peak_rss_mb(),
+            layer_visual_tokens=costs[0] if costs else None, layer_macs=costs[1] if costs else None,
         )  # fmt: skip
+
+    def routed_rows(self, prefill: dict[str, Any]) -> dict[str, list[int]]:
+        """In-LLM bundles: per decoder layer, the visual tokens, rows and key/value rows it processes and
+        its selector's MACs (from the prefill graph's static budgets)."""
+        r, dims = self.routing, self.adapter.text_dims()
+        n_v, length = prefill["visual_total"], prefill["prompt_len"]
+        visual = [min(k, n_v) for k in r["budgets"]]
+        rows = [length - n_v + v for v in visual]
+        kv_rows = [length if r["skip"] == "kv" and r["method"] == "alvts" else n for n in rows]
+        ranks = {int(i): rank for i, rank in r.get("selector_ranks", {}).items()}
+        n_q = prefill["query_rows"].size
+        selector = [lowrank_selector_macs(dims.hidden, ranks[i], n_q, n_v) if i in ranks else 0
+                    for i in range(dims.layers)]  # fmt: skip
+        return {"visual": visual, "rows": rows, "kv_rows": kv_rows, "selector": selector}
+
+    def layer_costs(self, prefill: dict[str, Any]) -> tuple[list[int], list[int]] | None:
+        """In-LLM bundles: visual tokens and prefill MACs (selector included) of each decoder layer."""
+        if not self.routing:
+            return None
+        r, dims = self.routed_rows(prefill), self.adapter.text_dims()
+        macs = [layer_macs(dims, n, m) + c for n, m, c in zip(r["rows"], r["kv_rows"], r["selector"], strict=True)]
+        return r["visual"], macs
 
     def flops(self, prefill: dict[str, Any]) -> FlopsReport:
         dims = self.adapter.text_dims()
+        unpruned = prefill_macs(dims, prefill["prompt_len"])
+        if self.routing:
+            r = self.routed_rows(prefill)
+            return FlopsReport(unpruned, layerwise_prefill_macs(dims, r["rows"], r["kv_rows"]), sum(r["selector"]))
         meta = self.manifest["graphs"]["vision"]["meta"]
         sizes = [meta["per_crop"], meta["hr_capacity"]] if "per_crop" in meta else [prefill["visual_total"]]
         stage = prune_stage_macs(self.cfg, sizes, dims.hidden)
         n = int(prefill["embeds"].shape[1])
-        return FlopsReport(prefill_macs(dims, prefill["prompt_len"]), prefill_macs(dims, n), stage)
+        return FlopsReport(unpruned, prefill_macs(dims, n), stage)

@@ -20,7 +20,7 @@ from typing import Any
 
 from vtprune.errors import BundleError, ConfigError
 
-GRAPHS = ("vision", "embed", "decoder")
+GRAPHS = ("vision", "embed", "decoder", "prefill", "decode")  # in-LLM bundles: prefill + decode
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class BuildConfig:
     workspace_mb: int | None = None
     max_batch: int = 1
     max_seq: int | None = None  # default: the model's max positions, capped at 4096
-    graphs: tuple[str, ...] = GRAPHS
+    graphs: tuple[str, ...] | None = None  # None: every graph the bundle has
     force: bool = False
     timing_cache: Path | None = None  # loaded if present, shared by the graphs, rewritten after each build
 
@@ -41,8 +41,8 @@ class BuildConfig:
             raise ConfigError(f"--max-batch {self.max_batch} must be at least 1")
         if self.max_seq is not None and self.max_seq < 2:
             raise ConfigError(f"--max-seq {self.max_seq} must be at least 2")
-        unknown = set(self.graphs) - set(GRAPHS)
-        if unknown or not self.graphs:
+        unknown = set(self.graphs or ()) - set(GRAPHS)
+        if unknown or self.graphs == ():
             raise ConfigError(f"--graphs must name some of {', '.join(GRAPHS)}; got {', '.join(self.graphs)}")
 
 
@@ -55,19 +55,26 @@ def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, A
     log = log or (lambda msg: None)
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
-    existing = [g for g in cfg.graphs if (bundle / f"{g}.engine").exists()]
+    graphs = [g for g in GRAPHS if g in manifest["graphs"]] if cfg.graphs is None else list(cfg.graphs)
+    missing = [g for g in graphs if g not in manifest["graphs"]]
+    if missing:
+        raise ConfigError(f"--graphs {','.join(missing)}: {bundle} has only {', '.join(manifest['graphs'])}")
+    existing = [g for g in graphs if (bundle / f"{g}.engine").exists()]
     if existing and not cfg.force:
         raise BundleError(f"{bundle} already has {', '.join(existing)} engine(s); pass --force to rebuild")
     max_seq = cfg.max_seq or _model_max_positions(bundle / manifest["processor_dir"])
     precision = bundle_precision(cfg.precision, manifest["export"].get("dtype", "fp32"), log)
+    routing = manifest["graphs"].get("prefill", {}).get("routing")
+    visual = (routing["min_visual_tokens"], routing["visual_tokens"], max(routing["visual_tokens"], max_seq)) \
+        if routing else None  # fmt: skip
     limits = ProfileLimits(batch=(1, 1, cfg.max_batch), sequence=(1, min(64, max_seq), max_seq),
-                           past=(0, max_seq // 2, max_seq))  # fmt: skip
+                           past=(0, max_seq // 2, max_seq), visual=visual)  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix=".engines-", dir=bundle))
     engines = dict(manifest.get("engines", {}))
     try:
-        for i, graph in enumerate(cfg.graphs, 1):
+        for i, graph in enumerate(graphs, 1):
             onnx_path = bundle / f"{graph}.onnx"
-            log(f"[{i}/{len(cfg.graphs)}] building {graph}.engine ...")
+            log(f"[{i}/{len(graphs)}] building {graph}.engine ...")
             result = build_engine(onnx_path, profiles_from_onnx(onnx_path, limits), precision, cfg.target,
                                   cfg.workspace_mb, cfg.timing_cache, lambda msg: log(f"      {msg}"))  # fmt: skip
             settings = asdict(cfg) | {"max_seq": max_seq, "timing_cache": cfg.timing_cache and str(cfg.timing_cache)}

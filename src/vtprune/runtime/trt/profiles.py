@@ -14,14 +14,17 @@ class ProfileLimits:
 
     batch: tuple[int, int, int] = (1, 1, 1)
     sequence: tuple[int, int, int] = (1, 64, 1024)  # new tokens per decoder call (prefill up to max)
-    past: tuple[int, int, int] = (0, 256, 1024)  # KV-cache length
+    past: tuple[int, int, int] = (0, 256, 1024)  # KV-cache length (each layer's own in decode graphs)
+    visual: tuple[int, int, int] | None = None  # visual rows of a routed prefill (default: ``sequence``)
 
     def dim(self, name: str, which: int) -> int:
         if "+" in name or name.startswith("total"):
             return self.sequence[which] + self.past[which]
         if name.startswith("past"):
             return self.past[which]
-        if name.startswith("sequence"):
+        if name.startswith("visual_length"):
+            return (self.visual or self.sequence)[which]
+        if name.startswith(("sequence", "text_length", "query_length")):
             return self.sequence[which]
         return self.batch[which]  # batch_size and exporter-named batch dims (s0, s1, ...)
 

@@ -1,0 +1,327 @@
+"""In-LLM methods in the exported decoder: a routed prefill graph and a per-layer-cache decode graph.
+
+A pre-LLM bundle's decoder sees an already shortened prompt; an in-LLM bundle (ALVTS, FastV) prunes
+inside the decoder, so its language model is two graphs around the adapter's decoder layers (called as
+they are, nothing patched), mirroring ``runtime.layerwise.LayerwiseDecoder``:
+
+- ``prefill``: the whole prompt in, ``logits`` of the last position and each layer's KV cache out.
+  The prompt layout arrives as three index inputs (``text_rows``, ``visual_rows``, ``query_rows``: rows
+  of the prompt, ascending). Before each routed layer l the selector scores the visual rows from the
+  layer's normalised input, ``vtprune::TopKRoute`` keeps the layer's static budget k_l (ascending), the
+  text rows plus those visual rows are gathered with their rotary embeddings, the layer runs on them and
+  the result is scattered back; skipped rows pass unchanged (ALVTS, ALGORITHMS.md §2.4). With ``--skip
+  kv`` the layer runs on every row and only the routed rows take its output. FastV drops instead: from
+  layer K on the sequence is the text rows plus the kept visual rows. The selector factors are
+  initializers of the graph. ``selected.{l}`` outputs give each routed layer's kept visual tokens, so
+  parity with PyTorch is checked per layer.
+- ``decode``: one new token (``inputs_embeds (B, 1, D)``, its position ids) and every layer's past KV,
+  each with its own length (``past_sequence_length_{l}``): layers cache only the rows they processed.
+  The query lies after every cached position, so no mask is needed.
+
+Shapes are static in the budgets (each k_l is a constant of the graph) and symbolic in the prompt
+length, the number of text, visual and query rows, and the batch (every row of a batch shares one prompt
+layout).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vtprune.config import PruneConfig
+from vtprune.errors import ConfigError, ExportError
+from vtprune.export.decoder import (
+    BATCH,
+    PAST_KEY,
+    PAST_VALUE,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+    SEQUENCE,
+    position_ids_rank,
+    require_model,
+)  # fmt: skip
+from vtprune.prune.alvts import LayerSelector
+from vtprune.prune.attention import QkWeights, attention_rows
+from vtprune.prune.select import gather_tokens
+
+TEXT, VISUAL, QUERY = "text_length", "visual_length", "query_length"
+PAST_OF = "past_sequence_length_{i}"
+ROUTING_INPUTS = ["text_rows", "visual_rows", "query_rows"]
+EXPORTABLE = ("alvts", "fastv", "dart")
+
+# Example sizes for tracing: all distinct and >= 2 so no dimension is specialised (PLATFORM.md §5).
+_EXAMPLE_BATCH, _EXAMPLE_QUERY = 2, 2
+
+
+def _cache(config: Any) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=config)
+
+
+class _Layers(nn.Module):
+    """The adapter's decoder stack, final norm and LM head, run layer by layer."""
+
+    def __init__(self, adapter: Any) -> None:
+        super().__init__()
+        stack = adapter.decoder
+        if getattr(stack, "has_sliding_layers", False):
+            raise ConfigError("in-LLM export does not support sliding-window attention layers")
+        self.layers, self.rotary, self.norm, self.lm_head = stack.layers, stack.rotary_emb, stack.norm, adapter.lm_head
+        self.text_config = adapter.text_config
+        self.eager_mask = adapter.text_config._attn_implementation != "sdpa"
+
+    def run(self, layer: nn.Module, h: Tensor, rope: tuple[Tensor, Tensor], cache: Any) -> Tensor:
+        mask = None
+        if self.eager_mask and h.shape[1] > 1:  # SDPA takes is_causal; eager attention needs the mask
+            n = h.shape[1]
+            mask = torch.full((n, n), torch.finfo(h.dtype).min, dtype=h.dtype, device=h.device).triu(1)[None, None]
+        return layer(h, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
+
+    def finish(self, h: Tensor, cache: Any) -> tuple[Tensor, ...]:
+        logits = self.lm_head(self.norm(h[:, -1:])).float()  # (B, 1, V): the next token only
+        present = [t for layer in cache.layers[: len(self.layers)] for t in (layer.keys, layer.values)]
+        return (logits, *present)
+
+
+class RoutedPrefillGraph(_Layers):
+    """``forward(inputs_embeds (B, L, D), position_ids, text_rows (n_t,), visual_rows (N_v,), query_rows
+    (n_q,))`` -> ``(logits (B, 1, V), present key/value per layer..., selected.{l} (B, k_l) per routed
+    layer)``; see the module docstring."""
+
+    def __init__(self, adapter: Any, cfg: PruneConfig, budgets: list[int], n_visual: int) -> None:
+        super().__init__(adapter)
+        if cfg.method not in EXPORTABLE:
+            raise ConfigError(f"--method {cfg.method} cannot be exported into the decoder yet (in-LLM export: "
+                              f"{', '.join(EXPORTABLE)})")  # fmt: skip
+        if cfg.method == "alvts" and cfg.selector != "lowrank":
+            raise ConfigError("--selector exact is a diagnostic of the PyTorch path; export the low-rank selector")
+        self.method, self.kv_visible = cfg.method, cfg.skip == "kv"
+        self.budgets = budgets
+        self.routed = [i for i, k in enumerate(budgets) if k < n_visual]
+        self.scale: dict[int, float] = {}
+        if cfg.method == "alvts":
+            from vtprune.runtime.layerwise import selectors_for
+
+            for i, sel in selectors_for(adapter, cfg).items():
+                if i in self.routed:  # the factors become initializers of the graph
+                    self.register_buffer(f"alvts_{i}_a", sel.a.clone(), persistent=False)
+                    self.register_buffer(f"alvts_{i}_b", sel.b.clone(), persistent=False)
+                    self.register_buffer(f"alvts_{i}_u", sel.u.clone(), persistent=False)
+                    self.scale[i] = sel.scale
+        else:  # drop methods: score before layer K-1's ... K, keep k visual rows from layer K on
+            dims = adapter.text_dims()
+            self.cut = self.routed[0] if self.routed else len(budgets)
+            self.heads, self.kv_heads = dims.heads, dims.kv_heads
+
+    def selector(self, i: int) -> LayerSelector:
+        return LayerSelector(getattr(self, f"alvts_{i}_a"), getattr(self, f"alvts_{i}_b"),
+                             getattr(self, f"alvts_{i}_u"), self.scale[i])  # fmt: skip
+
+    def forward(self, inputs_embeds: Tensor, position_ids: Tensor, text_rows: Tensor, visual_rows: Tensor,
+                query_rows: Tensor) -> tuple[Tensor, ...]:  # fmt: skip
+        h, cache = inputs_embeds, _cache(self.text_config)
+        cos, sin = self.rotary(h, position_ids)  # (B, L, hd) each
+        b, selected, drop_scores = h.shape[0], [], None
+        for i, layer in enumerate(self.layers):
+            if self.method != "alvts":
+                if i == self.cut - 1:
+                    drop_scores = self._drop_scores(layer, h, (cos, sin), visual_rows)
+                if i == self.cut:  # the unselected visual rows leave the sequence for good
+                    idx = self._drop_choose(h, visual_rows, drop_scores, self.budgets[i])
+                    rows = torch.cat([text_rows.expand(b, -1), visual_rows[idx]], dim=1).sort(dim=1).values
+                    h, cos, sin = (gather_tokens(t, rows) for t in (h, cos, sin))
+                    selected.append(idx)
+                h = self.run(layer, h, (cos, sin), cache)
+                continue
+            if i not in self.routed:
+                h = self.run(layer, h, (cos, sin), cache)
+                continue
+            x = layer.input_layernorm(h)  # (B, L, D)
+            scores = self.selector(i).scores(x.index_select(1, query_rows), x.index_select(1, visual_rows))
+            idx = self._route(h, visual_rows, scores, self.budgets[i])  # (B, k) into the visual rows
+            selected.append(idx)
+            rows = torch.cat([text_rows.expand(b, -1), visual_rows[idx]], dim=1).sort(dim=1).values  # (B, n)
+            if self.kv_visible:  # every row supplies keys/values; only the routed rows take the output
+                out = self.run(layer, h, (cos, sin), cache)
+                take = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device).scatter(1, rows, True)
+                h = torch.where(take[..., None], out, h)
+            else:  # the layer sees only the routed rows; the others pass unchanged
+                out = self.run(layer, gather_tokens(h, rows), (gather_tokens(cos, rows), gather_tokens(sin, rows)),
+                               cache)  # fmt: skip
+                h = h.scatter(1, rows[..., None].expand(-1, -1, h.shape[-1]), out)
+        return (*self.finish(h, cache), *selected)
+
+    @staticmethod
+    def _route(h: Tensor, visual_rows: Tensor, scores: Tensor, k: int) -> Tensor:
+        """``vtprune::TopKRoute`` over the visual rows: (B, k) ascending indices into ``visual_rows``."""
+        import vtprune.export.ops  # noqa: F401  (registers torch.ops.vtprune.*)
+
+        _, idx = torch.ops.vtprune.topk_route(h.index_select(1, visual_rows), scores.float(), k)
+        return idx
+
+    def _drop_scores(self, layer: nn.Module, h: Tensor, rope: tuple[Tensor, Tensor], visual_rows: Tensor) -> Tensor:
+        """Layer K-1's scores of the visual rows, (B, N_v): FastV, the attention the last prompt row pays
+        them (recomputed from the layer's projections); DART, their key norms."""
+        x = layer.input_layernorm(h)  # (B, L, D)
+        if self.method == "dart":
+            return layer.self_attn.k_proj(x.index_select(1, visual_rows)).float().norm(dim=-1)
+        w = QkWeights.of(layer.self_attn, self.heads, self.kv_heads)
+        keys = torch.arange(h.shape[1], device=h.device)
+        cos, sin = rope
+        probs = attention_rows(w, x[:, -1:], x, (cos[:, -1:], sin[:, -1:]), (cos, sin), keys[-1:], keys)
+        return probs.mean(dim=(-3, -2)).index_select(-1, visual_rows)  # (B, H, 1, L) -> (B, N_v)
+
+    def _drop_choose(self, h: Tensor, visual_rows: Tensor, scores: Tensor, k: int) -> Tensor:
+        """(B, k) ascending indices into the visual rows kept from layer K on."""
+        if self.method == "dart":
+            from vtprune.runtime.layerwise import DartRouter, dart_select
+
+            return dart_select(self.norm(h).index_select(1, visual_rows), scores, k, DartRouter.PIVOTS)
+        return self._route(h, visual_rows, scores, k)
+
+
+class LayerwiseDecodeGraph(_Layers):
+    """``forward(inputs_embeds (B, 1, D), position_ids (B, 1) | (3, B, 1), *past)`` -> ``(logits (B, 1, V),
+    present...)``; layer l's past is ``(B, kv_heads, P_l, head_dim)`` with its own P_l."""
+
+    def forward(self, inputs_embeds: Tensor, position_ids: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
+        cache = _cache(self.text_config)
+        for i in range(len(self.layers)):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        h = inputs_embeds
+        rope = self.rotary(h, position_ids)
+        for layer in self.layers:
+            h = self.run(layer, h, rope, cache)
+        return self.finish(h, cache)
+
+
+# --- export ------------------------------------------------------------------------------------------
+def prefill_names(num_layers: int, routed: int) -> tuple[list[str], list[str]]:
+    present = [t.format(i=i) for i in range(num_layers) for t in (PRESENT_KEY, PRESENT_VALUE)]
+    return ["inputs_embeds", "position_ids", *ROUTING_INPUTS], ["logits", *present] + [
+        f"selected.{j}" for j in range(routed)
+    ]
+
+
+def decode_names(num_layers: int) -> tuple[list[str], list[str]]:
+    past = [t.format(i=i) for i in range(num_layers) for t in (PAST_KEY, PAST_VALUE)]
+    present = [t.format(i=i) for i in range(num_layers) for t in (PRESENT_KEY, PRESENT_VALUE)]
+    return ["inputs_embeds", "position_ids", *past], ["logits", *present]
+
+
+def routing_example(adapter: Any, n_text: int, n_visual: int) -> tuple[Tensor, ...]:
+    """Tracing inputs: a prompt of ``n_text`` text rows around ``n_visual`` visual rows, batch 2."""
+    d, dtype = adapter.text_dims(), adapter.lm_head.weight.dtype
+    length = n_text + n_visual
+    before = min(2, n_text - 1)
+    text = torch.cat([torch.arange(before), torch.arange(before + n_visual, length)])
+    visual = torch.arange(before, before + n_visual)
+    query = torch.arange(length - _EXAMPLE_QUERY, length)  # >= 2 rows: the graph serves any query set
+    embeds = torch.randn(_EXAMPLE_BATCH, length, d.hidden, dtype=dtype)
+    positions = torch.arange(length).expand(_EXAMPLE_BATCH, length)
+    if position_ids_rank(adapter) == 3:
+        positions = positions.expand(3, _EXAMPLE_BATCH, length)
+    return embeds, positions.contiguous(), text, visual, query
+
+
+def export_prefill(adapter: Any, cfg: PruneConfig, budgets: list[int], n_text: int, n_visual: int, path: Path,
+                   opset: int = 18) -> dict[str, Any]:  # fmt: skip
+    """Export the routed prefill graph of an in-LLM ``cfg`` with per-layer visual ``budgets`` to ``path``.
+
+    Args:
+        adapter: a loaded VLM adapter (its model is traced).
+        cfg: the in-LLM pruning config (``alvts`` or ``fastv``).
+        budgets: visual rows each layer processes; layers whose budget is below ``n_visual`` are routed.
+        n_text, n_visual: the sample prompt's layout (for tracing; the graph takes any layout whose number
+            of visual rows exceeds every routed budget).
+        path: the ``.onnx`` file to write (atomically).
+
+    Returns:
+        The IO description, plus ``routing``: the budgets, routed layers and method settings.
+    """
+    require_model(adapter)
+    graph = RoutedPrefillGraph(adapter, cfg, budgets, n_visual).eval()
+    if n_text < 3:
+        raise ExportError(f"the sample prompt has {n_text} text tokens; tracing needs at least 3")
+    args = routing_example(adapter, n_text, n_visual)
+    inputs, outputs = prefill_names(len(graph.layers), len(graph.routed) if cfg.method == "alvts" else 1)
+    if not graph.routed:
+        outputs = outputs[: 1 + 2 * len(graph.layers)]
+    dim = torch.export.Dim
+    b, s = dim(BATCH), dim(SEQUENCE)
+    k_max = max((budgets[i] for i in graph.routed), default=0)
+    dims = ({0: b, 1: s}, {1: b, 2: s} if args[1].ndim == 3 else {0: b, 1: s}, {0: dim(TEXT)},
+            {0: dim(VISUAL, min=k_max + 1)}, {0: dim(QUERY)})  # fmt: skip
+    _export_with_ops(graph, args, inputs, outputs, dims, path, opset)
+    routing = {"method": cfg.method, "budgets": budgets, "routed_layers": graph.routed, "skip": cfg.skip,
+               "query": cfg.query, "visual_tokens": n_visual, "min_visual_tokens": k_max + 1,
+               "selector_ranks": {str(i): graph.selector(i).rank for i in graph.scale}}  # fmt: skip
+    return _io_spec(path, "prefill", opset, adapter) | {"routing": routing}
+
+
+def export_decode(adapter: Any, path: Path, opset: int = 18) -> dict[str, Any]:
+    """Export the one-token decode graph with a KV cache of its own length per layer to ``path``."""
+    require_model(adapter)
+    graph = LayerwiseDecodeGraph(adapter).eval()
+    d, dtype = adapter.text_dims(), adapter.lm_head.weight.dtype
+    embeds = torch.randn(_EXAMPLE_BATCH, 1, d.hidden, dtype=dtype)
+    positions = torch.full((_EXAMPLE_BATCH, 1), 40, dtype=torch.long)
+    if position_ids_rank(adapter) == 3:
+        positions = positions.expand(3, _EXAMPLE_BATCH, 1).contiguous()
+    # distinct example lengths per layer so no two cache lengths are unified
+    past = [torch.randn(_EXAMPLE_BATCH, d.kv_heads, 5 + i, d.head_dim, dtype=dtype)
+            for i in range(d.layers) for _ in range(2)]  # fmt: skip
+    b = torch.export.Dim(BATCH)
+    pasts = tuple({0: b, 2: torch.export.Dim(PAST_OF.format(i=i // 2))} for i in range(2 * d.layers))
+    dims = ({0: b}, {1: b} if positions.ndim == 3 else {0: b}, pasts)
+    inputs, outputs = decode_names(d.layers)
+    _export_with_ops(graph, (embeds, positions, *past), inputs, outputs, dims, path, opset)
+    return _io_spec(path, "decode", opset, adapter)
+
+
+def _export_with_ops(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], dims: Any, path: Path,
+                     opset: int) -> None:  # fmt: skip
+    import warnings
+
+    import onnx
+
+    from vtprune.export.decoder import save_program_atomic
+    from vtprune.export.ops.onnx_defs import attach_functions, translations
+
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.filterwarnings("ignore", message=r".*axis name.*will not be used", category=UserWarning)
+            program = torch.onnx.export(
+                module, args, None, dynamo=True, opset_version=opset, input_names=inputs, output_names=outputs,
+                dynamic_shapes=dims, verbose=False, optimize=True, custom_translation_table=translations(),
+            )  # fmt: skip
+    except Exception as exc:  # the exporter raises many types; surface one line, keep the cause
+        raise ExportError(f"torch.onnx.export failed for {path.name}: {str(exc).splitlines()[0][:300]}") from exc
+    save_program_atomic(_WithFunctions(program, attach_functions, onnx), Path(path))
+
+
+class _WithFunctions:
+    """An exported program whose saved file gets vtprune's function bodies attached. The weights are
+    written by the exporter (external data above 2 GB) and left untouched: only the graph is rewritten."""
+
+    def __init__(self, program: Any, attach: Any, onnx: Any) -> None:
+        self.program, self.attach, self.onnx = program, attach, onnx
+
+    def save(self, path: Path) -> None:
+        self.program.save(path)
+        model = self.onnx.load(str(path), load_external_data=False)
+        self.onnx.save_model(self.attach(model), str(path))
+
+
+def _io_spec(path: Path, graph: str, opset: int, adapter: Any) -> dict[str, Any]:
+    from vtprune.export.decoder import io_spec
+
+    spec = io_spec(path, graph, [Path(path).name], opset, adapter)
+    spec["files"] = sorted(f.name for f in Path(path).parent.iterdir() if f.name.startswith(Path(path).name))
+    spec |= {"position_ids_rank": position_ids_rank(adapter), "logits": "last_position", "past_key": PAST_KEY,
+             "past_value": PAST_VALUE, "present_key": PRESENT_KEY, "present_value": PRESENT_VALUE}  # fmt: skip
+    return spec
