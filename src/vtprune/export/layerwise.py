@@ -145,14 +145,18 @@ class RoutedPrefillGraph(_Layers):
             idx = self._route(h, visual_rows, scores, self.budgets[i])  # (B, k) into the visual rows
             selected.append(idx)
             rows = torch.cat([text_rows.expand(b, -1), visual_rows[idx]], dim=1).sort(dim=1).values  # (B, n)
+            take = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device).scatter(1, rows, True)  # (B, L)
             if self.kv_visible:  # every row supplies keys/values; only the routed rows take the output
                 out = self.run(layer, h, (cos, sin), cache)
-                take = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device).scatter(1, rows, True)
-                h = torch.where(take[..., None], out, h)
             else:  # the layer sees only the routed rows; the others pass unchanged
                 out = self.run(layer, gather_tokens(h, rows), (gather_tokens(cos, rows), gather_tokens(sin, rows)),
                                cache)  # fmt: skip
-                h = h.scatter(1, rows[..., None].expand(-1, -1, h.shape[-1]), out)
+                # Back to full length with a one-hot (B, L, n) matmul: exact (one 1 per routed row) and about
+                # n*L*D MACs. A ScatterElements, or a Gather through an inverse index, of the layer's output
+                # fails TensorRT-RTX 1.7's Myelin compiler (CHECK(is_const()), measured).
+                place = rows[:, None, :] == torch.arange(h.shape[1], device=h.device)[None, :, None]
+                out = place.to(out.dtype) @ out
+            h = torch.where(take[..., None], out, h)
         return (*self.finish(h, cache), *selected)
 
     @staticmethod
