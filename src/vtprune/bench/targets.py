@@ -102,7 +102,7 @@ class TorchTarget:
                 inputs = vlm.inputs(sample.image, sample.prompt)
             prefill = vlm.build_prefill(inputs, timer)
             tokens = vlm.decode(prefill, new_tokens, timer, eos=set())
-        info = RunInfo(prefill.layout.num_tokens, int(prefill.visual_keep.shape[1]), prefill.prompt_len,
+        info = RunInfo(prefill.layout.num_tokens, vlm.visual_kept(prefill), prefill.prompt_len,
                        int(prefill.seq_keep.shape[1]), len(tokens) - 1, vlm.flops(prefill))  # fmt: skip
         return dict(timer.ms), info
 

@@ -150,8 +150,9 @@ class OrtVlm:
             raise InputError(f"this image gives {image_pos.size} visual tokens; the bundle's prefill graph routes "
                              f"budgets up to {self.routing['min_visual_tokens'] - 1} and needs more")  # fmt: skip
         query = np.array([length - 1]) if self.routing["query"] == "last" else np.arange(image_pos.max() + 1, length)
+        kept = min(min(k, image_pos.size) for k in self.routing["budgets"])  # the fewest any layer processes
         return {"text_rows": text_pos.astype(np.int64), "visual_rows": image_pos.astype(np.int64),
-                "query_rows": query.astype(np.int64)}  # fmt: skip
+                "query_rows": query.astype(np.int64), "visual_kept": kept}  # fmt: skip
 
     def _empty_past(self) -> dict[str, np.ndarray]:
         io = self.decoder_io
@@ -215,8 +216,7 @@ class OrtVlm:
         costs = self.layer_costs(prefill)
         return Generation(
             answer=answer, token_ids=tokens, method=self.cfg.method, keep=self.cfg.keep,
-            visual_tokens_total=prefill["visual_total"],
-            visual_tokens_kept=min(costs[0]) if costs else prefill["visual_kept"],
+            visual_tokens_total=prefill["visual_total"], visual_tokens_kept=prefill["visual_kept"],
             prompt_tokens=prefill["prompt_len"], prefill_tokens=int(prefill["embeds"].shape[1]),
             flops=self.flops(prefill), timings_ms=dict(timer.ms), peak_rss_mb=peak_rss_mb(),
             layer_visual_tokens=costs[0] if costs else None, layer_macs=costs[1] if costs else None,
