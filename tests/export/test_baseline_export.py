@@ -13,7 +13,8 @@ from tests.conftest import FAMILIES
 from vtprune.config import PRE_LLM_METHODS, PruneConfig
 from vtprune.export.bundle import ExportConfig, export_bundle, read_manifest
 
-BASELINES = [m for m in PRE_LLM_METHODS if m != "gprune"]  # G-Prune: tests/export/test_bundle.py
+# G-Prune: tests/export/test_bundle.py; VisionZip (tiny-llava only, refused elsewhere): test_visionzip_export.py
+BASELINES = [m for m in PRE_LLM_METHODS if m not in ("gprune", "visionzip")]
 # LLaVA-NeXT: 11 base + 44 high-res of 64 slots: a choice among the export image's 48 high-res tokens
 # (padding and newlines interleaved in the graph), and padding filling in after the other image's 40
 KEEP = {"tiny-llava": 16, "tiny-llava-next": 55, "tiny-qwen2.5-vl": 16}

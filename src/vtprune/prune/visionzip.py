@@ -123,7 +123,7 @@ def assign(ev: Tensor, target: Tensor, slot: Tensor, c: int) -> Tensor:
     """
     keys = ev[..., 1:]
     unit = keys / keys.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # (B, N, hd)
-    # targets in slot order: slot s is the target of the s-th largest (slot-ordered) key below
+    # the c targets in slot order (largest -slot first), so cosine column s belongs to slot s's target
     order = torch.where(target, -slot.float(), float("-inf")).topk(c, dim=-1).indices  # (B, c)
     t_unit = unit.gather(1, order.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))  # (B, c, hd)
     return (unit @ t_unit.transpose(-1, -2)).argmax(dim=-1)  # (B, N) cosine to each target
