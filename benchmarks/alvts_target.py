@@ -104,6 +104,8 @@ def main() -> int:
     p.add_argument("--keep", type=int, default=28)
     p.add_argument("--layers", default="2,8,12,16", help="ALVTS start layers l0 to measure")
     p.add_argument("--factors", help="calibrated factors directory (vtprune calib alvts)")
+    p.add_argument("--unpruned-from", type=Path, help="take the unpruned accuracy from this sweep.json (same "
+                   "questions) instead of measuring it again")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/pocket/alvts/target"))
     args = p.parse_args()
     questions = subsample(load_questions("test"), args.limit, args.seed)
@@ -114,7 +116,16 @@ def main() -> int:
         print(f"{name}: {r['accuracy']:.3f} at {r['gflops']:.1f} GFLOPs", file=sys.stderr, flush=True)
         return r
 
-    base = run("unpruned", PruneConfig(), None)
+    if args.unpruned_from:
+        sweep = json.loads(args.unpruned_from.read_text())
+        if (sweep["settings"]["limit"], sweep["settings"]["seed"]) != (args.limit, args.seed):
+            raise SystemExit(f"{args.unpruned_from} was measured on other questions (limit/seed differ)")
+        u = sweep["unpruned"]
+        base = {"variant": f"unpruned (from {args.unpruned_from})", "prune": PruneConfig().to_dict(),
+                "accuracy": u["accuracy"], "ci95": u["ci95"], "tokens": u["tokens"],
+                "gflops": u["flops"]["prefill_gflops_pruned"] + u["flops"]["prune_stage_gflops"]}  # fmt: skip
+    else:
+        base = run("unpruned", PruneConfig(), None)
     unpruned, rows = base["accuracy"], [base]
     alvts = [(f"alvts l0={l0}", PruneConfig("alvts", args.keep, layer=int(l0))) for l0 in args.layers.split(",")]
     if args.factors:

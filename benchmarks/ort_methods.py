@@ -100,8 +100,10 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--work-dir", type=Path, default=Path.home() / ".cache/vtprune/bench/ort-methods")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/pocket/ort-methods"))
+    p.add_argument("--export-only", action="store_true", help="write (or check) the bundles and stop")
     args = p.parse_args()
-    bench = BenchConfig(dataset="easy-vqa", num_images=args.num_images, new_tokens=args.new_tokens,
+    bench = BenchConfig(model="pocket", budgets=(Budget(args.keep),), dataset="easy-vqa", num_images=args.num_images,
+                        new_tokens=args.new_tokens,
                         warmup=args.warmup, iters=args.iters, no_progress=True)  # fmt: skip
     args.work_dir.mkdir(parents=True, exist_ok=True)
     cfgs = configs(args.keep, args.alvts_layer)
@@ -109,6 +111,8 @@ def main() -> int:
     for name, cfg in cfgs.items():  # every export first, so timing runs back to back
         bundles[name] = bundle_for(name, cfg, args.work_dir, unpruned, bench)
         unpruned = unpruned or bundles[name]
+    if args.export_only:
+        return 0
     samples = load_samples(None, "easy-vqa", bench.prompt, args.num_images)
     rows = []
     for name, cfg in cfgs.items():

@@ -32,6 +32,13 @@ def test_dart_budget_smaller_than_the_pivot_count():
     assert dart_select(x, norms, 2, pivots=4).tolist() == [8, 9]
 
 
+def test_dart_select_on_a_batch_equals_each_row_alone():
+    g = torch.Generator().manual_seed(1)
+    x, norms = torch.randn(3, 12, 5, generator=g), torch.rand(3, 12, generator=g)
+    batched = dart_select(x, norms, 7, pivots=4)  # (3, 7): the exported graph's batched form
+    assert batched.tolist() == [dart_select(x[i], norms[i], 7, pivots=4).tolist() for i in range(3)]
+
+
 def test_every_method_is_in_the_sweep_and_every_in_llm_method_is_tested():
     spec = importlib.util.spec_from_file_location("sweep", ROOT / "benchmarks" / "sweep.py")
     sweep = importlib.util.module_from_spec(spec)

@@ -33,6 +33,11 @@ def test_build_config_validation(kw, match):
         BuildConfig(**kw)
 
 
+def test_graphs_a_bundle_lacks_are_refused_before_building(bundles):
+    with pytest.raises(ConfigError, match="has only vision, embed, decoder"):
+        build_bundle(bundles["tiny-llava"], BuildConfig(graphs=("prefill",)))
+
+
 def test_build_engines_into_a_bundle(bundles, tmp_path, capsys):
     pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX (pip install 'vtprune[trt]') is not installed")
     from vtprune.cli import main
