@@ -27,8 +27,8 @@ from sweep import wilson  # noqa: E402
 
 def variants(keep: int, factors: str | None) -> dict[str, PruneConfig]:
     out = {
-        "alvts l0=2 (default)": PruneConfig("alvts", keep),
-        "alvts l0=2 query=instruction": PruneConfig("alvts", keep, query="instruction"),
+        "alvts l0=2 (ALGORITHMS.md's proposal)": PruneConfig("alvts", keep, layer=2),
+        "alvts l0=2 query=instruction": PruneConfig("alvts", keep, layer=2, query="instruction"),
         "alvts l0=8": PruneConfig("alvts", keep, layer=8),
         "alvts l0=16": PruneConfig("alvts", keep, layer=16),
         "alvts l0=8 exact selector": PruneConfig("alvts", keep, layer=8, selector="exact"),
@@ -36,7 +36,7 @@ def variants(keep: int, factors: str | None) -> dict[str, PruneConfig]:
         "fastv K=2 (reference)": PruneConfig("fastv", keep),
     }
     if factors:
-        out["alvts l0=2 calibrated"] = PruneConfig("alvts", keep, factors=factors)
+        out["alvts l0=2 calibrated"] = PruneConfig("alvts", keep, layer=2, factors=factors)
         out["alvts l0=8 calibrated"] = PruneConfig("alvts", keep, layer=8, factors=factors)
     return out
 

@@ -31,7 +31,8 @@ def test_run_in_llm_methods(extra, cache_dir: Path, png: Path, capsys) -> None:
 @pytest.mark.parametrize("extra, fragments", [
     (["--method", "fastv", "--keep", "8", "--layer", "0"], ("--layer 0", "l must be >= 1")),
     (["--method", "alvts", "--keep", "8", "--rank", "0"], ("--rank 0",)),
-    (["--method", "alvts", "--keep", "8", "--factors", "/nonexistent"], ("not a 'vtprune calib alvts' output",)),
+    (["--method", "alvts", "--keep", "8", "--layer", "1", "--factors", "/nonexistent"],
+     ("not a 'vtprune calib alvts' output",)),
 ])  # fmt: skip
 def test_in_llm_user_errors(extra, fragments, cache_dir: Path, png: Path, capsys) -> None:
     capsys.readouterr()
@@ -40,13 +41,20 @@ def test_in_llm_user_errors(extra, fragments, cache_dir: Path, png: Path, capsys
     assert_user_error(rc, *capsys.readouterr(), fragments)
 
 
-def test_export_refuses_in_llm_methods(cache_dir: Path, tmp_path: Path, capsys) -> None:
+def test_export_refuses_the_exact_selector(cache_dir: Path, tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     out = tmp_path / "bundle"
     rc = run_main(["export", "--model", "tiny-llava", "--cache-dir", str(cache_dir), "--out", str(out),
-                   "--method", "alvts", "--keep", "8"])  # fmt: skip
-    assert_user_error(rc, *capsys.readouterr(), ("inside the decoder",))
+                   "--method", "alvts", "--keep", "8", "--layer", "1", "--selector", "exact"])  # fmt: skip
+    assert_user_error(rc, *capsys.readouterr(), ("--selector lowrank",))
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_default_alvts_layer_beyond_a_tiny_model_is_a_user_error(cache_dir: Path, png: Path, capsys) -> None:
+    capsys.readouterr()
+    rc = run_main(["run", "--model", "tiny-llava", "--cache-dir", str(cache_dir), "--image", str(png),
+                   "--prompt", "what ?", "--method", "alvts", "--keep", "8"])  # fmt: skip
+    assert_user_error(rc, *capsys.readouterr(), ("--layer 12", "2 decoder layers", "--layer below 2"))
 
 
 def test_calib_alvts_end_to_end(cache_dir: Path, tmp_path: Path, scene, capsys) -> None:

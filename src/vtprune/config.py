@@ -40,6 +40,12 @@ def parse_keep(text: str) -> int | float:
         raise ConfigError(msg) from None
 
 
+# Default first selecting / pruning layer per in-LLM method. ALVTS: l0 = 12 keeps 97.6% of the pocket VLM's
+# unpruned easy-vqa accuracy at k = 28 (benchmarks/results/pocket/alvts/target); ALGORITHMS.md's proposed
+# l0 = 2 keeps 24-36% there (the RoPE-free proxy disagrees with real attention in early layers).
+DEFAULT_LAYER = {"alvts": 12, "fastv": 2, "dart": 2}
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """How visual tokens are pruned before the language model.
@@ -59,7 +65,9 @@ class PruneConfig:
         positions: ``original`` keeps each kept token's unpruned position id (gaps; the reference);
             ``contiguous`` renumbers the pruned sequence 0..n-1 (a variant).
         layer: in-LLM methods only. ALVTS: the first layer that selects (l0; layers below it process
-            every visual token). FastV and DART: the layer from which the dropped tokens are gone.
+            every visual token). FastV and DART: the layer from which the dropped tokens are gone. None
+            means the method's default (``DEFAULT_LAYER``: 12 for ALVTS, measured best on the pocket VLM
+            where the reconstruction's l0 = 2 collapses; 2 for FastV and DART, their papers' K).
         rank: ALVTS selector rank r of the data-free SVD factors (ignored with ``factors``).
         query: ALVTS query set: ``last`` prompt token, or every ``instruction`` token after the image.
         skip: ALVTS skipped tokens: ``full`` (they bypass the layer entirely) or ``kv`` ("KV-visible":
@@ -83,7 +91,7 @@ class PruneConfig:
     iters: int = 5
     degree: str = "mask"
     positions: str = "original"
-    layer: int = 2
+    layer: int | None = None  # None: the method's default (DEFAULT_LAYER)
     rank: int = 64
     query: str = "last"
     skip: str = "full"
@@ -111,6 +119,8 @@ class PruneConfig:
         self._check_in_llm()
 
     def _check_in_llm(self) -> None:
+        if self.layer is None:
+            object.__setattr__(self, "layer", DEFAULT_LAYER.get(self.method, 2))
         for name, value, lo in (("layer", self.layer, 0), ("rank", self.rank, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise ConfigError(f"--{name} {value!r} must be an integer >= {lo}")

@@ -176,7 +176,7 @@ def test_flops_matched_budget_spends_at_most_the_target():
 
     dims = TextDims(layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, head_dim=64, vocab=49152)
     n_text, n_v, keep, rank = 40, 256, 28, 64
-    budgets = alvts_budgets(PruneConfig("alvts", keep, budget="flops", rank=rank), dims, n_text, n_v, rank)
+    budgets = alvts_budgets(PruneConfig("alvts", keep, layer=2, budget="flops", rank=rank), dims, n_text, n_v, rank)
     k = budgets[-1]
     assert budgets == [n_v] * 2 + [k] * 28 and 1 <= k < keep  # two full layers must be paid for
 
@@ -186,7 +186,7 @@ def test_flops_matched_budget_spends_at_most_the_target():
 
     target = 30 * layer_macs(dims, n_text + keep)
     assert cost(k) <= target < cost(k + 1)
-    constant = alvts_budgets(PruneConfig("alvts", keep), dims, n_text, n_v, rank)
+    constant = alvts_budgets(PruneConfig("alvts", keep, layer=2), dims, n_text, n_v, rank)
     assert constant == [n_v] * 2 + [keep] * 28
 
 

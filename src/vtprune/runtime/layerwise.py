@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from vtprune.config import PruneConfig
-from vtprune.errors import UnsupportedModelError
+from vtprune.errors import ConfigError, UnsupportedModelError
 from vtprune.flops import TextDims, layer_macs
 from vtprune.prune.alvts import LayerSelector, data_free_selector, lowrank_selector_macs, select_visual_rows
 from vtprune.prune.attention import QkWeights, visual_importance
@@ -331,6 +331,9 @@ def layer_budgets(cfg: PruneConfig, adapter: Any, n_text: int, n_visual: int) ->
 def build_router(cfg: PruneConfig, adapter: Any, n_text: int, n_visual: int) -> Router:
     """The router for an in-LLM ``cfg`` on this adapter's decoder, for a prompt of this shape."""
     dims, layers = adapter.text_dims(), adapter.decoder.layers
+    if cfg.layer >= len(layers):
+        raise ConfigError(f"--layer {cfg.layer}: this model has {len(layers)} decoder layers, so {cfg.method} would "
+                          f"select nothing; pass --layer below {len(layers)}")  # fmt: skip
     if cfg.method == "fastv":
         return FastVRouter(cfg.layer, layer_budget(cfg.keep, n_visual), dims.heads, dims.kv_heads)
     if cfg.method == "dart":
