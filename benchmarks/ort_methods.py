@@ -1,6 +1,6 @@
 """Every pruning method exported and timed in ONNX Runtime on the CPU at one budget (pocket VLM).
 
-    python benchmarks/ort_methods.py [--keep 64] [--alvts-layer 16] [--num-images 4] [--warmup 2]
+    python benchmarks/ort_methods.py [--keep 64] [--alvts-layers 12,16] [--num-images 4] [--warmup 2]
                                      [--iters 8] [--new-tokens 16] [--work-dir DIR]
                                      [--out benchmarks/results/pocket/ort-methods]
 
@@ -30,12 +30,12 @@ SWEEP = Path("benchmarks/results/pocket/sweep/sweep.json")
 ALVTS_SWEEP = Path("benchmarks/results/pocket/alvts/variants.json")
 
 
-def configs(keep: int, alvts_layer: int) -> dict[str, PruneConfig]:
+def configs(keep: int, alvts_layers: list[int]) -> dict[str, PruneConfig]:
     return {
         "none": PruneConfig(),
         **{m: PruneConfig(m, keep) for m in ("gprune", "random", "uniform", "divprune", "visionzip")},
         "fastv": PruneConfig("fastv", keep), "dart": PruneConfig("dart", keep),
-        f"alvts l0={alvts_layer}": PruneConfig("alvts", keep, layer=alvts_layer),
+        **{f"alvts l0={l0}": PruneConfig("alvts", keep, layer=l0) for l0 in alvts_layers},
     }  # fmt: skip
 
 
@@ -93,7 +93,7 @@ def markdown(rows: list[dict], settings: dict, env: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--keep", type=int, default=64)
-    p.add_argument("--alvts-layer", type=int, default=16)
+    p.add_argument("--alvts-layers", default="12,16", help="ALVTS start layers l0 (comma-separated)")
     p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=8)
@@ -106,7 +106,7 @@ def main() -> int:
                         new_tokens=args.new_tokens,
                         warmup=args.warmup, iters=args.iters, no_progress=True)  # fmt: skip
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    cfgs = configs(args.keep, args.alvts_layer)
+    cfgs = configs(args.keep, [int(v) for v in args.alvts_layers.split(",")])
     bundles, unpruned = {}, None
     for name, cfg in cfgs.items():  # every export first, so timing runs back to back
         bundles[name] = bundle_for(name, cfg, args.work_dir, unpruned, bench)
