@@ -39,8 +39,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "visionzip": {"method": "visionzip"},
     "fastv": {"method": "fastv"},
     "dart": {"method": "dart"},
-    "alvts": {"method": "alvts"},
-    "alvts-exact": {"method": "alvts", "selector": "exact"},
+    "alvts": {"method": "alvts"},  # the default start layer (l0 = 12)
+    "alvts-l0=2": {"method": "alvts", "layer": 2},  # ALGORITHMS.md's proposed l0
+    "alvts-exact-l0=2": {"method": "alvts", "selector": "exact", "layer": 2},
 }
 assert {v["method"] for v in VARIANTS.values()} == set(METHODS) - {"none"}, "every method must be in the sweep"
 DIGEST_QUESTIONS = 5
