@@ -115,11 +115,11 @@ def markdown(result: dict[str, Any]) -> str:
             f"{100 * f['saved_fraction']:.0f}% | "
             f"{c['ttft_ms_median']:.0f} | {c['stage_ms_median'].get('prefill', float('nan')):.0f} |"
         )
-    added = [a["cell"] for a in result.get("added_cells", [])]
+    added = [f"{a['cell']} ({a['environment'].get('load_avg', ['?'])[0]})" for a in result.get("added_cells", [])]
     if added:
-        lines += ["", f"Cells added later with `--only` ({', '.join(added)}) ran on the same questions but in another "
-                  "session, on a machine shared with other CPU-heavy jobs: their accuracy and FLOPs compare, their "
-                  "TTFT and prefill ms do not."]  # fmt: skip
+        lines += ["", f"Cells added later with `--only` ran on the same questions in later sessions (1-minute load "
+                  f"average when each finished, 2 cores: {', '.join(added)}): their accuracy and FLOPs compare; their "
+                  "TTFT and prefill ms compare only where the load was near 1 (the cell itself)."]  # fmt: skip
     lines += ["", "In-LLM methods (fastv, dart, alvts) keep `kept` visual tokens from their selection layer on "
               "(layers below it see all 256), so their prefill FLOPs are higher than a pre-LLM method's at the "
               "same `kept`; compare them on the accuracy-vs-FLOPs plot.", ""]  # fmt: skip
