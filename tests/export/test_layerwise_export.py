@@ -173,3 +173,23 @@ def test_routed_graphs_build_with_tensorrt_rtx(bundle_of, name, tmp_path):
     shutil.copytree(bundle_of(name), copy)
     engines = build_bundle(copy, BuildConfig(target="sm89", max_seq=256, graphs=("prefill", "decode")))
     assert set(engines) == {"prefill", "decode"} and all(e["engine_size"] > 0 for e in engines.values())
+
+
+def test_fp16_routed_bundle_validates_with_fp16_io(tmp_path, cache_dir):
+    bundle = tmp_path / "fp16"
+    manifest = export_bundle("tiny-llava", ALVTS, ExportConfig(dtype="fp16"), bundle, cache_dir)
+    checks = {c["check"]: c for c in manifest["validation"]["checks"]}
+    assert all(c["ok"] for c in checks.values()) and checks["prefill logits"]["cosine"] >= 0.99
+    inputs = {e["name"]: e["dtype"] for e in manifest["graphs"]["prefill"]["inputs"]}
+    assert inputs["inputs_embeds"] == "float16" and inputs["visual_rows"] == "int64"
+    assert any("in-LLM selectors" in part for part in manifest["graphs"]["prefill"]["fp32_parts"])
+
+
+def test_an_in_llm_bundle_cannot_lend_a_decoder_graph(bundle_of, tmp_path, cache_dir):
+    from vtprune.errors import BundleError
+
+    donor = bundle_of("llava-alvts")
+    with pytest.raises(BundleError, match="has no decoder graph"):
+        export_bundle("tiny-llava", PruneConfig("gprune", 8), ExportConfig(reuse_lm_from=str(donor)),
+                      tmp_path / "b", cache_dir)  # fmt: skip
+    assert not (tmp_path / "b").exists()
