@@ -196,7 +196,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             if row.get(k) is not None
         ) or "identical"
         print(f"  {'ok ' if row['ok'] else 'FAIL'} {row['check']}: {detail}")
-    print(f"wrote {args.out} ({', '.join(sorted(manifest['files']))[:200]})")
+    top = sorted({f.split("/")[0] + ("/" if "/" in f else "") for f in manifest["files"]})  # processor/ once
+    print(f"wrote {args.out} ({', '.join(top)})")
     return 0
 
 
