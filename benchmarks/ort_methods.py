@@ -52,21 +52,15 @@ def _log(msg: str) -> None:
 
 
 def accuracy_at(name: str, cfg: PruneConfig) -> float | None:
-    """Accuracy of this method at this budget in the committed sweeps (same model and questions)."""
-    if cfg.method == "alvts" and ALVTS_SWEEP.exists():
-        for v in json.loads(ALVTS_SWEEP.read_text())["variants"]:
-            if v["prune"]["layer"] == cfg.layer and v["prune"]["keep"] == cfg.keep and v["prune"]["method"] == "alvts" \
-                    and v["prune"]["selector"] == "lowrank" and v["prune"]["skip"] == "full" \
-                    and v["prune"]["factors"] is None and v["prune"]["query"] == "last":  # fmt: skip
-                return v["accuracy"]
+    """Accuracy of this exact config at this budget in the committed sweeps (same model and questions)."""
+    want = cfg.to_dict()
+    found = []
+    if ALVTS_SWEEP.exists():
+        found += [v for v in json.loads(ALVTS_SWEEP.read_text())["variants"] if v["prune"] == want]
     if SWEEP.exists():
         sweep = json.loads(SWEEP.read_text())
-        if cfg.method == "none":
-            return sweep["unpruned"]["accuracy"]
-        for c in sweep["cells"]:
-            if c["variant"] == cfg.method and c["keep"] == cfg.keep:
-                return c["accuracy"]
-    return None
+        found += [c for c in [sweep["unpruned"], *sweep["cells"]] if c["prune"] == want]
+    return found[0]["accuracy"] if found else None
 
 
 def markdown(rows: list[dict], settings: dict, env: dict) -> str:

@@ -39,7 +39,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "visionzip": {"method": "visionzip"},
     "fastv": {"method": "fastv"},
     "dart": {"method": "dart"},
-    "alvts": {"method": "alvts"},  # the default start layer (l0 = 12)
+    "alvts": {"method": "alvts"},  # the default start layer (l0 = 10)
+    "alvts-l0=12": {"method": "alvts", "layer": 12},
     "alvts-l0=2": {"method": "alvts", "layer": 2},  # ALGORITHMS.md's proposed l0
     "alvts-exact-l0=2": {"method": "alvts", "selector": "exact", "layer": 2},
 }

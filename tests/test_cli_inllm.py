@@ -54,7 +54,7 @@ def test_default_alvts_layer_beyond_a_tiny_model_is_a_user_error(cache_dir: Path
     capsys.readouterr()
     rc = run_main(["run", "--model", "tiny-llava", "--cache-dir", str(cache_dir), "--image", str(png),
                    "--prompt", "what ?", "--method", "alvts", "--keep", "8"])  # fmt: skip
-    assert_user_error(rc, *capsys.readouterr(), ("--layer 12", "2 decoder layers", "--layer below 2"))
+    assert_user_error(rc, *capsys.readouterr(), ("--layer 10", "2 decoder layers", "--layer below 2"))
 
 
 def test_calib_alvts_end_to_end(cache_dir: Path, tmp_path: Path, scene, capsys) -> None:
