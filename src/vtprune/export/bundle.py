@@ -149,6 +149,7 @@ def export_bundle(
     model: str, prune: PruneConfig, export: ExportConfig, out: Path, cache_dir: Path | None = None, log: Any = None
 ) -> dict[str, Any]:
     """Export ``model`` with ``prune`` into a validated bundle directory ``out`` (atomic)."""
+    from vtprune.export.layerwise import check_exportable
     from vtprune.models import load_vlm
 
     log = log or (lambda msg: None)
@@ -165,20 +166,6 @@ def export_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
-
-
-def check_exportable(prune: PruneConfig) -> None:
-    """Refuse, before any model is loaded, a config the exported graphs cannot carry."""
-    from vtprune.export.layerwise import EXPORTABLE
-
-    if prune.in_llm and prune.method not in EXPORTABLE:
-        raise ConfigError(
-            f"--method {prune.method} cannot be exported yet (in-LLM methods in the exported decoder: "
-            f"{', '.join(EXPORTABLE)}); run it in PyTorch (vtprune run --model / vtprune eval)"
-        )
-    if prune.in_llm and prune.selector != "lowrank":
-        raise ConfigError("--selector exact recomputes full attention rows (a PyTorch diagnostic); "
-                          "export the low-rank selector (--selector lowrank)")  # fmt: skip
 
 
 def _lm_steps(traced: Any, prune: PruneConfig, sample: dict, export: ExportConfig, donor: Any) -> list:

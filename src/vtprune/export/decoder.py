@@ -107,7 +107,7 @@ def export_embed(adapter: VlmAdapter, path: Path, opset: int = 18) -> dict[str, 
     require_model(adapter)
     ids = torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_SEQ, dtype=torch.long)
     dims = {"input_ids": {0: torch.export.Dim(BATCH), 1: torch.export.Dim(SEQUENCE)}}
-    program = _export(EmbedGraph(adapter).eval(), (ids,), ["input_ids"], ["inputs_embeds"], dims, opset)
+    program = export_program(EmbedGraph(adapter).eval(), (ids,), ["input_ids"], ["inputs_embeds"], dims, opset)
     files = save_program_atomic(program, Path(path))
     return io_spec(Path(path), "embed", files, opset, adapter)
 
@@ -132,7 +132,7 @@ def export_decoder(adapter: VlmAdapter, path: Path, opset: int = 18) -> dict[str
     graph = DecoderGraph(adapter).eval()
     args = _decoder_example(adapter)
     inputs, outputs = decoder_names(graph.num_layers)
-    program = _export(graph, args, inputs, outputs, _decoder_dims(args[1].ndim, graph.num_layers), opset)
+    program = export_program(graph, args, inputs, outputs, _decoder_dims(args[1].ndim, graph.num_layers), opset)
     files = save_program_atomic(program, Path(path))
     return io_spec(Path(path), "decoder", files, opset, adapter)
 
@@ -177,14 +177,22 @@ def _decoder_dims(rank: int, num_layers: int) -> tuple[Any, ...]:
     return {0: b, 1: s}, positions, {0: b, 1: total}, past
 
 
-def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], dims: Any, opset: int) -> Any:
+def export_program(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], dims: Any, opset: int,
+                   custom_ops: bool = False) -> Any:
+    """``torch.onnx.export`` (dynamo) of ``module``; ``custom_ops`` maps ``torch.ops.vtprune.*`` to the
+    custom-domain nodes (their function bodies are attached when the file is saved)."""
+    extra = {}
+    if custom_ops:
+        from vtprune.export.ops.onnx_defs import translations
+
+        extra["custom_translation_table"] = translations()
     try:
         with warnings.catch_warnings(), torch.no_grad():
             # Sharing one Dim across inputs (batch, past) makes the exporter warn that it keeps one name.
             warnings.filterwarnings("ignore", message=r".*axis name.*will not be used", category=UserWarning)
             return torch.onnx.export(
                 module, args, None, dynamo=True, opset_version=opset, input_names=inputs,
-                output_names=outputs, dynamic_shapes=dims, verbose=False, optimize=True,
+                output_names=outputs, dynamic_shapes=dims, verbose=False, optimize=True, **extra,
             )  # fmt: skip
     except Exception as exc:  # the exporter raises many types; surface one line, keep the cause
         name = type(module).__name__
@@ -235,7 +243,7 @@ def io_spec(path: Path, graph: str, files: list[str], opset: int, adapter: VlmAd
     spec |= describe(onnx.load(str(path), load_external_data=False))
     spec |= {"num_layers": d.layers, "kv_heads": d.kv_heads, "head_dim": d.head_dim, "hidden": d.hidden}
     spec["vocab"] = d.vocab
-    if graph == "decoder":
+    if graph in ("decoder", "prefill", "decode"):  # the language-model graphs (in-LLM bundles: prefill + decode)
         spec |= {
             "position_ids_rank": position_ids_rank(adapter), "logits": "last_position",
             "past_key": PAST_KEY, "past_value": PAST_VALUE, "present_key": PRESENT_KEY, "present_value": PRESENT_VALUE,

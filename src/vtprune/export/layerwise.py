@@ -40,6 +40,7 @@ from vtprune.export.decoder import (
     PRESENT_KEY,
     PRESENT_VALUE,
     SEQUENCE,
+    io_spec,
     position_ids_rank,
     require_model,
 )  # fmt: skip
@@ -66,20 +67,18 @@ class _Layers(nn.Module):
     """The adapter's decoder stack, final norm and LM head, run layer by layer."""
 
     def __init__(self, adapter: Any) -> None:
+        from vtprune.runtime.layerwise import layer_stack, needs_causal_mask
+
         super().__init__()
-        stack = adapter.decoder
-        if getattr(stack, "has_sliding_layers", False):
-            raise ConfigError("in-LLM export does not support sliding-window attention layers")
+        stack = layer_stack(adapter)
         self.layers, self.rotary, self.norm, self.lm_head = stack.layers, stack.rotary_emb, stack.norm, adapter.lm_head
         self.text_config = adapter.text_config
-        self.eager_mask = adapter.text_config._attn_implementation != "sdpa"
+        self.eager_mask = needs_causal_mask(adapter)
 
     def run(self, layer: nn.Module, h: Tensor, rope: tuple[Tensor, Tensor], cache: Any) -> Tensor:
-        mask = None
-        if self.eager_mask and h.shape[1] > 1:  # SDPA takes is_causal; eager attention needs the mask
-            n = h.shape[1]
-            mask = torch.full((n, n), torch.finfo(h.dtype).min, dtype=h.dtype, device=h.device).triu(1)[None, None]
-        return layer(h, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
+        from vtprune.runtime.layerwise import run_layer
+
+        return run_layer(layer, h, rope, cache, self.eager_mask)
 
     def finish(self, h: Tensor, cache: Any) -> tuple[Tensor, ...]:
         logits = self.lm_head(self.norm(h[:, -1:])).float()  # (B, 1, V): the next token only
@@ -94,11 +93,9 @@ class RoutedPrefillGraph(_Layers):
 
     def __init__(self, adapter: Any, cfg: PruneConfig, budgets: list[int], n_visual: int) -> None:
         super().__init__(adapter)
-        if cfg.method not in EXPORTABLE:
-            raise ConfigError(f"--method {cfg.method} cannot be exported into the decoder yet (in-LLM export: "
-                              f"{', '.join(EXPORTABLE)})")  # fmt: skip
-        if cfg.method == "alvts" and cfg.selector != "lowrank":
-            raise ConfigError("--selector exact is a diagnostic of the PyTorch path; export the low-rank selector")
+        check_exportable(cfg)
+        if not cfg.in_llm:
+            raise ConfigError(f"--method {cfg.method} prunes before the decoder; its bundle uses decoder.onnx")
         self.method, self.kv_visible = cfg.method, cfg.skip == "kv"
         self.budgets = budgets
         self.routed = [i for i, k in enumerate(budgets) if k < n_visual]
@@ -125,14 +122,14 @@ class RoutedPrefillGraph(_Layers):
                 query_rows: Tensor) -> tuple[Tensor, ...]:  # fmt: skip
         h, cache = inputs_embeds, _cache(self.text_config)
         cos, sin = self.rotary(h, position_ids)  # (B, L, hd) each
-        b, selected, drop_scores = h.shape[0], [], None
+        selected, drop_scores = [], None
         for i, layer in enumerate(self.layers):
             if self.method != "alvts":
                 if i == self.cut - 1:
                     drop_scores = self._drop_scores(layer, h, (cos, sin), visual_rows)
                 if i == self.cut:  # the unselected visual rows leave the sequence for good
                     idx = self._drop_choose(h, visual_rows, drop_scores, self.budgets[i])
-                    rows = torch.cat([text_rows.expand(b, -1), visual_rows[idx]], dim=1).sort(dim=1).values
+                    rows = _with_text(text_rows, visual_rows, idx)
                     h, cos, sin = (gather_tokens(t, rows) for t in (h, cos, sin))
                     selected.append(idx)
                 h = self.run(layer, h, (cos, sin), cache)
@@ -144,7 +141,7 @@ class RoutedPrefillGraph(_Layers):
             scores = self.selector(i).scores(x.index_select(1, query_rows), x.index_select(1, visual_rows))
             idx = self._route(h, visual_rows, scores, self.budgets[i])  # (B, k) into the visual rows
             selected.append(idx)
-            rows = torch.cat([text_rows.expand(b, -1), visual_rows[idx]], dim=1).sort(dim=1).values  # (B, n)
+            rows = _with_text(text_rows, visual_rows, idx)  # (B, n)
             take = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device).scatter(1, rows, True)  # (B, L)
             if self.kv_visible:  # every row supplies keys/values; only the routed rows take the output
                 out = self.run(layer, h, (cos, sin), cache)
@@ -188,6 +185,11 @@ class RoutedPrefillGraph(_Layers):
         return self._route(h, visual_rows, scores, k)
 
 
+def _with_text(text_rows: Tensor, visual_rows: Tensor, idx: Tensor) -> Tensor:
+    """(B, n) ascending rows a layer processes: every text row plus the visual rows ``idx`` (B, k) selects."""
+    return torch.cat([text_rows.expand(idx.shape[0], -1), visual_rows[idx]], dim=1).sort(dim=1).values
+
+
 class LayerwiseDecodeGraph(_Layers):
     """``forward(inputs_embeds (B, 1, D), position_ids (B, 1) | (3, B, 1), *past)`` -> ``(logits (B, 1, V),
     present...)``; layer l's past is ``(B, kv_heads, P_l, head_dim)`` with its own P_l."""
@@ -204,6 +206,19 @@ class LayerwiseDecodeGraph(_Layers):
 
 
 # --- export ------------------------------------------------------------------------------------------
+def check_exportable(prune: PruneConfig) -> None:
+    """Refuse, before any model is loaded, an in-LLM config the exported decoder graphs cannot carry."""
+    if prune.in_llm and prune.method not in EXPORTABLE:
+        raise ConfigError(
+            f"--method {prune.method} cannot be exported yet (in-LLM methods in the exported decoder: "
+            f"{', '.join(EXPORTABLE)}); run it in PyTorch (vtprune run --model / vtprune eval)"
+        )
+    if prune.in_llm and prune.selector != "lowrank":
+        raise ConfigError("--selector exact recomputes full attention rows (a PyTorch diagnostic); "
+                          "export the low-rank selector (--selector lowrank)")  # fmt: skip
+
+
+
 def prefill_names(num_layers: int, routed: int) -> tuple[list[str], list[str]]:
     present = [t.format(i=i) for i in range(num_layers) for t in (PRESENT_KEY, PRESENT_VALUE)]
     return ["inputs_embeds", "position_ids", *ROUTING_INPUTS], ["logits", *present] + [
@@ -260,11 +275,11 @@ def export_prefill(adapter: Any, cfg: PruneConfig, budgets: list[int], n_text: i
     k_max = max((budgets[i] for i in graph.routed), default=0)
     dims = ({0: b, 1: s}, {1: b, 2: s} if args[1].ndim == 3 else {0: b, 1: s}, {0: dim(TEXT)},
             {0: dim(VISUAL, min=k_max + 1)}, {0: dim(QUERY)})  # fmt: skip
-    _export_with_ops(graph, args, inputs, outputs, dims, path, opset)
+    files = _export_with_ops(graph, args, inputs, outputs, dims, path, opset)
     routing = {"method": cfg.method, "budgets": budgets, "routed_layers": graph.routed, "skip": cfg.skip,
                "query": cfg.query, "visual_tokens": n_visual, "min_visual_tokens": k_max + 1,
                "selector_ranks": {str(i): graph.selector(i).rank for i in graph.scale}}  # fmt: skip
-    return _io_spec(path, "prefill", opset, adapter) | {"routing": routing}
+    return io_spec(Path(path), "prefill", files, opset, adapter) | {"routing": routing}
 
 
 def export_decode(adapter: Any, path: Path, opset: int = 18) -> dict[str, Any]:
@@ -283,49 +298,30 @@ def export_decode(adapter: Any, path: Path, opset: int = 18) -> dict[str, Any]:
     pasts = tuple({0: b, 2: torch.export.Dim(PAST_OF.format(i=i // 2))} for i in range(2 * d.layers))
     dims = ({0: b}, {1: b} if positions.ndim == 3 else {0: b}, pasts)
     inputs, outputs = decode_names(d.layers)
-    _export_with_ops(graph, (embeds, positions, *past), inputs, outputs, dims, path, opset)
-    return _io_spec(path, "decode", opset, adapter)
+    files = _export_with_ops(graph, (embeds, positions, *past), inputs, outputs, dims, path, opset)
+    return io_spec(Path(path), "decode", files, opset, adapter)
 
 
 def _export_with_ops(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], dims: Any, path: Path,
-                     opset: int) -> None:  # fmt: skip
-    import warnings
+                     opset: int) -> list[str]:  # fmt: skip
+    """Export with the vtprune ops and save atomically with their function bodies; returns the files written."""
+    from vtprune.export.decoder import export_program, save_program_atomic
 
-    import onnx
-
-    from vtprune.export.decoder import save_program_atomic
-    from vtprune.export.ops.onnx_defs import attach_functions, translations
-
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.filterwarnings("ignore", message=r".*axis name.*will not be used", category=UserWarning)
-            program = torch.onnx.export(
-                module, args, None, dynamo=True, opset_version=opset, input_names=inputs, output_names=outputs,
-                dynamic_shapes=dims, verbose=False, optimize=True, custom_translation_table=translations(),
-            )  # fmt: skip
-    except Exception as exc:  # the exporter raises many types; surface one line, keep the cause
-        raise ExportError(f"torch.onnx.export failed for {path.name}: {str(exc).splitlines()[0][:300]}") from exc
-    save_program_atomic(_WithFunctions(program, attach_functions, onnx), Path(path))
+    program = export_program(module, args, inputs, outputs, dims, opset, custom_ops=True)
+    return save_program_atomic(_WithFunctions(program), Path(path))
 
 
 class _WithFunctions:
     """An exported program whose saved file gets vtprune's function bodies attached. The weights are
     written by the exporter (external data above 2 GB) and left untouched: only the graph is rewritten."""
 
-    def __init__(self, program: Any, attach: Any, onnx: Any) -> None:
-        self.program, self.attach, self.onnx = program, attach, onnx
+    def __init__(self, program: Any) -> None:
+        self.program = program
 
     def save(self, path: Path) -> None:
+        import onnx
+
+        from vtprune.export.ops.onnx_defs import attach_functions
+
         self.program.save(path)
-        model = self.onnx.load(str(path), load_external_data=False)
-        self.onnx.save_model(self.attach(model), str(path))
-
-
-def _io_spec(path: Path, graph: str, opset: int, adapter: Any) -> dict[str, Any]:
-    from vtprune.export.decoder import io_spec
-
-    spec = io_spec(path, graph, [Path(path).name], opset, adapter)
-    spec["files"] = sorted(f.name for f in Path(path).parent.iterdir() if f.name.startswith(Path(path).name))
-    spec |= {"position_ids_rank": position_ids_rank(adapter), "logits": "last_position", "past_key": PAST_KEY,
-             "past_value": PAST_VALUE, "present_key": PRESENT_KEY, "present_value": PRESENT_VALUE}  # fmt: skip
-    return spec
+        onnx.save_model(attach_functions(onnx.load(str(path), load_external_data=False)), str(path))

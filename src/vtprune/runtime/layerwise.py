@@ -203,23 +203,41 @@ def dart_select(x: Tensor, key_norms: Tensor, k: int, pivots: int) -> Tensor:
     return torch.cat(kept, dim=-1).sort(dim=-1).values
 
 
+def layer_stack(adapter: Any) -> Any:
+    """The adapter's decoder stack (``layers``, ``rotary_emb``, ``norm``), refused where per-layer selection
+    cannot run."""
+    stack = adapter.decoder
+    if getattr(stack, "has_sliding_layers", False):
+        raise UnsupportedModelError("in-LLM token selection does not support sliding-window attention layers")
+    return stack
+
+
+def needs_causal_mask(adapter: Any) -> bool:
+    """SDPA applies ``is_causal`` itself; other attention kernels need an explicit mask for prefills."""
+    return adapter.text_config._attn_implementation != "sdpa"
+
+
+def run_layer(layer: torch.nn.Module, h: Tensor, rope: tuple[Tensor, Tensor], cache: Any, causal_mask: bool) -> Tensor:
+    """One transformers decoder layer on rows ``h`` (ascending positions) with their rotary tables; it appends
+    its keys/values to ``cache``."""
+    mask = None
+    if causal_mask and h.shape[1] > 1:
+        n = h.shape[1]
+        mask = torch.full((n, n), torch.finfo(h.dtype).min, dtype=h.dtype, device=h.device).triu(1)[None, None]
+    return layer(h, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
+
+
 class LayerwiseDecoder:
     """Runs the adapter's decoder layer by layer with a router; prefill and one-token decode steps."""
 
     def __init__(self, adapter: Any, router: Router) -> None:
-        stack = adapter.decoder
-        if getattr(stack, "has_sliding_layers", False):
-            raise UnsupportedModelError("in-LLM token selection does not support sliding-window attention layers")
+        stack = layer_stack(adapter)
         self.layers, self.rotary, self.norm = stack.layers, stack.rotary_emb, stack.norm
         self.router = router
-        self.eager_mask = adapter.text_config._attn_implementation != "sdpa"
+        self.eager_mask = needs_causal_mask(adapter)
 
     def _run(self, layer: torch.nn.Module, h: Tensor, rope: tuple[Tensor, Tensor], cache: Any) -> Tensor:
-        mask = None
-        if self.eager_mask and h.shape[1] > 1:  # SDPA takes is_causal; other kernels need the mask
-            n = h.shape[1]
-            mask = torch.full((n, n), torch.finfo(h.dtype).min, dtype=h.dtype).triu(1)[None, None]
-        return layer(h, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
+        return run_layer(layer, h, rope, cache, self.eager_mask)
 
     @torch.inference_mode()
     def prefill(
