@@ -84,7 +84,8 @@ def plot(rows: list[dict], out: Path) -> None:
 
 def markdown(rows: list[dict], settings: dict, env: dict) -> str:
     lines = ["# ALVTS at the paper's headline budget (pocket VLM, easy-vqa)", "",
-             f"{settings['limit']} test questions (seed {settings['seed']}), greedy, PyTorch eager on the CPU; "
+             f"{settings['limit']} test questions (seed {settings['seed']}), greedy, PyTorch eager fp32 on "
+             f"{settings.get('device', 'cpu')}{' (' + env['gpu'] + ')' if env.get('gpu') else ''}; "
              f"k = {settings['keep']} visual tokens per routed layer; target: retain >= "
              f"{TARGET_RETAINED:.1%} of the unpruned accuracy and beat G-Prune at equal prefill FLOPs.", "",
              "| variant | accuracy | 95% CI | retained | prefill GFLOPs |", "|---|---|---|---|---|"]  # fmt: skip
@@ -107,9 +108,11 @@ def main() -> int:
     p.add_argument("--unpruned-from", type=Path, help="take the unpruned accuracy from this sweep.json (same "
                    "questions) instead of measuring it again")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/pocket/alvts/target"))
+    p.add_argument("--device", default="cpu", help="where PyTorch runs: cpu | cuda")
+    p.add_argument("--cache-dir", type=Path, help="vtprune cache holding the pocket model")
     args = p.parse_args()
     questions = subsample(load_questions("test"), args.limit, args.seed)
-    adapter = load_vlm("pocket")
+    adapter = load_vlm("pocket", cache_dir=args.cache_dir, device=args.device)
 
     def run(name: str, cfg: PruneConfig, unpruned: float | None) -> dict:
         r = row(name, cfg, evaluate(adapter, questions, cfg, progress=False), unpruned)
@@ -141,7 +144,7 @@ def main() -> int:
     rows.append(run(f"fastv K=2 k={args.keep}", PruneConfig("fastv", args.keep), unpruned))
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {"limit": args.limit, "seed": args.seed, "keep": args.keep, "split": "test",
-                "target_retained": TARGET_RETAINED}  # fmt: skip
+                "target_retained": TARGET_RETAINED, "device": args.device}  # fmt: skip
     env = environment()
     (args.out / "target.json").write_text(json.dumps({"settings": settings, "environment": env, "rows": rows},
                                                      indent=2) + "\n")  # fmt: skip

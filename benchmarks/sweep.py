@@ -97,8 +97,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Pruning sweep: pocket VLM on easy-vqa",
         "",
-        f"{s['limit']} test questions (seed {s['seed']}), greedy, PyTorch on the CPU; one run, medians per cell. "
-        f"Machine: {env.get('cpu')}, {env.get('cores')} cores; torch {env.get('libraries', {}).get('torch')}.",
+        f"{s['limit']} test questions (seed {s['seed']}), greedy, PyTorch fp32 ({s.get('backend', 'torch-cpu')}); "
+        f"one run, medians per cell. Machine: {env.get('cpu')}, {env.get('cores')} cores"
+        f"{'; GPU ' + env['gpu'] if env.get('gpu') else ''}; torch {env.get('libraries', {}).get('torch')}.",
         "",
         f"Unpruned (256 visual tokens): accuracy {base:.2f} "
         f"[{result['unpruned']['ci95'][0]:.2f}, {result['unpruned']['ci95'][1]:.2f}], "
@@ -165,7 +166,7 @@ def write(args: argparse.Namespace, budgets: list[int], unpruned: dict[str, Any]
     result = {
         "schema": "vtprune.sweep/1", "complete": complete,
         "settings": {"model": "pocket", "split": "test", "limit": args.limit, "seed": args.seed, "budgets": budgets,
-                     "backend": "torch-cpu"},
+                     "backend": f"torch-{args.device}"},
         "environment": environment(), "unpruned": unpruned, "cells": cells, "wall_s": time.perf_counter() - start,
         "summary": {"median_ttft_ms_unpruned": unpruned["ttft_ms_median"],
                     "retained": {f"{c['variant']}:{c['keep']}": c["accuracy"] / unpruned["accuracy"] for c in cells}},
@@ -203,13 +204,15 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/pocket/sweep"))
     p.add_argument("--only", help="re-run one cell METHOD:K and compare with the committed sweep.json")
     p.add_argument("--render", action="store_true", help="only rewrite sweep.md and the plots from sweep.json")
+    p.add_argument("--device", default="cpu", help="where PyTorch runs: cpu | cuda (timings are that device's)")
+    p.add_argument("--cache-dir", type=Path, help="vtprune cache holding the pocket model")
     args = p.parse_args()
     if args.render:
         (args.out / "sweep.md").write_text(markdown(_load(args.out)))
         print(", ".join(plots(_load(args.out), args.out)), file=sys.stderr)
         return 0
     questions = subsample(load_questions("test"), args.limit, args.seed)
-    adapter = load_vlm("pocket")
+    adapter = load_vlm("pocket", cache_dir=args.cache_dir, device=args.device)
     if args.only:
         name, keep = args.only.split(":")
         cell = run_cell(adapter, name, int(keep), questions)

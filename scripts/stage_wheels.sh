@@ -3,10 +3,11 @@
 # into parts small enough to travel one per device call (the working tree that travels is capped at
 # 64 MiB). See scripts/README.md for the calls that carry and reassemble them.
 #
-#   bash scripts/stage_wheels.sh [PART_MIB]      # default 60 MiB parts -> .stage/part-aa, part-ab, ...
+#   bash scripts/stage_wheels.sh [PART_MIB]      # default 50 MiB parts -> .stage/part-aa, part-ab, ...
+# (the repo itself travels with each part, about 10 MiB, under the 64 MiB a call carries)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part_mib="${1:-60}"
+part_mib="${1:-50}"
 exclude="$(git rev-parse --git-path info/exclude)"
 mkdir -p "$(dirname "$exclude")"
 grep -qx '/.stage/' "$exclude" 2>/dev/null || echo '/.stage/' >> "$exclude"

@@ -16,7 +16,8 @@ with ``--precompute``, the default on CUDA) and kept in memory.
 
 Held out: ``--val-images`` train images (drawn with the seed) and all their questions are never trained
 on; the card reports the loss on a fixed subset of them during training and, at the end, exact-match
-accuracy on ``--val-questions`` of them through the same ``PrunedVlm`` greedy path as ``vtprune eval``.
+accuracy on ``--val-questions`` of them through the same ``PrunedVlm`` greedy path as ``vtprune eval``
+(fp32, on the training device).
 
 Usage (CPU smoke run; a real run wants a GPU):
     .venv/bin/python scripts/train_projector.py --steps 3 --batch-size 2 --val-questions 4 \
@@ -275,14 +276,14 @@ def val_loss(adapter: Any, qs: list[Question], store: Any, tokens: Any, pad: int
 
 def finish(args: Any, adapter: Any, held_qs: list[Question], history: dict[str, list], train_s: float,
            device: torch.device, log: Any) -> dict[str, Any]:  # fmt: skip
-    """Held-out accuracy through the eval harness (on the CPU), then the projector file and its card."""
+    """Held-out accuracy through the eval harness (fp32, on the training device), then the projector file
+    and its card."""
     from safetensors.torch import save_file
 
     from vtprune.eval.harness import evaluate
 
-    adapter.model.to("cpu")
     eval_qs = subsample(held_qs, args.val_questions, args.seed)
-    log(f"held-out accuracy on {len(eval_qs)} questions (PrunedVlm greedy, unpruned, CPU) ...")
+    log(f"held-out accuracy on {len(eval_qs)} questions (PrunedVlm greedy, unpruned, fp32 {device}) ...")
     result = evaluate(adapter, eval_qs, PruneConfig(), progress=not args.quiet)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     weights = args.out_dir / pocket.PROJECTOR_FILE.name
@@ -313,7 +314,7 @@ def make_card(args: Any, history: dict[str, list], result: dict[str, Any], train
                  "min": min(losses) if losses else None,
                  "last_window_mean": curve[-1][1] if curve else None, "window": window, "curve": curve},
         "val_loss": history["val_loss"],
-        "accuracy": {"split": "train, held-out images", "decoding": "greedy, PrunedVlm, unpruned, fp32 CPU",
+        "accuracy": {"split": "train, held-out images", "decoding": f"greedy, PrunedVlm, unpruned, fp32 {device.type}",
                      "n": result["n"], "accuracy": result["accuracy"], "by_type": result["by_type"]},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }  # fmt: skip

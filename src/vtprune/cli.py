@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(run, required=False)
     run.add_argument("--provider", default="cpu", help="bundle only: ONNX Runtime provider cpu | cuda | tensorrt")
     run.add_argument("--threads", type=int, help="bundle only: ONNX Runtime intra-op threads (default: all cores)")
+    run.add_argument("--device", help="--model only: where PyTorch runs, cpu | cuda | cuda:N (default: cpu)")
     run.add_argument("--image", required=True, type=Path, help="image file (PNG, JPEG, ...)")
     run.add_argument("--prompt", required=True, help="the question; wrapped in the model's chat template")
     run.add_argument("--raw-prompt", action="store_true", help="use --prompt verbatim; it must hold the image slot")
@@ -158,6 +159,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.bundle is not None:
         if args.method or args.keep:
             raise VtpruneError("a bundle's pruning is fixed at export; drop --method/--keep or re-export")
+        if args.device:
+            raise VtpruneError("--device is for --model (PyTorch); a bundle picks its device with --provider")
         from vtprune.runtime.ort import OrtVlm
 
         runner = OrtVlm(args.bundle, args.provider, args.threads, sampling=sampling)
@@ -167,8 +170,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         from vtprune.runtime.pipeline import PrunedVlm
 
         cfg = prune_config(args)
-        adapter = load_vlm(args.model, args.dtype, args.allow_pickle, args.cache_dir)
-        runner, label = PrunedVlm(adapter, cfg, sampling), f"{args.model} (pytorch)"
+        device = args.device or "cpu"
+        adapter = load_vlm(args.model, args.dtype, args.allow_pickle, args.cache_dir, device)
+        runner, label = PrunedVlm(adapter, cfg, sampling), f"{args.model} (pytorch {device})"
     image = load_image(args.image, runner.adapter.min_image_side)
     result = runner.generate(image, args.prompt, args.max_new_tokens, args.raw_prompt)
     if args.json:

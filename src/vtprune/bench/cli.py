@@ -65,6 +65,7 @@ def add_bench(sub: Any) -> None:
     p.add_argument("--provider", choices=PROVIDERS, default="cpu", help="ONNX Runtime execution provider")
     p.add_argument("--threads", type=int, help="intra-op threads (default: the runtime's)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="--backend torch: weights dtype")
+    p.add_argument("--device", default="cpu", help="--backend torch: cpu | cuda | cuda:N (default: cpu)")
     p.add_argument("--images", type=Path, help="directory of images (name order; see --num-images)")
     p.add_argument("--dataset", choices=DATASETS, help="easy-vqa test questions (needs the easy-vqa package)")
     p.add_argument("--num-images", dest="num_images", type=int, default=4, help="images taken from --images/--dataset")

@@ -105,7 +105,7 @@ class BenchConfig(_Serializable):
     ONNX Runtime (``backend="ort"``): give bundles (one budget each), or one bundle plus ``budgets``
     (its source model is re-exported per budget with the bundle's G-Prune settings), or ``model`` plus
     ``budgets``. Exports go to ``work_dir/<model>/<method>-<budget>`` and are reused when present.
-    PyTorch (``backend="torch"``): ``model`` plus ``budgets``; nothing is exported.
+    PyTorch (``backend="torch"``): ``model`` plus ``budgets`` on ``device``; nothing is exported.
     """
 
     bundles: tuple[Path, ...] = ()
@@ -116,6 +116,7 @@ class BenchConfig(_Serializable):
     provider: str = "cpu"
     threads: int | None = None
     dtype: str = "fp32"
+    device: str = "cpu"
     images: Path | None = None
     dataset: str | None = None
     num_images: int = 4
@@ -152,9 +153,11 @@ class BenchConfig(_Serializable):
             if self.bundles:
                 raise ConfigError("--backend torch runs a checkpoint (--model), not bundles; drop the bundle paths")
             if self.provider != "cpu":
-                raise ConfigError(f"--provider {self.provider} applies to --backend ort; PyTorch runs on the CPU here")
+                raise ConfigError(f"--provider {self.provider} applies to --backend ort; PyTorch takes --device")
         elif self.dtype != "fp32":
             raise ConfigError(f"--dtype {self.dtype} applies to --backend torch; a bundle's precision is fixed")
+        elif self.device != "cpu":
+            raise ConfigError(f"--device {self.device} applies to --backend torch; ONNX Runtime takes --provider")
         if self.bundles and self.model is not None:
             raise ConfigError("give bundle paths or --model, not both")
         if not self.bundles and self.model is None:

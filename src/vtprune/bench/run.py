@@ -101,7 +101,7 @@ def targets(cfg: BenchConfig, log: Log) -> Iterator[tuple[Budget, Callable[[], T
         import torch
 
         torch.set_num_threads(cfg.threads)
-    adapter = load_vlm(str(cfg.model), cfg.dtype, cache_dir=cfg.cache_dir)
+    adapter = load_vlm(str(cfg.model), cfg.dtype, cache_dir=cfg.cache_dir, device=cfg.device)
     for budget in cfg.budgets:
         prune = budget.prune_config(cfg.method)
         yield budget, lambda p=prune: TorchTarget(adapter, p, str(cfg.model), cfg.dtype, cfg.threads)
@@ -250,7 +250,7 @@ def assemble(
     subject["prune"] = common_prune(entries)
     from vtprune.runtime.ort import PROVIDERS
 
-    provider = "torch-cpu" if cfg.backend == "torch" else f"onnxruntime:{PROVIDERS[cfg.provider]}"
+    provider = f"torch-{cfg.device}" if cfg.backend == "torch" else f"onnxruntime:{PROVIDERS[cfg.provider]}"
     workload = describe(samples, cfg.images, cfg.dataset) | {
         "new_tokens": cfg.new_tokens, "eos_ignored": True, "warmup": cfg.warmup, "iters": cfg.iters,
         "iteration_order": "runs cycle through the images; warm-up runs are discarded"}  # fmt: skip

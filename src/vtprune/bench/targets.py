@@ -83,7 +83,8 @@ class OrtTarget:
 
 
 class TorchTarget:
-    """A checkpoint in PyTorch eager (CPU) with a ``PruneConfig``; the adapter is shared across budgets."""
+    """A checkpoint in PyTorch eager (on its weights' device) with a ``PruneConfig``; the adapter is shared
+    across budgets."""
 
     backend = "torch"
 
@@ -92,11 +93,12 @@ class TorchTarget:
 
         self.adapter, self.cfg, self.model, self.dtype, self.threads = adapter, cfg, model, dtype, threads
         self.vlm = PrunedVlm(adapter, cfg)
+        self.device = str(self.vlm.device)
 
     def run(self, sample: Sample, new_tokens: int) -> tuple[dict[str, float], RunInfo]:
         import torch
 
-        vlm, timer = self.vlm, StageTimer(sync_cuda=next(self.adapter.model.parameters()).is_cuda)
+        vlm, timer = self.vlm, self.vlm.timer()
         with torch.inference_mode(), timer.stage("e2e"):
             with timer.stage("preprocess"):
                 inputs = vlm.inputs(sample.image, sample.prompt)
@@ -108,7 +110,8 @@ class TorchTarget:
 
     def subject(self) -> dict[str, Any]:
         return {"backend": "torch", "model": self.model, "family": self.adapter.family,
-                "model_type": self.adapter.config.model_type, "provider": "torch-cpu", "threads": self.threads,
+                "model_type": self.adapter.config.model_type, "provider": f"torch-{self.device}",
+                "threads": self.threads,
                 "precision": self.dtype, "bundle": None, "bundle_fingerprint": None}  # fmt: skip
 
     def close(self) -> None:

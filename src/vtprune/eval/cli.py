@@ -21,6 +21,7 @@ def add_eval_command(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--model", default="pocket", help="pocket | tiny-llava | ... | checkpoint DIR (default: pocket)")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="model weights dtype")
     g.add_argument("--cache-dir", type=Path, help="where built-in models are written (default ~/.cache/vtprune)")
+    g.add_argument("--device", default="cpu", help="where PyTorch runs: cpu | cuda | cuda:N (default: cpu)")
     _add_prune_args(p)
     d = p.add_argument_group("data")
     d.add_argument("--split", default="test", choices=SPLITS, help="easy-vqa split (default: test)")
@@ -40,6 +41,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = run_eval(
         args.model, prune_config(args), args.split, args.limit, args.seed, args.cache_dir,
         progress=not args.no_progress, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+        device=args.device,
     )  # fmt: skip
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ def run_eval(
     *,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     dtype: str = "fp32",
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Exact-match accuracy of ``model`` (a name such as ``pocket`` or a checkpoint dir) on easy-vqa.
 
@@ -46,6 +47,7 @@ def run_eval(
         progress: draw a progress bar on stderr.
         max_new_tokens: greedy decoding length limit per answer.
         dtype: model weights dtype (``fp32``, ``fp16``, ``bf16``).
+        device: where the PyTorch pipeline runs (``cpu``, ``cuda``, ``cuda:N``).
 
     Returns:
         A JSON-ready dict: settings, accuracy (overall, per question type), token budget, prefill FLOPs,
@@ -56,8 +58,8 @@ def run_eval(
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {max_new_tokens} must be at least 1")
     questions = subsample(load_questions(split), limit, seed)
-    adapter = load_vlm(model, dtype, cache_dir=cache_dir)
-    settings = {"model": str(model), "dtype": dtype, "split": split, "limit": limit, "seed": seed}
+    adapter = load_vlm(model, dtype, cache_dir=cache_dir, device=device)
+    settings = {"model": str(model), "dtype": dtype, "device": device, "split": split, "limit": limit, "seed": seed}
     return settings | evaluate(adapter, questions, prune, max_new_tokens, progress)
 
 

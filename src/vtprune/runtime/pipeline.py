@@ -8,8 +8,10 @@ the unpruned model would continue.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from functools import wraps
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -84,14 +86,41 @@ class Generation:
 
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def on_model_device(fn: F) -> F:
+    """Run a ``PrunedVlm`` method with the model's device as the default for new tensors.
+
+    The pipeline's own index and mask tensors (and the pruning methods') are created without naming a
+    device; inside this scope they land where the weights are, so one code path serves CPU and CUDA.
+    """
+
+    @wraps(fn)
+    def scoped(self: PrunedVlm, *args: Any, **kwargs: Any) -> Any:
+        with self.device:
+            return fn(self, *args, **kwargs)
+
+    return scoped  # type: ignore[return-value]
+
+
 class PrunedVlm:
-    """A loaded VLM adapter plus a pruning config, driven as one generation pipeline."""
+    """A loaded VLM adapter plus a pruning config, driven as one generation pipeline.
+
+    It runs on the device that holds the adapter's weights (``adapter.model.to("cuda")`` first for a GPU);
+    stage timings are then CUDA-synchronised.
+    """
 
     def __init__(self, adapter: VlmAdapter, cfg: PruneConfig, sampling: SamplingConfig | None = None) -> None:
         adapter.check_prune(cfg)
         self.adapter = adapter
         self.cfg = cfg
         self.sampling = sampling or SamplingConfig()
+        self.device = next(adapter.model.parameters()).device
+
+    def timer(self) -> StageTimer:
+        """A stage timer that waits for the GPU at stage edges when the model is on one."""
+        return StageTimer(sync_cuda=self.device.type == "cuda")
 
     def inputs(self, image: Any, prompt: str, raw_prompt: bool = False) -> dict[str, Tensor]:
         """Processor outputs for one image and a question (or a raw prompt holding the image slot)."""
@@ -100,15 +129,17 @@ class PrunedVlm:
             self.adapter.check_prompt(prompt)
         text = prompt if raw_prompt else self.adapter.format_prompt(prompt)
         try:
-            return self.adapter.prepare(image, text)
+            inputs = self.adapter.prepare(image, text)
         except ValueError as exc:  # the family's processor rejects the image (e.g. extreme aspect ratio)
             w, h = image.size
             raise InputError(f"the {self.adapter.family} processor cannot use this {w}x{h} image: {exc}") from None
+        return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
 
     @torch.inference_mode()
+    @on_model_device
     def build_prefill(self, inputs: dict[str, Tensor], timer: StageTimer | None = None) -> Prefill:
         """Vision encoder, pruning and merge: the decoder's input embeddings and position ids."""
-        timer = timer or StageTimer()
+        timer = timer or self.timer()
         ids = inputs["input_ids"]
         if ids.shape[0] != 1:
             raise InternalError("the PyTorch pipeline runs one prompt at a time")
@@ -152,16 +183,16 @@ class PrunedVlm:
 
     @staticmethod
     def _sequence_keep(length: int, image_pos: Tensor, visual_keep: Tensor) -> Tensor:
-        is_text = torch.ones(length, dtype=torch.bool)
+        is_text = torch.ones(length, dtype=torch.bool, device=image_pos.device)
         is_text[image_pos] = False
-        text_pos = torch.arange(length)[is_text]
+        text_pos = torch.arange(length, device=image_pos.device)[is_text]
         return torch.cat([text_pos, image_pos[visual_keep[0]]]).sort().values.unsqueeze(0)  # (1, n) ascending
 
     def decoder_step(self, embeds: Tensor, positions: Tensor, cache: Any) -> Tensor:
         """Run the decoder on new tokens with the cache; returns final-norm hidden states (1, t, D)."""
         past = cache.get_seq_length()
         # An explicit all-ones mask: with no mask, transformers reads position-id gaps as packed sequences.
-        mask = torch.ones(embeds.shape[0], past + embeds.shape[1], dtype=torch.long)
+        mask = torch.ones(embeds.shape[0], past + embeds.shape[1], dtype=torch.long, device=embeds.device)
         out = self.adapter.decoder(
             inputs_embeds=embeds, position_ids=positions, attention_mask=mask, past_key_values=cache, use_cache=True
         )
@@ -173,18 +204,20 @@ class PrunedVlm:
         return DynamicCache(config=self.adapter.text_config)
 
     @torch.inference_mode()
+    @on_model_device
     def prompt_logits(self, prefill: Prefill) -> Tensor:
         """Logits at every prefill position (1, n, V); for parity checks against transformers."""
         hidden = self.decoder_step(prefill.embeds, prefill.position_ids, self.new_cache())
         return self.adapter.lm_head(hidden)
 
     @torch.inference_mode()
+    @on_model_device
     def decode(
         self, prefill: Prefill, max_new_tokens: int, timer: StageTimer | None = None, eos: set[int] | None = None
     ) -> list[int]:
         """Greedy decoding after a prefill; stops at an EOS token (``eos``, default the model's; pass an
         empty set to never stop early) or after ``max_new_tokens``."""
-        timer, cache, choose = timer or StageTimer(), self.new_cache(), TokenChooser(self.sampling)
+        timer, cache, choose = timer or self.timer(), self.new_cache(), TokenChooser(self.sampling)
         eos = self.adapter.eos_token_ids() if eos is None else eos
         step = self.decoder_step
         with timer.stage("prefill"):
@@ -216,11 +249,12 @@ class PrunedVlm:
         return layerwise, hidden
 
     def _last_logits(self, hidden: Tensor) -> Any:
-        return self.adapter.lm_head(hidden[:, -1])[0].float().numpy()  # (V,)
+        return self.adapter.lm_head(hidden[:, -1])[0].float().cpu().numpy()  # (V,)
 
+    @on_model_device
     def generate(self, image: Any, prompt: str, max_new_tokens: int = 32, raw_prompt: bool = False) -> Generation:
         """Answer ``prompt`` about ``image`` with pruned visual tokens; per-stage wall times included."""
-        timer = StageTimer()
+        timer = self.timer()
         with timer.stage("preprocess"):
             inputs = self.inputs(image, prompt, raw_prompt)
         prefill = self.build_prefill(inputs, timer)
