@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -36,9 +37,13 @@ from vtprune.runtime.report import environment  # noqa: E402
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(cache_dir: str | None, device: str) -> None:
+def _init_worker(cache_dir: str | None, device: str, threads: int | None = None) -> None:
+    import torch
+
     from vtprune.models import load_vlm
 
+    if threads:  # workers share the cores: without this each takes them all and they thrash
+        torch.set_num_threads(threads)
     _WORKER["adapter"] = load_vlm("pocket", cache_dir=Path(cache_dir) if cache_dir else None, device=device)
 
 
@@ -149,7 +154,8 @@ def main() -> int:
     if args.workers > 1:
         import multiprocessing as mp
 
-        pool = mp.get_context("spawn").Pool(args.workers, _init_worker, (args.cache_dir, args.device))
+        threads = max(1, (os.cpu_count() or 1) // args.workers)
+        pool = mp.get_context("spawn").Pool(args.workers, _init_worker, (args.cache_dir, args.device, threads))
     else:
         _init_worker(args.cache_dir, args.device)
     settings = {"model": "pocket", "split": args.split, "limit": args.limit, "seed": args.seed,

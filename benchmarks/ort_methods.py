@@ -27,7 +27,6 @@ from vtprune.export.bundle import MANIFEST, ExportConfig, export_bundle
 from vtprune.runtime.report import environment
 
 SWEEP = Path("benchmarks/results/pocket/sweep/sweep.json")
-ALVTS_SWEEP = Path("benchmarks/results/pocket/alvts/variants.json")
 
 
 def configs(keep: int, alvts_layers: list[int]) -> dict[str, PruneConfig]:
@@ -52,11 +51,11 @@ def _log(msg: str) -> None:
 
 
 def accuracy_at(name: str, cfg: PruneConfig) -> float | None:
-    """Accuracy of this exact config at this budget in the committed sweeps (same model and questions)."""
+    """Accuracy of this exact config at this budget in the committed method sweep (same model and questions).
+
+    Only sweep.json: the ALVTS variant table (alvts/variants.json) was measured with an earlier projector."""
     want = cfg.to_dict()
     found = []
-    if ALVTS_SWEEP.exists():
-        found += [v for v in json.loads(ALVTS_SWEEP.read_text())["variants"] if v["prune"] == want]
     if SWEEP.exists():
         sweep = json.loads(SWEEP.read_text())
         found += [c for c in [sweep["unpruned"], *sweep["cells"]] if c["prune"] == want]
@@ -95,7 +94,16 @@ def main() -> int:
     p.add_argument("--work-dir", type=Path, default=Path.home() / ".cache/vtprune/bench/ort-methods")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/pocket/ort-methods"))
     p.add_argument("--export-only", action="store_true", help="write (or check) the bundles and stop")
+    p.add_argument("--render", action="store_true", help="only refresh the accuracy column from the committed "
+                   "sweeps and rewrite ort_methods.json/.md (latencies untouched)")  # fmt: skip
     args = p.parse_args()
+    if args.render:
+        result = json.loads((args.out / "ort_methods.json").read_text())
+        for row in result["methods"]:
+            row["accuracy"] = accuracy_at(row["name"], PruneConfig(**row["prune"]))
+        (args.out / "ort_methods.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        (args.out / "ort_methods.md").write_text(markdown(result["methods"], result["settings"], result["environment"]))
+        return 0
     bench = BenchConfig(model="pocket", budgets=(Budget(args.keep),), dataset="easy-vqa", num_images=args.num_images,
                         new_tokens=args.new_tokens,
                         warmup=args.warmup, iters=args.iters, no_progress=True)  # fmt: skip
