@@ -39,8 +39,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "visionzip": {"method": "visionzip"},
     "fastv": {"method": "fastv"},
     "dart": {"method": "dart"},
-    "alvts": {"method": "alvts"},  # the default start layer (l0 = 10)
-    "alvts-l0=12": {"method": "alvts", "layer": 12},
+    "alvts": {"method": "alvts"},  # the default start layer (l0 = 12)
+    "alvts-l0=10": {"method": "alvts", "layer": 10},
     "alvts-l0=2": {"method": "alvts", "layer": 2},  # ALGORITHMS.md's proposed l0
     "alvts-exact-l0=2": {"method": "alvts", "selector": "exact", "layer": 2},
 }
@@ -122,6 +122,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"Cells added later with `--only` ran on the same questions in later sessions (1-minute load "
                   f"average when each finished, 2 cores: {', '.join(added)}): their accuracy and FLOPs compare; their "
                   "TTFT and prefill ms compare only where the load was near 1 (the cell itself)."]  # fmt: skip
+    lines += ["", *[f"Relabelled: {r}" for r in result.get("relabelled", [])]]
     lines += ["", "In-LLM methods (fastv, dart, alvts) keep `kept` visual tokens from their selection layer on "
               "(layers below it see all 256), so their prefill FLOPs are higher than a pre-LLM method's at the "
               "same `kept`; compare them on the accuracy-vs-FLOPs plot.", ""]  # fmt: skip
