@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_cli import assert_user_error, run_main
+from vtprune.config import DEFAULT_LAYER
 
 
 @pytest.mark.parametrize("extra", [["--method", "alvts", "--keep", "8", "--layer", "1", "--rank", "8"],
@@ -54,7 +55,8 @@ def test_default_alvts_layer_beyond_a_tiny_model_is_a_user_error(cache_dir: Path
     capsys.readouterr()
     rc = run_main(["run", "--model", "tiny-llava", "--cache-dir", str(cache_dir), "--image", str(png),
                    "--prompt", "what ?", "--method", "alvts", "--keep", "8"])  # fmt: skip
-    assert_user_error(rc, *capsys.readouterr(), ("--layer 10", "2 decoder layers", "--layer below 2"))
+    default = f"--layer {DEFAULT_LAYER['alvts']}"
+    assert_user_error(rc, *capsys.readouterr(), (default, "2 decoder layers", "--layer below 2"))
 
 
 def test_calib_alvts_end_to_end(cache_dir: Path, tmp_path: Path, scene, capsys) -> None:

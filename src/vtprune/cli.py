@@ -136,11 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--cache-dir", type=Path, help="where built-in models are written")
     check.add_argument("--json", action="store_true", help="print the table as JSON")
 
-    demo = sub.add_parser("demo", help="export unpruned and G-Prune bundles, run both in ONNX Runtime on the CPU")
+    demo = sub.add_parser("demo", help="export unpruned, G-Prune and ALVTS bundles, run them in ONNX Runtime (CPU)")
     demo.add_argument("--model", default="pocket", help="model to demo (default: pocket, real weights)")
     demo.add_argument("--image", type=Path, help="image file (default: an easy-vqa test image and a photo)")
     demo.add_argument("--prompt", help="the question (with --image)")
     demo.add_argument("--keep", default="64", help="G-Prune budget (count or ratio; default 64 of 256)")
+    demo.add_argument("--alvts-keep", type=int, help="ALVTS visual tokens per routed layer (default 28; tiny models 4)")
     demo.add_argument("--cache-dir", type=Path, help="where built-in tiny models are written")
     add_bench_commands(sub)
     add_eval_command(sub)
@@ -226,7 +227,7 @@ def format_result(model: str, family: str, r: Any) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     from vtprune.demo import run_demo
 
-    return run_demo(args.model, args.image, args.prompt, parse_keep(args.keep), args.cache_dir)
+    return run_demo(args.model, args.image, args.prompt, parse_keep(args.keep), args.cache_dir, args.alvts_keep)
 
 
 def cmd_build(args: argparse.Namespace) -> int:

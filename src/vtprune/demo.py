@@ -16,6 +16,7 @@ from typing import Any
 from vtprune.config import PruneConfig
 
 REPEATS = 3
+DEMO_ALVTS_KEEP = 28  # the ALVTS headline budget: k = 28 of 256 visual tokens per layer from l0 on
 
 
 def scene_image(width: int = 320, height: int = 240) -> Any:
@@ -60,14 +61,29 @@ def _photo() -> Any:
         return scene_image()
 
 
-def demo_bundles(model: str, keep: int | float, cache_dir: Path | None, log: Any) -> dict[str, Path]:
-    """Unpruned and G-Prune bundles of ``model``, exported once into the cache (LM graphs shared)."""
+def demo_configs(model: str, keep: int | float, alvts_keep: int | None = None) -> dict[str, PruneConfig]:
+    """The demo's bundles: unpruned, G-Prune at ``keep`` (pruning inside the vision graph) and ALVTS at
+    ``alvts_keep`` per layer from its default start layer (pruning inside the decoder graphs; the tiny
+    models, with 2 decoder layers, route from layer 1)."""
+    from vtprune.models.tiny import TINY_MODELS
+
+    tiny = model in TINY_MODELS
+    k = alvts_keep if alvts_keep is not None else (4 if tiny else DEMO_ALVTS_KEEP)
+    return {"unpruned": PruneConfig(), "gprune": PruneConfig(method="gprune", keep=keep),
+            "alvts": PruneConfig(method="alvts", keep=k, layer=1 if tiny else None)}  # fmt: skip
+
+
+def demo_bundles(model: str, keep: int | float, cache_dir: Path | None, log: Any,
+                 alvts_keep: int | None = None) -> dict[str, Path]:  # fmt: skip
+    """The ``demo_configs`` bundles of ``model``, exported once into the cache (the pre-LLM ones share LM
+    graphs; the ALVTS bundle has its own routed prefill and decode graphs)."""
     from vtprune.export.bundle import ExportConfig, export_bundle, read_manifest, tool_versions
     from vtprune.models.tiny import default_cache_dir
 
     root = (cache_dir or default_cache_dir()) / "bundles"
-    out = {"unpruned": root / f"{model}-none", "gprune": root / f"{model}-gprune-{keep}"}
-    configs = {"unpruned": PruneConfig(), "gprune": PruneConfig(method="gprune", keep=keep)}
+    configs = demo_configs(model, keep, alvts_keep)
+    out = {"unpruned": root / f"{model}-none", "gprune": root / f"{model}-gprune-{keep}",
+           "alvts": root / f"{model}-alvts-{configs['alvts'].keep}-l{configs['alvts'].layer}"}  # fmt: skip
     marker = _source_marker(model, cache_dir)
     donor = None
     for name, path in out.items():
@@ -77,9 +93,10 @@ def demo_bundles(model: str, keep: int | float, cache_dir: Path | None, log: Any
         )
         if not fresh:
             log(f"exporting the {name} bundle of {model} to {path} (once) ...")
-            export = ExportConfig(force=True, reuse_lm_from=str(donor) if donor else None)
+            lend = donor if donor and configs[name].pre_llm else None
+            export = ExportConfig(force=True, reuse_lm_from=str(lend) if lend else None)
             export_bundle(model, configs[name], export, path, cache_dir, log)
-        donor = path
+        donor = donor or path
     return out
 
 
@@ -98,7 +115,8 @@ def _run(vlm: Any, image: Any, question: str) -> tuple[Any, dict[str, float]]:
     return runs[-1], ms | {"TTFT": statistics.median(r.ttft_ms for r in runs)}
 
 
-def run_demo(model: str, image_path: Path | None, prompt: str | None, keep: int | float, cache_dir: Path | None) -> int:
+def run_demo(model: str, image_path: Path | None, prompt: str | None, keep: int | float, cache_dir: Path | None,
+             alvts_keep: int | None = None) -> int:  # fmt: skip
     import sys
 
     from vtprune.runtime.ort import OrtVlm
@@ -107,7 +125,7 @@ def run_demo(model: str, image_path: Path | None, prompt: str | None, keep: int 
         print(f"  {msg}", file=sys.stderr, flush=True)
 
     print(f"vtprune demo: {model}, ONNX Runtime on the CPU (the embedded default)", flush=True)
-    bundles = demo_bundles(model, keep, cache_dir, log)
+    bundles = demo_bundles(model, keep, cache_dir, log, alvts_keep)
     note = _model_note(model, cache_dir)
     if note:
         print(f"NOTE: {note}")
@@ -143,4 +161,4 @@ def _latency_table(rows: list[tuple[str, dict[str, float]]]) -> None:
     print(f"\nlatency, median of {REPEATS} runs after a warm-up (ms, onnxruntime CPU, 8 new tokens):")
     print("  " + f"{'':>12}" + "".join(f"{s:>11}" for s in stages))
     for name, ms in rows:
-        print("  " + f"{name:>12}" + "".join(f"{ms[s]:>11.1f}" for s in stages))
+        print("  " + f"{name:>12}" + "".join(f"{ms.get(s, float('nan')):>11.1f}" for s in stages))
