@@ -18,7 +18,6 @@ ROOT=${GPU_SESSION_ROOT:-/root} PY=${PY:-python3}
 STAGE=$ROOT/stage SITE=$ROOT/site CACHE=$ROOT/vtcache PROJ=$ROOT/proj RES=$ROOT/results CKPT=$ROOT/ckpt
 OUT=${OUT:-$ROOT/out} DEVICE=${DEVICE:-cuda}
 LIMIT=(${LIMIT:+--limit $LIMIT})  # LIMIT=N: every measurement on N questions (a dry run on the CPU)
-mkdir -p "$STAGE" "$PROJ" "$RES" "$OUT"
 log() { echo "[gpu_session $(date +%H:%M:%S)] $*" >&2; }
 
 stage() {
@@ -95,6 +94,6 @@ pack() {  # atomically, so a call stopped at its time limit still brings back th
 phase="${1:-}"
 shift || true
 case "$phase" in
-  stage | train | measure) "$phase" "$@" ;;
+  stage | train | measure) mkdir -p "$STAGE" "$PROJ" "$RES" "$OUT" && "$phase" "$@" ;;
   *) echo "usage: bash scripts/gpu_session.sh stage|train|measure [train_projector args]" >&2; exit 2 ;;
 esac
