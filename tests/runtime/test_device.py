@@ -46,3 +46,31 @@ def test_pipeline_creates_no_tensor_off_the_model_device(tiny_adapter, scene, na
 
 def test_pipeline_follows_the_weights_device(tiny_adapter):
     assert PrunedVlm(tiny_adapter, PruneConfig()).device == next(tiny_adapter.model.parameters()).device
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize(
+    ("command", "fragment"),
+    [
+        (["run", "--model", "tiny-llava", "--device", "cuda"], "sees no CUDA GPU"),
+        (["run", "--model", "tiny-llava", "--device", "tpu"], "is not a device"),
+        (["run", "--model", "tiny-llava", "--device", "mps"], "runs on cpu or cuda"),
+        (["eval", "--model", "tiny-llava", "--device", "cuda", "--limit", "1"], "sees no CUDA GPU"),
+        (["bench", "--backend", "torch", "--model", "tiny-llava", "--budgets", "all", "--device", "cuda"],
+         "sees no CUDA GPU"),
+        (["bench", "--model", "tiny-llava", "--budgets", "all", "--device", "cuda"], "applies to --backend torch"),
+    ],
+    ids=["run-cuda", "run-bad-name", "run-mps", "eval-cuda", "bench-cuda", "bench-ort-device"],
+)
+def test_an_unusable_device_is_one_line_and_exit_2(command, fragment, cache_dir, png, tmp_path, capsys):
+    from tests.test_cli import assert_user_error, run_main
+
+    extra = ["--cache-dir", str(cache_dir)]
+    if command[0] == "run":
+        extra += ["--image", str(png), "--prompt", "what ?"]
+    if command[0] == "bench":
+        extra += ["--out", str(tmp_path / "report")]
+    capsys.readouterr()
+    rc = run_main(command + extra)
+    assert_user_error(rc, *capsys.readouterr(), (fragment,))
+    assert not (tmp_path / "report").exists()
