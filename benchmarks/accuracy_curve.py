@@ -44,7 +44,7 @@ def _init_worker(cache_dir: str | None, device: str, threads: int | None = None)
 
     if threads:  # workers share the cores: without this each takes them all and they thrash
         torch.set_num_threads(threads)
-    _WORKER["adapter"] = load_vlm("pocket", cache_dir=Path(cache_dir) if cache_dir else None, device=device)
+    _WORKER["adapter"] = load_vlm("pocket", cache_dir=cache_dir, device=device)
 
 
 def _run_shard(task: tuple[dict[str, Any], str, int | None, int, list[int]]) -> dict[str, Any]:
@@ -143,10 +143,10 @@ def main() -> int:
     args = p.parse_args()
     if args.workers < 1:
         p.error("--workers must be at least 1")
-    from vtprune.models import load_vlm, torch_device
+    from vtprune.models import pocket, torch_device
 
     torch_device(args.device)  # refuse a device this machine lacks before any work
-    load_vlm("pocket", cache_dir=args.cache_dir)  # build the cache once, before the workers load it
+    pocket.materialize(args.cache_dir)  # build the cache once, before the workers load it
     n = len(subsample(load_questions(args.split), args.limit, args.seed))
     budgets = [int(b) for b in args.budgets.split(",") if b]
     configs = [PruneConfig()] + [PruneConfig(method=args.method, keep=k) for k in budgets]

@@ -61,8 +61,6 @@ measure() {
   local py="$PY" started=$SECONDS
   (while sleep 20; do pack; done) &
   local packer=$!
-  # The new projector's cache is built once here, before any worker loads it.
-  $py -c "from vtprune.models import load_vlm; load_vlm('pocket', cache_dir='$CACHE')" 2>&1 | tail -1
   if [ ! -f "$RES/accuracy/.done" ]; then
     $py benchmarks/accuracy_curve.py "${LIMIT[@]}" --device "$DEVICE" --workers "${WORKERS:-6}" --cache-dir "$CACHE" --out "$RES/accuracy" \
       && touch "$RES/accuracy/.done"

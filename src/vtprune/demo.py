@@ -161,4 +161,4 @@ def _latency_table(rows: list[tuple[str, dict[str, float]]]) -> None:
     print(f"\nlatency, median of {REPEATS} runs after a warm-up (ms, onnxruntime CPU, 8 new tokens):")
     print("  " + f"{'':>12}" + "".join(f"{s:>11}" for s in stages))
     for name, ms in rows:
-        print("  " + f"{name:>12}" + "".join(f"{ms.get(s, float('nan')):>11.1f}" for s in stages))
+        print("  " + f"{name:>12}" + "".join(f"{ms[s]:>11.1f}" for s in stages))

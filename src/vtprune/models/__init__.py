@@ -74,7 +74,7 @@ def load_vlm(
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         reason = " ".join(str(exc).split())[:300]
         raise CheckpointError(f"cannot load checkpoint {path}: {reason}; is it complete and uncorrupted?") from None
-    return cls(net.to(target) if target.type != "cpu" else net, processor, path)
+    return cls(net.to(target), processor, path)
 
 
 def torch_device(name: str) -> torch.device:
