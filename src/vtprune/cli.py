@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild engines that exist")
     build.add_argument("--timing-cache", type=Path, metavar="FILE",
                        help="TensorRT timing cache: reused if it exists, created otherwise, updated after the build")
+    build.add_argument("--plugins", action="store_true",
+                       help="fused Triton plugins for GraphPropagate/TopKRoute (full TensorRT; needs vtprune[gpu])")
 
     check = sub.add_parser("check", help="parity of a bundle in ONNX Runtime against the PyTorch source model")
     check.add_argument("bundle", type=Path, help="bundle directory")
@@ -236,7 +238,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     cfg = BuildConfig(args.precision, args.target, args.workspace_mb, args.max_batch, args.max_seq,
                       None if args.graphs is None else tuple(g.strip() for g in args.graphs.split(",") if g.strip()),
                       args.force,
-                      args.timing_cache)  # fmt: skip
+                      args.timing_cache, args.plugins)  # fmt: skip
     engines = build_bundle(args.bundle, cfg, lambda msg: print(f"vtprune build: {msg}", file=sys.stderr, flush=True))
     for graph, meta in engines.items():
         print(f"{graph}.engine: {meta['engine_size'] / 1e6:.1f} MB, {meta['flavour']} {meta['trt_version']}, "

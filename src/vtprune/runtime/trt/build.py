@@ -108,6 +108,8 @@ class BuildResult:
             was created by this build), ``sha256_after`` and ``used_by_builder`` (``False`` for TensorRT-RTX,
             whose timing cache calls are no-ops since 1.2: the file is still validated and written).
         engine: the serialized engine (write it with ``write``).
+        plugins: the plugin layers in the engine (``[]`` when built from the function bodies); loading it
+            needs ``vtprune.export.ops.trt_plugins.load_plugins`` first.
     """
 
     flavour: str
@@ -121,6 +123,7 @@ class BuildResult:
     profiles: dict[str, tuple[tuple[int, ...], ...]]
     engine: bytes = field(repr=False)
     timing_cache: dict[str, Any] | None = None
+    plugins: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the engine bytes, for a JSON sidecar."""
@@ -165,6 +168,7 @@ def build_engine(
     workspace_mb: int | None = None,
     timing_cache: str | Path | None = None,
     progress: Progress | None = None,
+    plugins: bool = False,
 ) -> BuildResult:
     """Parse an ONNX file with the TensorRT ONNX parser and build a serialized engine.
 
@@ -182,6 +186,9 @@ def build_engine(
             builder, and after a successful build rewritten atomically with the tactics timed. The cache is
             attached with ``ignore_mismatch=False``: timings from another GPU or TensorRT version would pick
             tactics for the wrong device, so such a file is refused (delete it to start a new one).
+        plugins: map ``vtprune::GraphPropagate`` / ``TopKRoute`` nodes to the fused plugins of
+            ``vtprune.export.ops.trt_plugins`` (registered here, explicitly) instead of importing their
+            model-local function bodies; needs a TensorRT with IPluginV3 layers (not TensorRT-RTX 1.7).
         progress: called with one line per top-level build phase and its direct sub-phases (with step
             counts), and a step count at most every ``PROGRESS_EVERY_S`` seconds; only when the installed
             TensorRT has ``IProgressMonitor``. A ``KeyboardInterrupt`` (Ctrl-C, or raised by ``progress``)
@@ -201,9 +208,11 @@ def build_engine(
     path = Path(onnx_path)
     _check_options(flavour, precision, workspace_mb)
     capabilities = resolve_target(trt, flavour, target)
+    if plugins:
+        require_plugins(trt, flavour)
     logger = _capturing_logger(trt)
     builder = trt.Builder(logger)
-    network, parser = _parse_onnx(trt, builder, logger, path, precision)  # parser owns the weights: keep it
+    network, parser = _parse_onnx(trt, builder, logger, path, precision, plugins)  # parser owns the weights
     shapes = _profile_shapes(network, profiles)
     config = _builder_config(trt, builder, precision, capabilities, workspace_mb, shapes)
     cache = _TimingCache.attach(config, logger, Path(timing_cache)) if timing_cache is not None else None
@@ -221,6 +230,7 @@ def build_engine(
         profiles=shapes,
         engine=engine,
         timing_cache=cache.save() if cache is not None else None,
+        plugins=_plugin_layers(trt, network) if plugins else [],
     )
 
 
@@ -304,16 +314,59 @@ def _capturing_logger(trt: ModuleType) -> Any:
     return CapturingLogger()
 
 
-def _parse_onnx(trt: ModuleType, builder: Any, logger: Any, path: Path, precision: str) -> tuple[Any, Any]:
+def _parse_onnx(
+    trt: ModuleType, builder: Any, logger: Any, path: Path, precision: str, plugins: bool = False
+) -> tuple[Any, Any]:
     if not path.is_file():
         raise EngineBuildError(f"ONNX file not found: {path}")
     typed = precision == "typed" and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if typed else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(path)):
+    parsed = parser.parse(onnx_without_functions(path), str(path)) if plugins else parser.parse_from_file(str(path))
+    if not parsed:
         raise _parse_error(parser, path)
     return network, parser
+
+
+def onnx_without_functions(path: Path) -> bytes:
+    """The model at ``path`` with the vtprune function bodies removed (external data left where it is), so
+    the parser maps those nodes to registered plugins: it prefers a model-local function when one exists."""
+    import onnx
+
+    from vtprune.export.ops import DOMAIN
+    from vtprune.export.ops.trt_plugins import PLUGIN_OPS
+
+    model = onnx.load(str(path), load_external_data=False)
+    keep = [f for f in model.functions if not (f.domain == DOMAIN and f.name in PLUGIN_OPS)]
+    del model.functions[:]
+    model.functions.extend(keep)
+    return model.SerializeToString()
+
+
+def require_plugins(trt: ModuleType, flavour: str) -> None:
+    """Register the fused vtprune plugins with ``trt``, or refuse: no plugin layers, or no Triton."""
+    from vtprune.export.ops import trt_plugins
+
+    if not trt_plugins.supports_plugins(trt):
+        raise ConfigError(
+            f"--plugins: {flavour} {trt.__version__} cannot add plugin layers; build without --plugins (the pruning "
+            "ops then compile from their ONNX function bodies), or with full TensorRT (JetPack, NVIDIA's wheels)"
+        )
+    try:
+        import triton  # noqa: F401  (the plugins' kernels; checked here rather than at the first enqueue)
+    except ImportError:
+        raise ConfigError("--plugins: the fused plugins run Triton kernels: pip install 'vtprune[gpu]'") from None
+    trt_plugins.load_plugins(trt)
+
+
+def _plugin_layers(trt: ModuleType, network: Any) -> list[str]:
+    """Names of the plugin layers in ``network``; an error if a vtprune op was not mapped to its plugin."""
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    found = [layer.name for layer in layers if layer.type == trt.LayerType.PLUGIN_V3]
+    if not found:
+        raise EngineBuildError("--plugins: the parsed network has no plugin layer; the ONNX has no vtprune op")
+    return found
 
 
 def _parse_error(parser: Any, path: Path) -> OnnxParseError:

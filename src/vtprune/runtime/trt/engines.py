@@ -35,6 +35,7 @@ class BuildConfig:
     graphs: tuple[str, ...] | None = None  # None: every graph the bundle has
     force: bool = False
     timing_cache: Path | None = None  # loaded if present, shared by the graphs, rewritten after each build
+    plugins: bool = False  # fused plugins for the vtprune ops (full TensorRT only) instead of function bodies
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -49,7 +50,7 @@ class BuildConfig:
 def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, Any]:
     """Build engines for ``bundle``'s graphs; returns the manifest's new ``engines`` section."""
     from vtprune.export.bundle import read_manifest, sha256, write_manifest
-    from vtprune.runtime.trt.build import build_engine
+    from vtprune.runtime.trt.build import build_engine, import_tensorrt, require_plugins
     from vtprune.runtime.trt.profiles import ProfileLimits, profiles_from_onnx
 
     log = log or (lambda msg: None)
@@ -69,6 +70,11 @@ def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, A
         if routing else None  # fmt: skip
     limits = ProfileLimits(batch=(1, 1, cfg.max_batch), sequence=(1, min(64, max_seq), max_seq),
                            past=(0, max_seq // 2, max_seq), visual=visual)  # fmt: skip
+    plugin_graphs = {g for g in graphs if _has_vtprune_ops(bundle / f"{g}.onnx")} if cfg.plugins else set()
+    if cfg.plugins and not plugin_graphs:
+        raise ConfigError(f"--plugins: no graph of {', '.join(graphs)} has a vtprune op (GraphPropagate, TopKRoute)")
+    if cfg.plugins:
+        require_plugins(*import_tensorrt())  # refused before any graph is built
     tmp = Path(tempfile.mkdtemp(prefix=".engines-", dir=bundle))
     engines = dict(manifest.get("engines", {}))
     try:
@@ -76,12 +82,14 @@ def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, A
             onnx_path = bundle / f"{graph}.onnx"
             log(f"[{i}/{len(graphs)}] building {graph}.engine ...")
             result = build_engine(onnx_path, profiles_from_onnx(onnx_path, limits), precision, cfg.target,
-                                  cfg.workspace_mb, cfg.timing_cache, lambda msg: log(f"      {msg}"))  # fmt: skip
+                                  cfg.workspace_mb, cfg.timing_cache, lambda msg: log(f"      {msg}"),
+                                  graph in plugin_graphs)  # fmt: skip
             settings = asdict(cfg) | {"max_seq": max_seq, "timing_cache": cfg.timing_cache and str(cfg.timing_cache)}
             meta = result.to_dict() | {"onnx_sha256": sha256(onnx_path), "build": settings}
             (tmp / f"{graph}.engine").write_bytes(result.engine)
             (tmp / f"{graph}.engine.json").write_text(json.dumps(meta, indent=2, default=list) + "\n")
-            engines[graph] = {k: meta[k] for k in ("flavour", "trt_version", "target", "precision", "engine_size")}
+            engines[graph] = {k: meta[k] for k in ("flavour", "trt_version", "target", "precision", "engine_size",
+                                                   "plugins")}  # fmt: skip
             log(f"      {result.engine_size / 1e6:.1f} MB in {result.build_seconds:.1f} s ({result.flavour})")
         for f in tmp.iterdir():
             os.replace(f, bundle / f.name)
@@ -90,6 +98,14 @@ def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, A
     manifest["engines"] = engines
     write_manifest(bundle, manifest)
     return engines
+
+
+def _has_vtprune_ops(path: Path) -> bool:
+    import onnx
+
+    from vtprune.export.ops import DOMAIN
+
+    return any(node.domain == DOMAIN for node in onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def bundle_precision(requested: str, dtype: str, log: Any) -> str:
