@@ -101,6 +101,7 @@ def test_plugin_launchers_over_raw_pointers_match_the_tensor_calls():
     assert torch.equal(scores, kernels.graph_propagate(x, valid, 0.5, 0.03, 3))
     tokens = torch.zeros(b, k, d, device=DEVICE)
     idx = torch.full((b, k), -1, dtype=torch.int64, device=DEVICE)
-    launch_topk_route((b, n, d), x.dtype, x.data_ptr(), scores.data_ptr(), tokens.data_ptr(), idx.data_ptr(), k,
-                      device=DEVICE)  # fmt: skip
+    ws = torch.full((kernels.topk_workspace_bytes(b, n),), 255, dtype=torch.uint8, device=DEVICE)
+    launch_topk_route((b, n, d), x.dtype, x.data_ptr(), scores.data_ptr(), tokens.data_ptr(), idx.data_ptr(),
+                      ws.data_ptr(), k, device=DEVICE)  # fmt: skip
     assert torch.equal(idx, keep_topk(scores, k)) and torch.equal(tokens, gather_tokens(x, idx))

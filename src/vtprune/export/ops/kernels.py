@@ -1,21 +1,22 @@
 """Fused GPU kernels of the pruning ops (Triton): the plugin face of GraphPropagate and TopKRoute.
 
-Five kernels compute what ``vtprune.prune.gprune.scores`` and ``keep_topk`` + ``gather_tokens`` compute:
+The kernels compute what ``vtprune.prune.gprune.scores`` and ``keep_topk`` + ``gather_tokens`` compute:
 
 - ``_unit_rows``: fp32 L2 norm of each token, unit rows ``u = x / max(norm, tiny)`` and ``s0 = norm * valid``.
-- ``_transition``: one pass per row block: cosine tiles ``u_i . u_j`` (fp32, IEEE dot: TF32 would move
-  cosines across the threshold), the edge mask, masked logits ``sim / tau`` and an online row max/sum;
-  a second pass turns the logits into the softmax ``P``. The degree is the row count of the mask (the
-  mask is symmetric up to the dot product's rounding; the reference counts columns).
+- ``_similarity``: one program per (row tile, column tile): cosines ``u_i . u_j`` in fp32 with IEEE dots
+  (TF32 would move cosines across the threshold), the edge mask and the masked logits ``sim / tau``; the
+  degree is the row count of the mask, added atomically (integer counts in fp32: exact, any order). The
+  mask is symmetric up to the dot product's rounding; the reference counts columns.
+- ``_row_softmax``: each row of logits becomes a row of the transition matrix ``P``, in place.
 - ``_propagate``: one ``s <- s P`` step; the last one divides by the degree and masks pads to -inf.
-- ``_topk_ascending``: one program per row: rank of every score (ties: lower index first, as ONNX TopK),
-  kept flags, and an exclusive prefix sum that writes the kept indices in ascending order.
+- ``_topk_flags`` + ``_compact``: the rank of every score (ties: lower index first, as ONNX TopK) marks
+  the kept tokens; an exclusive prefix sum writes their indices in ascending order.
 - ``_gather_rows``: kept tokens, any dtype.
 
 The launchers take preallocated outputs and a workspace so a TensorRT plugin can pass its own buffers
-(``workspace_layout`` says how big). The same kernels run natively on CUDA tensors and, when Triton was
-imported with ``TRITON_INTERPRET=1``, in its interpreter on CPU tensors (how the CPU tests check them
-against the reference).
+(``workspace_layout`` / ``topk_workspace_bytes`` say how big). The same kernels run natively on CUDA
+tensors and, when Triton was imported with ``TRITON_INTERPRET=1``, in its interpreter on CPU tensors
+(how the CPU tests check them against the reference).
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ except ImportError as exc:  # callers import this module lazily and report the m
     raise BackendUnavailableError(hint) from None
 
 TINY = torch.finfo(torch.float32).tiny
-BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 32  # transition tiles (tl.dot needs >= 16)
-BLOCK_ROWS = 64  # propagate and top-k tiles
+BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 32  # similarity tiles (tl.dot needs >= 16)
+BLOCK_ROWS = 32  # propagate and top-k tiles
+BLOCK_SOFTMAX = 1024
 BLOCK_D = 256  # row norms and gathers
 ALIGN = 256  # bytes; each workspace buffer starts on this boundary
 
@@ -63,43 +65,47 @@ def _unit_rows(x_ptr, valid_ptr, u_ptr, norm_ptr, s0_ptr, D: tl.constexpr, tiny,
     tl.store(s0_ptr + row, norm * valid)
 
 @triton.jit
-def _transition(u_ptr, valid_ptr, p_ptr, deg_ptr, N: tl.constexpr, D: tl.constexpr, theta, tau, masked,
+def _similarity(u_ptr, valid_ptr, z_ptr, deg_ptr, N: tl.constexpr, D: tl.constexpr, theta, tau, masked,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BM + tl.arange(0, BM)
-    rmask = rows < N
-    vrow = tl.load(valid_ptr + b * N + rows, mask=rmask, other=0) != 0
+    cols = tl.program_id(2) * BN + tl.arange(0, BN)
+    rmask, cmask = rows < N, cols < N
     ub = u_ptr + b * N * D
-    pb = p_ptr + b * N * N
-    m_i = tl.full([BM], float("-inf"), tl.float32)
-    l_i = tl.zeros([BM], tl.float32)
-    deg = tl.zeros([BM], tl.float32)
-    for n0 in range(0, N, BN):
-        cols = n0 + tl.arange(0, BN)
-        cmask = cols < N
-        acc = tl.zeros([BM, BN], tl.float32)
-        for k0 in range(0, D, BK):
-            ks = k0 + tl.arange(0, BK)
-            kmask = ks < D
-            a = tl.load(ub + rows[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            bt = tl.load(ub + cols[None, :] * D + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
-            acc = tl.dot(a, bt, acc, input_precision="ieee")
-        vcol = tl.load(valid_ptr + b * N + cols, mask=cmask, other=0) != 0
-        eye = rows[:, None] == cols[None, :]
-        edge = ((acc >= theta) & vrow[:, None] & vcol[None, :]) | eye
-        z = tl.where(edge, acc / tau, masked)
-        z = tl.where(cmask[None, :], z, float("-inf"))
-        deg += tl.sum((edge & cmask[None, :]).to(tl.float32), 1)
-        m_new = tl.maximum(m_i, tl.max(z, 1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
-        m_i = m_new
-        tl.store(pb + rows[:, None] * N + cols[None, :], z, mask=rmask[:, None] & cmask[None, :])
-    for n0 in range(0, N, BN):
-        cols = n0 + tl.arange(0, BN)
-        io = rmask[:, None] & (cols < N)[None, :]
-        z = tl.load(pb + rows[:, None] * N + cols[None, :], mask=io, other=float("-inf"))
-        tl.store(pb + rows[:, None] * N + cols[None, :], tl.exp(z - m_i[:, None]) / l_i[:, None], mask=io)
-    tl.store(deg_ptr + b * N + rows, deg, mask=rmask)
+    acc = tl.zeros([BM, BN], tl.float32)
+    for k0 in range(0, D, BK):
+        ks = k0 + tl.arange(0, BK)
+        kmask = ks < D
+        a = tl.load(ub + rows[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        bt = tl.load(ub + cols[None, :] * D + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, bt, acc, input_precision="ieee")
+    vrow = tl.load(valid_ptr + b * N + rows, mask=rmask, other=0) != 0
+    vcol = tl.load(valid_ptr + b * N + cols, mask=cmask, other=0) != 0
+    edge = ((acc >= theta) & vrow[:, None] & vcol[None, :]) | (rows[:, None] == cols[None, :])
+    io = rmask[:, None] & cmask[None, :]
+    tl.store(z_ptr + b * N * N + rows[:, None] * N + cols[None, :], tl.where(edge, acc / tau, masked), mask=io)
+    tl.atomic_add(deg_ptr + b * N + rows, tl.sum((edge & io).to(tl.float32), 1), mask=rmask)  # exact: counts
+
+
+@triton.jit
+def _row_softmax(z_ptr, N: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # b * N + i: the logits row, softmaxed in place
+    base = z_ptr + row * N
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    for n0 in range(0, N, BLOCK):
+        cols = n0 + tl.arange(0, BLOCK)
+        m = tl.maximum(m, tl.load(base + cols, mask=cols < N, other=float("-inf")))
+    mx = tl.max(m, 0)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for n0 in range(0, N, BLOCK):
+        cols = n0 + tl.arange(0, BLOCK)
+        acc += tl.exp(tl.load(base + cols, mask=cols < N, other=float("-inf")) - mx)
+    total = tl.sum(acc, 0)
+    for n0 in range(0, N, BLOCK):
+        cols = n0 + tl.arange(0, BLOCK)
+        z = tl.load(base + cols, mask=cols < N, other=float("-inf"))
+        tl.store(base + cols, tl.exp(z - mx) / total, mask=cols < N)
+
 
 @triton.jit
 def _propagate(s_ptr, p_ptr, out_ptr, deg_ptr, valid_ptr, N: tl.constexpr, FINAL: tl.constexpr, BLOCK: tl.constexpr):
@@ -121,23 +127,31 @@ def _propagate(s_ptr, p_ptr, out_ptr, deg_ptr, valid_ptr, N: tl.constexpr, FINAL
     tl.store(out_ptr + b * N + cols, acc, mask=cmask)
 
 @triton.jit
-def _topk_ascending(s_ptr, idx_ptr, N: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
+def _topk_flags(s_ptr, keep_ptr, N: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    ii = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    imask = ii < N
+    si = tl.load(s_ptr + b * N + ii, mask=imask, other=float("-inf"))
+    rank = tl.zeros([BLOCK], tl.int32)
+    for j0 in range(0, N, BLOCK):
+        jj = j0 + tl.arange(0, BLOCK)
+        sj = tl.load(s_ptr + b * N + jj, mask=jj < N, other=float("-inf"))
+        beats = (sj[None, :] > si[:, None]) | ((sj[None, :] == si[:, None]) & (jj[None, :] < ii[:, None]))
+        rank += tl.sum((beats & (jj < N)[None, :]).to(tl.int32), 1)
+    tl.store(keep_ptr + b * N + ii, (rank < K).to(tl.int32), mask=imask)
+
+
+@triton.jit
+def _compact(keep_ptr, idx_ptr, N: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     offset = tl.full([], 0, tl.int32)
     for i0 in range(0, N, BLOCK):
         ii = i0 + tl.arange(0, BLOCK)
-        imask = ii < N
-        si = tl.load(s_ptr + b * N + ii, mask=imask, other=float("-inf"))
-        rank = tl.zeros([BLOCK], tl.int32)
-        for j0 in range(0, N, BLOCK):
-            jj = j0 + tl.arange(0, BLOCK)
-            sj = tl.load(s_ptr + b * N + jj, mask=jj < N, other=float("-inf"))
-            beats = (sj[None, :] > si[:, None]) | ((sj[None, :] == si[:, None]) & (jj[None, :] < ii[:, None]))
-            rank += tl.sum((beats & (jj < N)[None, :]).to(tl.int32), 1)
-        keep = ((rank < K) & imask).to(tl.int32)
+        keep = tl.load(keep_ptr + b * N + ii, mask=ii < N, other=0)
         pos = tl.cumsum(keep, 0) - keep + offset
         tl.store(idx_ptr + b * K + pos, ii.to(tl.int64), mask=keep != 0)
         offset += tl.sum(keep, 0)
+
 
 @triton.jit
 def _gather_rows(x_ptr, idx_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
@@ -205,8 +219,10 @@ def graph_propagate(
     s = [_view(ws, off, (b, n)) for off in lay.s]
     out = out if out is not None else torch.empty((b, n), dtype=torch.float32, device=x.device)
     _unit_rows[(b * n,)](x, valid, u, norm, s[0], d, TINY, BLOCK=BLOCK_D)
-    _transition[(b, -(-n // BLOCK_M))](u, valid, p, deg, n, d, float(theta), float(tau), _MASKED_LOGIT,
-                                            BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K)  # fmt: skip
+    deg.zero_()
+    _similarity[(b, -(-n // BLOCK_M), -(-n // BLOCK_N))](u, valid, p, deg, n, d, float(theta), float(tau),
+                                                         _MASKED_LOGIT, BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K)  # fmt: skip
+    _row_softmax[(b * n,)](p, n, BLOCK=min(BLOCK_SOFTMAX, triton.next_power_of_2(n)))
     grid = (b, -(-n // BLOCK_ROWS))
     if iters == 0:
         torch.where(valid, s[0] / deg, torch.full_like(deg, float("-inf")), out=out)
@@ -217,10 +233,19 @@ def graph_propagate(
     return out
 
 
+def topk_workspace_bytes(b: int, n: int) -> int:
+    """Scratch bytes of ``topk_route`` for (B, N) scores: one int32 kept flag per token."""
+    return -(-b * n * 4 // ALIGN) * ALIGN
+
+
 def topk_route(
-    x: Tensor, scores: Tensor, k: int, tokens: Tensor | None = None, indices: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """Top-k with the fused kernels: (B, N, D), (B, N) fp32 -> (B, k, D) kept tokens, (B, k) int64 ascending."""
+    x: Tensor, scores: Tensor, k: int, tokens: Tensor | None = None, indices: Tensor | None = None,
+    workspace: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Top-k with the fused kernels: (B, N, D), (B, N) fp32 -> (B, k, D) kept tokens, (B, k) int64 ascending.
+
+    ``workspace``: a uint8 tensor of at least ``topk_workspace_bytes(B, N)`` bytes (allocated when omitted).
+    """
     b, n, d = x.shape
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be in [1, {n}]")
@@ -228,6 +253,10 @@ def topk_route(
     x, scores = x.contiguous(), scores.contiguous()
     indices = indices if indices is not None else torch.empty((b, k), dtype=torch.int64, device=x.device)
     tokens = tokens if tokens is not None else torch.empty((b, k, d), dtype=x.dtype, device=x.device)
-    _topk_ascending[(b,)](scores, indices, n, k, BLOCK=BLOCK_ROWS)
+    ws = workspace if workspace is not None else torch.empty(topk_workspace_bytes(b, n), dtype=torch.uint8,
+                                                             device=x.device)  # fmt: skip
+    keep = ws[: b * n * 4].view(torch.int32).view(b, n)
+    _topk_flags[(b, -(-n // BLOCK_ROWS))](scores, keep, n, k, BLOCK=BLOCK_ROWS)
+    _compact[(b,)](keep, indices, n, k, BLOCK=BLOCK_SOFTMAX)
     _gather_rows[(b * k, -(-d // BLOCK_D))](x, indices, tokens, n, k, d, BLOCK=BLOCK_D)
     return tokens, indices

@@ -72,8 +72,8 @@ def launch_graph_propagate(
 
 
 def launch_topk_route(
-    shape: Sequence[int], dtype: torch.dtype, x: int, scores: int, tokens: int, indices: int, k: int,
-    device: str = "cuda",
+    shape: Sequence[int], dtype: torch.dtype, x: int, scores: int, tokens: int, indices: int, workspace: int,
+    k: int, device: str = "cuda",
 ) -> None:  # fmt: skip
     """TopKRoute over raw buffers: x (B, N, D), scores (B, N) -> tokens (B, k, D), indices (B, k) int64."""
     from vtprune.export.ops import kernels
@@ -82,14 +82,16 @@ def launch_topk_route(
     kernels.topk_route(
         tensor_at(x, (b, n, d), dtype, device), tensor_at(scores, (b, n), torch.float32, device), k,
         tokens=tensor_at(tokens, (b, k, d), dtype, device), indices=tensor_at(indices, (b, k), torch.int64, device),
+        workspace=tensor_at(workspace, (kernels.topk_workspace_bytes(b, n),), torch.uint8, device),
     )  # fmt: skip
 
 
 def workspace_bytes(op: str, shape: Sequence[int]) -> int:
-    """Scratch bytes an op needs for (B, N, D) tokens (TopKRoute needs none)."""
+    """Scratch bytes an op needs for (B, N, D) tokens."""
     from vtprune.export.ops import kernels
 
-    return kernels.workspace_layout(*shape).size if op == "GraphPropagate" else 0
+    b, n, d = shape
+    return kernels.workspace_layout(b, n, d).size if op == "GraphPropagate" else kernels.topk_workspace_bytes(b, n)
 
 
 def parse_fields(op: str, fields: dict[str, Any]) -> dict[str, float | int]:
@@ -195,7 +197,8 @@ def _make_classes(trt: ModuleType) -> tuple[type, type]:
                     launch_graph_propagate(shape, dtype, inputs[0], inputs[1], outputs[0], workspace,
                                            self.attrs["theta"], self.attrs["tau"], self.attrs["iters"])  # fmt: skip
                 else:
-                    launch_topk_route(shape, dtype, inputs[0], inputs[1], outputs[0], outputs[1], self.attrs["k"])
+                    launch_topk_route(shape, dtype, inputs[0], inputs[1], outputs[0], outputs[1], workspace,
+                                      self.attrs["k"])  # fmt: skip
 
     class Creator(trt.IPluginCreatorV3One):
         def __init__(self, op: str, namespace: str) -> None:
