@@ -130,6 +130,36 @@ def run_case(name: str, x32: torch.Tensor, budgets: tuple[int, ...], timed: bool
     return rows
 
 
+def breakdown(x: torch.Tensor, k: int) -> dict[str, float]:
+    """do_bench median of each kernel launch of the fused stage, for one input (where the time goes)."""
+    b, n, d = x.shape
+    valid = torch.ones(b, n, dtype=torch.bool, device=x.device)
+    lay = kernels.workspace_layout(b, n, d)
+    ws = torch.empty(lay.size, dtype=torch.uint8, device=x.device)
+    u, p = kernels._view(ws, lay.u, (b, n, d)), kernels._view(ws, lay.p, (b, n, n))
+    norm, deg, s0, s1 = (kernels._view(ws, off, (b, n)) for off in (lay.norm, lay.deg, *lay.s))
+    scores = kernels.graph_propagate(x, valid, THETA, TAU, ITERS)
+    keep = torch.empty(b, n, dtype=torch.int32, device=x.device)
+    idx, tokens = torch.empty(b, k, dtype=torch.int64, device=x.device), torch.empty(b, k, d, device=x.device)
+    grid_sim = (b, -(-n // kernels.BLOCK_M), -(-n // kernels.BLOCK_N))
+    rows = (b, -(-n // kernels.BLOCK_ROWS))
+    soft = min(kernels.BLOCK_SOFTMAX, triton.next_power_of_2(n))
+    steps = {
+        "unit_rows": lambda: kernels._unit_rows[(b * n,)](x, valid, u, norm, s0, d, kernels.TINY, BLOCK=kernels.BLOCK_D),
+        "similarity": lambda: kernels._similarity[grid_sim](u, valid, p, deg, n, d, THETA, TAU, -1e4,
+                                                            BM=kernels.BLOCK_M, BN=kernels.BLOCK_N, BK=kernels.BLOCK_K),
+        "row_softmax": lambda: kernels._row_softmax[(b * n,)](p, n, BLOCK=soft),
+        "propagate (one step)": lambda: kernels._propagate[rows](s0, p, s1, deg, valid, n, FINAL=False,
+                                                                 BLOCK=kernels.BLOCK_ROWS),
+        "topk_flags": lambda: kernels._topk_flags[rows](scores, keep, n, k, BLOCK=kernels.BLOCK_ROWS),
+        "compact": lambda: kernels._compact[(b,)](keep, idx, n, k, BLOCK=kernels.BLOCK_SOFTMAX),
+        "gather_rows": lambda: kernels._gather_rows[(b * k, -(-d // kernels.BLOCK_D))](x, idx, tokens, n, k, d,
+                                                                                       BLOCK=kernels.BLOCK_D),
+        "eager matmul u @ u.T": lambda: u @ u.transpose(-1, -2),
+    }  # fmt: skip
+    return {name: bench(fn, True) for name, fn in steps.items()}
+
+
 def to_markdown(result: dict) -> str:
     env = result["environment"]
     lines = ["# Fused pruning kernels (Triton) vs PyTorch eager: G-Prune stage (scores + top-k + gather)", "",
@@ -148,6 +178,9 @@ def to_markdown(result: dict) -> str:
                      f"{r['kept_rows_identical']:.3f} | {r['kept_min_iou']:.3f} | "
                      f"{r['eager_cpu_vs_device_rows_identical']:.3f} | {r['scores_max_rel_diff']:.1e} | "
                      f"{r['topk_kernel_equals_reference']} |")  # fmt: skip
+    if result.get("breakdown"):
+        lines += ["", f"Where the fused time goes ({result['breakdown_case']}, do_bench medians, ms): "
+                  + ", ".join(f"{name} {ms:.3f}" for name, ms in result["breakdown"].items()) + "."]  # fmt: skip
     raw = [r["case"] for r in result["rows"] if r.get("raw_pointer_launch_equal") is not None]
     ok = all(r.get("raw_pointer_launch_equal", True) for r in result["rows"])
     lines += ["", f"Plugin launch path over raw pointers on a side stream equals the tensor calls: {ok} "
@@ -175,6 +208,10 @@ def main() -> None:
         rows += run_case(f"pocket real ({feats.shape[0]} images)", feats.to(device), budgets, timed)
     name = torch.cuda.get_device_name(0) if timed else "CPU (Triton interpreter, untimed)"
     result = {"device": name, "environment": environment(provider=f"triton-{device}"), "rows": rows}
+    if timed:
+        _, b, n, d, budgets = CASES[0]
+        result["breakdown_case"] = f"{CASES[0][0]} {b}x{n}x{d} fp32, K={budgets[0]}"
+        result["breakdown"] = breakdown(clustered(b, n, d).to(device), budgets[0])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prune_kernels.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "prune_kernels.md").write_text(to_markdown(result))
