@@ -145,7 +145,8 @@ def breakdown(x: torch.Tensor, k: int) -> dict[str, float]:
     rows = (b, -(-n // kernels.BLOCK_ROWS))
     soft = min(kernels.BLOCK_SOFTMAX, triton.next_power_of_2(n))
     steps = {
-        "unit_rows": lambda: kernels._unit_rows[(b * n,)](x, valid, u, norm, s0, d, kernels.TINY, BLOCK=kernels.BLOCK_D),
+        "unit_rows": lambda: kernels._unit_rows[(b * n,)](x, valid, u, norm, s0, d, kernels.TINY,
+                                                          BLOCK=kernels.BLOCK_D),
         "similarity": lambda: kernels._similarity[grid_sim](u, valid, p, deg, n, d, THETA, TAU, -1e4,
                                                             BM=kernels.BLOCK_M, BN=kernels.BLOCK_N, BK=kernels.BLOCK_K),
         "row_softmax": lambda: kernels._row_softmax[(b * n,)](p, n, BLOCK=soft),
