@@ -158,7 +158,16 @@ def breakdown(x: torch.Tensor, k: int) -> dict[str, float]:
                                                                                        BLOCK=kernels.BLOCK_D),
         "eager matmul u @ u.T": lambda: u @ u.transpose(-1, -2),
     }  # fmt: skip
+    for bm, bn, bk, warps, stages in TILES:  # the similarity kernel's tile choices
+        grid = (b, -(-n // bm), -(-n // bn))
+        steps[f"similarity {bm}x{bn}x{bk} w{warps} s{stages}"] = (
+            lambda grid=grid, bm=bm, bn=bn, bk=bk, warps=warps, stages=stages: kernels._similarity[grid](
+                u, valid, p, deg, n, d, THETA, TAU, -1e4, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages))
     return {name: bench(fn, True) for name, fn in steps.items()}
+
+
+TILES = [(32, 32, 32, 4, 3), (64, 64, 32, 4, 3), (64, 64, 16, 4, 4), (64, 32, 32, 4, 3), (128, 64, 32, 8, 3),
+         (64, 64, 64, 8, 3), (128, 128, 32, 8, 3), (32, 64, 64, 4, 3)]  # fmt: skip
 
 
 def to_markdown(result: dict) -> str:
