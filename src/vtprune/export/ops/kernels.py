@@ -3,11 +3,12 @@
 The kernels compute what ``vtprune.prune.gprune.scores`` and ``keep_topk`` + ``gather_tokens`` compute:
 
 - ``_unit_rows``: fp32 L2 norm of each token, unit rows ``u = x / max(norm, tiny)`` and ``s0 = norm * valid``.
-- ``_similarity``: one program per (row tile, column tile): cosines ``u_i . u_j`` in fp32 with IEEE dots
-  (TF32 would move cosines across the threshold), the edge mask and the masked logits ``sim / tau``; the
-  degree is the row count of the mask, added atomically (integer counts in fp32: exact, any order). The
-  mask is symmetric up to the dot product's rounding; the reference counts columns.
-- ``_row_softmax``: each row of logits becomes a row of the transition matrix ``P``, in place.
+- the cosines ``u @ u.T``: the device's own GEMM (``torch.bmm``, cuBLAS on CUDA) in full fp32 (TF32
+  would move cosines across the threshold). A Triton IEEE-fp32 tile kernel measured 4-5x slower than
+  cuBLAS on an H100 (benchmarks/results/gpu/prune_kernels.md).
+- ``_mask_softmax``: one program per row: the edge mask (self-loops, pads), the degree (the row count of
+  the mask; the mask is symmetric up to the GEMM's rounding, the reference counts columns), the masked
+  logits ``sim / tau`` and their softmax, written in place as a row of the transition matrix ``P``.
 - ``_propagate``: one ``s <- s P`` step; the last one divides by the degree and masks pads to -inf.
 - ``_topk_flags`` + ``_compact``: the rank of every score (ties: lower index first, as ONNX TopK) marks
   the kept tokens; an exclusive prefix sum writes their indices in ascending order.
@@ -21,6 +22,8 @@ tensors and, when Triton was imported with ``TRITON_INTERPRET=1``, in its interp
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +41,6 @@ except ImportError as exc:  # callers import this module lazily and report the m
     raise BackendUnavailableError(hint) from None
 
 TINY = torch.finfo(torch.float32).tiny
-BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 32  # similarity tiles (tl.dot needs >= 16)
 BLOCK_ROWS = 32  # propagate and top-k tiles
 BLOCK_SOFTMAX = 1024
 BLOCK_D = 256  # row norms and gathers
@@ -65,46 +67,39 @@ def _unit_rows(x_ptr, valid_ptr, u_ptr, norm_ptr, s0_ptr, D: tl.constexpr, tiny,
     tl.store(s0_ptr + row, norm * valid)
 
 @triton.jit
-def _similarity(u_ptr, valid_ptr, z_ptr, deg_ptr, N: tl.constexpr, D: tl.constexpr, theta, tau, masked,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BM + tl.arange(0, BM)
-    cols = tl.program_id(2) * BN + tl.arange(0, BN)
-    rmask, cmask = rows < N, cols < N
-    ub = u_ptr + b * N * D
-    acc = tl.zeros([BM, BN], tl.float32)
-    for k0 in range(0, D, BK):
-        ks = k0 + tl.arange(0, BK)
-        kmask = ks < D
-        a = tl.load(ub + rows[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        bt = tl.load(ub + cols[None, :] * D + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = tl.dot(a, bt, acc, input_precision="ieee")
-    vrow = tl.load(valid_ptr + b * N + rows, mask=rmask, other=0) != 0
-    vcol = tl.load(valid_ptr + b * N + cols, mask=cmask, other=0) != 0
-    edge = ((acc >= theta) & vrow[:, None] & vcol[None, :]) | (rows[:, None] == cols[None, :])
-    io = rmask[:, None] & cmask[None, :]
-    tl.store(z_ptr + b * N * N + rows[:, None] * N + cols[None, :], tl.where(edge, acc / tau, masked), mask=io)
-    tl.atomic_add(deg_ptr + b * N + rows, tl.sum((edge & io).to(tl.float32), 1), mask=rmask)  # exact: counts
-
-
-@triton.jit
-def _row_softmax(z_ptr, N: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # b * N + i: the logits row, softmaxed in place
+def _mask_softmax(z_ptr, valid_ptr, deg_ptr, N: tl.constexpr, theta, tau, masked, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # b * N + i: a row of cosines becomes a row of P, in place
+    b, i = row // N, row % N
     base = z_ptr + row * N
+    vi = tl.load(valid_ptr + row) != 0
     m = tl.full([BLOCK], float("-inf"), tl.float32)
+    count = tl.zeros([BLOCK], tl.float32)
     for n0 in range(0, N, BLOCK):
         cols = n0 + tl.arange(0, BLOCK)
-        m = tl.maximum(m, tl.load(base + cols, mask=cols < N, other=float("-inf")))
+        inside = cols < N
+        sim = tl.load(base + cols, mask=inside, other=0.0)
+        vj = tl.load(valid_ptr + b * N + cols, mask=inside, other=0) != 0
+        edge = (((sim >= theta) & vi & vj) | (cols == i)) & inside
+        m = tl.maximum(m, tl.where(inside, tl.where(edge, sim / tau, masked), float("-inf")))
+        count += edge.to(tl.float32)
     mx = tl.max(m, 0)
     acc = tl.zeros([BLOCK], tl.float32)
     for n0 in range(0, N, BLOCK):
         cols = n0 + tl.arange(0, BLOCK)
-        acc += tl.exp(tl.load(base + cols, mask=cols < N, other=float("-inf")) - mx)
+        inside = cols < N
+        sim = tl.load(base + cols, mask=inside, other=0.0)
+        vj = tl.load(valid_ptr + b * N + cols, mask=inside, other=0) != 0
+        edge = ((sim >= theta) & vi & vj) | (cols == i)
+        acc += tl.where(inside, tl.exp(tl.where(edge, sim / tau, masked) - mx), 0.0)
     total = tl.sum(acc, 0)
     for n0 in range(0, N, BLOCK):
         cols = n0 + tl.arange(0, BLOCK)
-        z = tl.load(base + cols, mask=cols < N, other=float("-inf"))
-        tl.store(base + cols, tl.exp(z - mx) / total, mask=cols < N)
+        inside = cols < N
+        sim = tl.load(base + cols, mask=inside, other=0.0)
+        vj = tl.load(valid_ptr + b * N + cols, mask=inside, other=0) != 0
+        edge = ((sim >= theta) & vi & vj) | (cols == i)
+        tl.store(base + cols, tl.exp(tl.where(edge, sim / tau, masked) - mx) / total, mask=inside)
+    tl.store(deg_ptr + row, tl.sum(count, 0))
 
 
 @triton.jit
@@ -192,6 +187,17 @@ def _view(ws: Tensor, offset: int, shape: tuple[int, ...]) -> Tensor:
     return ws[offset : offset + 4 * count].view(torch.float32).view(shape)
 
 
+@contextmanager
+def _fp32_matmul() -> Iterator[None]:
+    """Full-fp32 GEMMs whatever the process chose: TF32 would move cosines across the threshold."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def _check_devices(*tensors: Tensor) -> None:
     devices = {t.device.type for t in tensors}
     if devices == {"cpu"} and not triton.knobs.runtime.interpret:
@@ -219,10 +225,10 @@ def graph_propagate(
     s = [_view(ws, off, (b, n)) for off in lay.s]
     out = out if out is not None else torch.empty((b, n), dtype=torch.float32, device=x.device)
     _unit_rows[(b * n,)](x, valid, u, norm, s[0], d, TINY, BLOCK=BLOCK_D)
-    deg.zero_()
-    _similarity[(b, -(-n // BLOCK_M), -(-n // BLOCK_N))](u, valid, p, deg, n, d, float(theta), float(tau),
-                                                         _MASKED_LOGIT, BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K)  # fmt: skip
-    _row_softmax[(b * n,)](p, n, BLOCK=min(BLOCK_SOFTMAX, triton.next_power_of_2(n)))
+    with _fp32_matmul():
+        torch.bmm(u, u.transpose(1, 2), out=p)  # cosines: the device's GEMM (cuBLAS), full fp32
+    _mask_softmax[(b * n,)](p, valid, deg, n, float(theta), float(tau), _MASKED_LOGIT,
+                            BLOCK=min(BLOCK_SOFTMAX, triton.next_power_of_2(n)))  # fmt: skip
     grid = (b, -(-n // BLOCK_ROWS))
     if iters == 0:
         torch.where(valid, s[0] / deg, torch.full_like(deg, float("-inf")), out=out)
