@@ -4,8 +4,8 @@ The kernels compute what ``vtprune.prune.gprune.scores`` and ``keep_topk`` + ``g
 
 - ``_unit_rows``: fp32 L2 norm of each token, unit rows ``u = x / max(norm, tiny)`` and ``s0 = norm * valid``.
 - the cosines ``u @ u.T``: the device's own GEMM (``torch.bmm``, cuBLAS on CUDA) in full fp32 (TF32
-  would move cosines across the threshold). A Triton IEEE-fp32 tile kernel measured 4-5x slower than
-  cuBLAS on an H100 (benchmarks/results/gpu/prune_kernels.md).
+  would move cosines across the threshold). A Triton IEEE-fp32 tile kernel measured 2.5-8.8x slower than
+  cuBLAS on an H100 (benchmarks/results/gpu/similarity_tiles_h100.json).
 - ``_mask_softmax``: one program per row: the edge mask (self-loops, pads), the degree (the row count of
   the mask; the mask is symmetric up to the GEMM's rounding, the reference counts columns), the masked
   logits ``sim / tau`` and their softmax, written in place as a row of the transition matrix ``P``.
