@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="answer a prompt about an image: a bundle (ONNX Runtime) or --model (PyTorch)")
     run.add_argument("bundle", nargs="?", type=Path, help="bundle directory from 'vtprune export' (ONNX Runtime)")
     _add_model_args(run, required=False)
+    run.add_argument("--backend", choices=("ort", "trt"), default="ort",
+                     help="bundle only: ort = ONNX Runtime (default), trt = the bundle's TensorRT engines (GPU)")
     run.add_argument("--provider", default="cpu", help="bundle only: ONNX Runtime provider cpu | cuda | tensorrt")
     run.add_argument("--threads", type=int, help="bundle only: ONNX Runtime intra-op threads (default: all cores)")
     run.add_argument("--device", help="--model only: where PyTorch runs, cpu | cuda | cuda:N (default: cpu)")
@@ -159,15 +161,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     if (args.bundle is None) == (args.model is None):
         raise VtpruneError("give either a bundle directory (ONNX Runtime) or --model (PyTorch), not both or neither")
+    if args.bundle is None and args.backend != "ort":
+        raise VtpruneError("--backend trt runs a bundle's engines; --model runs PyTorch")
     if args.bundle is not None:
         if args.method or args.keep:
             raise VtpruneError("a bundle's pruning is fixed at export; drop --method/--keep or re-export")
         if args.device:
             raise VtpruneError("--device is for --model (PyTorch); a bundle picks its device with --provider")
-        from vtprune.runtime.ort import OrtVlm
+        if args.backend == "trt":
+            if args.provider != "cpu" or args.threads:
+                raise VtpruneError("--provider and --threads are ONNX Runtime settings; --backend trt takes neither")
+            from vtprune.runtime.trt.runner import TrtVlm
 
-        runner = OrtVlm(args.bundle, args.provider, args.threads, sampling=sampling)
-        label = f"{args.bundle} (onnxruntime {args.provider})"
+            runner, label = TrtVlm(args.bundle, sampling=sampling), f"{args.bundle} (tensorrt)"
+        else:
+            from vtprune.runtime.ort import OrtVlm
+
+            runner = OrtVlm(args.bundle, args.provider, args.threads, sampling=sampling)
+            label = f"{args.bundle} (onnxruntime {args.provider})"
     else:
         from vtprune.models import load_vlm
         from vtprune.runtime.pipeline import PrunedVlm

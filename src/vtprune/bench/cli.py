@@ -58,7 +58,8 @@ def add_bench(sub: Any) -> None:
     d = BenchConfig.__dataclass_fields__
     p = sub.add_parser("bench", help="measure per-stage latency of bundles or a model at several budgets")
     p.add_argument("bundles", nargs="*", help="bundle directories (ONNX Runtime), one budget each")
-    p.add_argument("--backend", choices=BACKENDS, default=d["backend"].default, help="ort (bundles) or torch (--model)")
+    p.add_argument("--backend", choices=BACKENDS, default=d["backend"].default,
+                   help="ort (bundles), trt (built bundles, GPU) or torch (--model)")
     p.add_argument("--model", help="tiny-llava | tiny-llava-next | tiny-qwen2.5-vl | pocket | checkpoint DIR")
     p.add_argument("--budgets", help="visual tokens kept, e.g. all,256,128,64 or 0.25 (one bundle per budget)")
     p.add_argument("--method", choices=[m for m in METHODS if m != "none"], default="gprune", help="pruning method")

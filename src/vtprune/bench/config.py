@@ -13,7 +13,7 @@ from typing import Any
 from vtprune.config import METHODS, PruneConfig, parse_keep
 from vtprune.errors import ConfigError
 
-BACKENDS = ("ort", "torch")
+BACKENDS = ("ort", "torch", "trt")
 PROVIDERS = ("cpu", "cuda", "tensorrt")
 DATASETS = ("easy-vqa",)
 DTYPES = ("fp32", "fp16", "bf16")
@@ -106,6 +106,7 @@ class BenchConfig(_Serializable):
     (its source model is re-exported per budget with the bundle's G-Prune settings), or ``model`` plus
     ``budgets``. Exports go to ``work_dir/<model>/<method>-<budget>`` and are reused when present.
     PyTorch (``backend="torch"``): ``model`` plus ``budgets`` on ``device``; nothing is exported.
+    TensorRT (``backend="trt"``): bundles whose engines ``vtprune build`` made, on the GPU.
     """
 
     bundles: tuple[Path, ...] = ()
@@ -158,6 +159,9 @@ class BenchConfig(_Serializable):
             raise ConfigError(f"--dtype {self.dtype} applies to --backend torch; a bundle's precision is fixed")
         elif self.device != "cpu":
             raise ConfigError(f"--device {self.device} applies to --backend torch; ONNX Runtime takes --provider")
+        if self.backend == "trt" and (not self.bundles or self.budgets or self.provider != "cpu" or self.threads):
+            raise ConfigError("--backend trt runs built bundles (vtprune build) as given: pass bundle paths, "
+                              "without --model, --budgets, --provider or --threads")  # fmt: skip
         if self.bundles and self.model is not None:
             raise ConfigError("give bundle paths or --model, not both")
         if not self.bundles and self.model is None:

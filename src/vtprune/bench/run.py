@@ -89,8 +89,12 @@ def ort_bundles(cfg: BenchConfig, log: Log) -> list[tuple[Budget, Path]]:
 
 def targets(cfg: BenchConfig, log: Log) -> Iterator[tuple[Budget, Callable[[], Target]]]:
     """Lazily built targets, one per budget (built just before it runs, so one is loaded at a time)."""
-    from vtprune.bench.targets import OrtTarget, TorchTarget
+    from vtprune.bench.targets import OrtTarget, TorchTarget, TrtTarget
 
+    if cfg.backend == "trt":
+        for budget, bundle in ort_bundles(cfg, log):
+            yield budget, lambda b=bundle: TrtTarget(b)
+        return
     if cfg.backend == "ort":
         for budget, bundle in ort_bundles(cfg, log):
             yield budget, lambda b=bundle: OrtTarget(b, cfg.provider, cfg.threads)
@@ -250,7 +254,8 @@ def assemble(
     subject["prune"] = common_prune(entries)
     from vtprune.runtime.ort import PROVIDERS
 
-    provider = f"torch-{cfg.device}" if cfg.backend == "torch" else f"onnxruntime:{PROVIDERS[cfg.provider]}"
+    provider = {"torch": f"torch-{cfg.device}", "trt": "tensorrt"}.get(cfg.backend,
+                                                                     f"onnxruntime:{PROVIDERS[cfg.provider]}")
     workload = describe(samples, cfg.images, cfg.dataset) | {
         "new_tokens": cfg.new_tokens, "eos_ignored": True, "warmup": cfg.warmup, "iters": cfg.iters,
         "iteration_order": "runs cycle through the images; warm-up runs are discarded"}  # fmt: skip

@@ -82,6 +82,25 @@ class OrtTarget:
         self.vlm = None  # type: ignore[assignment]
 
 
+class TrtTarget(OrtTarget):
+    """A bundle's TensorRT engines on the GPU (``vtprune build`` made them)."""
+
+    backend = "trt"
+
+    def __init__(self, bundle: Path) -> None:
+        from vtprune.runtime.trt.runner import TrtVlm
+
+        self.bundle, self.provider, self.threads = Path(bundle), "tensorrt", None
+        self.vlm = TrtVlm(bundle)
+        self.cfg = self.vlm.cfg
+
+    def subject(self) -> dict[str, Any]:
+        engines = self.vlm.manifest.get("engines", {})
+        return super().subject() | {"backend": "trt", "threads": None,
+                                    "engines": {g: {k: e.get(k) for k in ("flavour", "trt_version", "target",
+                                                                           "precision")} for g, e in engines.items()}}
+
+
 class TorchTarget:
     """A checkpoint in PyTorch eager (on its weights' device) with a ``PruneConfig``; the adapter is shared
     across budgets."""

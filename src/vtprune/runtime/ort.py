@@ -75,11 +75,15 @@ class OrtVlm:
         # In-LLM bundles (ALVTS, FastV) route tokens inside a prefill graph and decode with per-layer caches.
         self.routing = self.manifest["graphs"].get("prefill", {}).get("routing")
         graphs = ("vision", "embed", "prefill", "decode") if self.routing else ("vision", "embed", "decoder")
-        self.sessions = {g: make_session(self.bundle / f"{g}.onnx", provider, threads) for g in graphs}
+        self.sessions = self.open_sessions(graphs, provider, threads)
         self.step_graph = "decode" if self.routing else "decoder"
         self.decoder_io = self.manifest["graphs"][self.step_graph]
         self.dtype = self.manifest["export"].get("dtype", "fp32")
         self.sampling = sampling or SamplingConfig()
+
+    def open_sessions(self, graphs: tuple[str, ...], provider: str, threads: int | None) -> dict[str, Any]:
+        """One session per graph; the TensorRT backend (``TrtVlm``) opens engines here instead."""
+        return {g: make_session(self.bundle / f"{g}.onnx", provider, threads) for g in graphs}
 
     # --- preprocessing ---------------------------------------------------------------------------
     def inputs(self, image: Any, prompt: str, raw_prompt: bool = False) -> dict[str, torch.Tensor]:
