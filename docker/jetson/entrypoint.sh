@@ -2,7 +2,8 @@
 # On-device job: build TensorRT engines for a bundle, then benchmark it, writing everything to OUT.
 # Usage: vtprune-jetson BUNDLE_DIR OUT_DIR
 # Environment: VTPRUNE_BUILD_ARGS (extra 'vtprune build' flags), VTPRUNE_BENCH_ARGS (extra 'vtprune bench'
-# flags, default: ONNX Runtime on the CPU until the TensorRT runner lands), VTPRUNE_SKIP_BUILD=1.
+# flags, default: ONNX Runtime on the CPU; "--backend trt" runs the engines just built, and needs a CUDA
+# build of torch in the image, which this Dockerfile does not install), VTPRUNE_SKIP_BUILD=1.
 set -euo pipefail
 
 bundle="${1:?usage: vtprune-jetson BUNDLE_DIR OUT_DIR}"
