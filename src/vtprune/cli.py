@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="parity of a bundle in ONNX Runtime against the PyTorch source model")
     check.add_argument("bundle", type=Path, help="bundle directory")
     check.add_argument("--model", help="source checkpoint (default: the manifest's source)")
+    check.add_argument("--backend", choices=("ort", "trt"), default="ort",
+                       help="the bundle on ONNX Runtime (default) or its TensorRT engines (GPU; vtprune build)")
     check.add_argument("--image", type=Path, help="image file (default: a generated scene)")
     check.add_argument("--prompt", default="what is in the image ?", help="the question")
     check.add_argument("--steps", type=int, default=32, help="greedy tokens compared")
@@ -265,10 +267,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     from vtprune.runtime.images import load_image
 
     manifest = read_manifest(args.bundle)
+    runner = None
+    if args.backend == "trt":  # loaded first: a machine without a GPU is told before the model loads
+        from vtprune.runtime.trt.runner import TrtVlm
+
+        runner = TrtVlm(args.bundle, verify=False)
     adapter = load_vlm(args.model or manifest["model"]["source"], cache_dir=args.cache_dir)
     image = load_image(args.image, adapter.min_image_side) if args.image else scene_image()
     cfg = PruneConfig.from_dict(manifest["prune"])
-    rows = compare_backends(adapter, cfg, args.bundle, image, args.prompt, args.steps)
+    rows = compare_backends(adapter, cfg, args.bundle, image, args.prompt, args.steps, runner)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

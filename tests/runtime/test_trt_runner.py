@@ -158,3 +158,27 @@ def test_bench_target_reports_the_engines(bundles, scene, monkeypatch):
     times, info = target.run(Sample(scene, "what is in the image ?", "scene"), 3)
     assert {"prefill", "decode", "vision"} <= set(times) and info.decode_steps == 2
     assert target.subject()["backend"] == "trt"
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2.5-vl"])
+def test_check_compares_the_engines_with_pytorch(bundles, tiny_dirs, scene, name):
+    from tests.conftest import BUNDLE_CFG
+    from vtprune.export.validate import compare_backends
+    from vtprune.models import load_vlm
+
+    adapter = load_vlm(str(tiny_dirs[name]))
+    rows = compare_backends(adapter, BUNDLE_CFG, bundles[name], scene, "what is in the image ?", 8,
+                            fake_runner(bundles[name]))  # fmt: skip
+    assert all(r["ok"] for r in rows), rows
+    assert {"kept visual indices", "prefill logits", "greedy tokens (8 steps)"} <= {r["check"] for r in rows}
+    kept = next(r for r in rows if r["check"] == "kept visual indices")
+    assert kept["iou"] == 1.0 or kept["max_cut_gap"] <= kept["tie_rtol"]  # judged like fp16: ties may swap
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_check_with_the_trt_backend_without_a_gpu_is_one_line(bundles, capsys):
+    from vtprune.cli import main
+
+    assert main(["check", str(bundles["tiny-llava"]), "--backend", "trt"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no CUDA device" in err[0]

@@ -45,14 +45,18 @@ def thresholds(dtype: str) -> dict[str, Any]:
             MIN_COSINE["embeds"], "logits_min_cosine": MIN_COSINE["logits"], "greedy": "first token"}  # fmt: skip
 
 
-def compare_backends(adapter: Any, cfg: PruneConfig, bundle: Path, image: Any, prompt: str, steps: int) -> list:
-    """Rows of metrics comparing PyTorch (``adapter`` + ``cfg``) with ONNX Runtime (``bundle``)."""
+def compare_backends(
+    adapter: Any, cfg: PruneConfig, bundle: Path, image: Any, prompt: str, steps: int, runner: Any = None
+) -> list:
+    """Rows of metrics comparing PyTorch (``adapter`` + ``cfg``) with ONNX Runtime (``bundle``), or with
+    ``runner``: a loaded bundle runner such as ``TrtVlm``, judged like an fp16 bundle (kept sets by IoU,
+    logits within the fp16 tolerances) since TensorRT may pick reduced-precision tactics."""
     from vtprune.runtime.ort import OrtVlm
     from vtprune.runtime.pipeline import PrunedVlm
     from vtprune.runtime.timing import StageTimer
 
-    ref, bun = PrunedVlm(adapter, cfg), OrtVlm(bundle, verify=False)
-    strict = bun.dtype == "fp32"
+    ref, bun = PrunedVlm(adapter, cfg), runner or OrtVlm(bundle, verify=False)
+    strict = bun.dtype == "fp32" and runner is None
     image = bun._fit_image(image)
     ref_in, bun_in = ref.inputs(image, prompt), bun.inputs(image, prompt)
     ref_pre, bun_pre = ref.build_prefill(ref_in), bun.prefill_inputs(bun_in, StageTimer())
