@@ -70,7 +70,7 @@ def raw_pointer_launch(x: torch.Tensor, valid: torch.Tensor, k: int) -> bool:
                                                                                     device=x.device)  # fmt: skip
     device = x.device.type
     stream = torch.cuda.Stream() if device == "cuda" else None
-    with torch.cuda.stream(stream) if stream is not None else _null():
+    with torch.cuda.stream(stream):  # a no-op for None (CPU)
         launch_graph_propagate((b, n, d), x.dtype, x.data_ptr(), valid.data_ptr(), scores.data_ptr(), ws.data_ptr(),
                                THETA, TAU, ITERS, device=device)  # fmt: skip
         tws = torch.empty(kernels.topk_workspace_bytes(b, n), dtype=torch.uint8, device=x.device)
@@ -80,14 +80,6 @@ def raw_pointer_launch(x: torch.Tensor, valid: torch.Tensor, k: int) -> bool:
         stream.synchronize()
     want_tokens, want_idx = fused(x, valid, k, ws.clone())
     return bool(torch.equal(idx, want_idx) and torch.equal(tokens, want_tokens))
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def bench(fn, timed: bool) -> float | None:  # noqa: ANN001

@@ -111,9 +111,8 @@ def test_engines_are_checked_before_they_load(bundles, tmp_path, monkeypatch):
     runner.bundle, runner.device = bundle, torch.device("cuda")
     fake_module = type("T", (), {"__version__": "10.3.0", "Logger": type("L", (), {"WARNING": 0, "__init__":
                                  lambda self, s: None}), "Runtime": lambda logger: None})  # fmt: skip
-    monkeypatch.setattr("vtprune.runtime.trt.build.import_tensorrt", lambda: (fake_module, "tensorrt"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 7))
-    load = runner._engine_loader()
+    load = runner._engine_loader(fake_module, "tensorrt")
     with pytest.raises(BundleError, match="has no vision.engine; build the engines: vtprune build"):
         load("vision")
     (bundle / "vision.engine").write_bytes(b"x")

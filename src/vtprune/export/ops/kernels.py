@@ -67,6 +67,17 @@ def _unit_rows(x_ptr, valid_ptr, u_ptr, norm_ptr, s0_ptr, D: tl.constexpr, tiny,
     tl.store(s0_ptr + row, norm * valid)
 
 @triton.jit
+def _row_logits(base, valid_ptr, b, i, vi, n0, N: tl.constexpr, theta, tau, masked, BLOCK: tl.constexpr):
+    """One block of row i's masked logits: (logits, -inf past N), the edge mask (False past N)."""
+    cols = n0 + tl.arange(0, BLOCK)
+    inside = cols < N
+    sim = tl.load(base + cols, mask=inside, other=0.0)
+    vj = tl.load(valid_ptr + b * N + cols, mask=inside, other=0) != 0
+    edge = (((sim >= theta) & vi & vj) | (cols == i)) & inside
+    return tl.where(inside, tl.where(edge, sim / tau, masked), float("-inf")), edge
+
+
+@triton.jit
 def _mask_softmax(z_ptr, valid_ptr, deg_ptr, N: tl.constexpr, theta, tau, masked, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # b * N + i: a row of cosines becomes a row of P, in place
     b, i = row // N, row % N
@@ -75,30 +86,19 @@ def _mask_softmax(z_ptr, valid_ptr, deg_ptr, N: tl.constexpr, theta, tau, masked
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     count = tl.zeros([BLOCK], tl.float32)
     for n0 in range(0, N, BLOCK):
-        cols = n0 + tl.arange(0, BLOCK)
-        inside = cols < N
-        sim = tl.load(base + cols, mask=inside, other=0.0)
-        vj = tl.load(valid_ptr + b * N + cols, mask=inside, other=0) != 0
-        edge = (((sim >= theta) & vi & vj) | (cols == i)) & inside
-        m = tl.maximum(m, tl.where(inside, tl.where(edge, sim / tau, masked), float("-inf")))
+        z, edge = _row_logits(base, valid_ptr, b, i, vi, n0, N, theta, tau, masked, BLOCK)
+        m = tl.maximum(m, z)
         count += edge.to(tl.float32)
     mx = tl.max(m, 0)
     acc = tl.zeros([BLOCK], tl.float32)
     for n0 in range(0, N, BLOCK):
-        cols = n0 + tl.arange(0, BLOCK)
-        inside = cols < N
-        sim = tl.load(base + cols, mask=inside, other=0.0)
-        vj = tl.load(valid_ptr + b * N + cols, mask=inside, other=0) != 0
-        edge = ((sim >= theta) & vi & vj) | (cols == i)
-        acc += tl.where(inside, tl.exp(tl.where(edge, sim / tau, masked) - mx), 0.0)
+        z, _ = _row_logits(base, valid_ptr, b, i, vi, n0, N, theta, tau, masked, BLOCK)
+        acc += tl.exp(z - mx)  # exp(-inf) = 0 past N
     total = tl.sum(acc, 0)
-    for n0 in range(0, N, BLOCK):
+    for n0 in range(0, N, BLOCK):  # the softmax is written over the cosines it was computed from
+        z, _ = _row_logits(base, valid_ptr, b, i, vi, n0, N, theta, tau, masked, BLOCK)
         cols = n0 + tl.arange(0, BLOCK)
-        inside = cols < N
-        sim = tl.load(base + cols, mask=inside, other=0.0)
-        vj = tl.load(valid_ptr + b * N + cols, mask=inside, other=0) != 0
-        edge = ((sim >= theta) & vi & vj) | (cols == i)
-        tl.store(base + cols, tl.exp(tl.where(edge, sim / tau, masked) - mx) / total, mask=inside)
+        tl.store(base + cols, tl.exp(z - mx) / total, mask=cols < N)
     tl.store(deg_ptr + row, tl.sum(count, 0))
 
 

@@ -14,6 +14,7 @@ so it is tested without TensorRT: on a GPU with CUDA buffers, and on the CPU in 
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -125,17 +126,9 @@ def load_plugins(trt: ModuleType) -> list[Any]:
     return creators
 
 
-_CLASS_CACHE: dict[str, tuple[type, type]] = {}
-
-
+@functools.cache
 def _classes(trt: ModuleType) -> tuple[type, type]:
     """The plugin and creator classes for one TensorRT module (built once per module)."""
-    if trt.__name__ not in _CLASS_CACHE:
-        _CLASS_CACHE[trt.__name__] = _make_classes(trt)
-    return _CLASS_CACHE[trt.__name__]
-
-
-def _make_classes(trt: ModuleType) -> tuple[type, type]:
     dt = trt.DataType
     to_torch = {dt.FLOAT: torch.float32, dt.HALF: torch.float16, dt.BF16: torch.bfloat16}
     floats = set(to_torch)
@@ -175,10 +168,10 @@ def _make_classes(trt: ModuleType) -> tuple[type, type]:
             return desc.type in want[pos]
 
         def configure_plugin(self, inputs: list[Any], outputs: list[Any]) -> None:
-            pass
+            pass  # nothing to precompute: enqueue reads shapes and types from its descriptors
 
         def on_shape_change(self, inputs: list[Any], outputs: list[Any]) -> None:
-            pass
+            pass  # as configure_plugin
 
         def get_workspace_size(self, inputs: list[Any], outputs: list[Any]) -> int:
             return workspace_bytes(self.op, tuple(inputs[0].max))

@@ -100,7 +100,7 @@ class EngineSession:
         missing = [s.name for s in self.specs if s.is_input and s.name not in feeds]
         if missing:
             raise InputError(f"engine inputs not given: {', '.join(missing)}")
-        with torch.cuda.stream(self.stream) if self.cuda else _no_stream():
+        with torch.cuda.stream(self.stream):  # a no-op for None (the CPU stand-in)
             held = {}
             for spec in (s for s in self.specs if s.is_input):
                 held[spec.name] = tensor = self._device_input(spec, feeds[spec.name])
@@ -134,14 +134,6 @@ class EngineSession:
         self.gpu_ms.append(start.elapsed_time(end))
 
 
-class _no_stream:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 EngineLoader = Callable[[str], Any]  # graph name -> deserialized engine
 
 
@@ -160,11 +152,12 @@ class TrtVlm(OrtVlm):
 
     def open_sessions(self, graphs: tuple[str, ...], provider: str, threads: int | None) -> dict[str, Any]:
         if self._load_engine is None:
-            self._trt, self._load_engine = self._trt_module(), self._engine_loader()
+            trt, flavour = self._import_tensorrt()
+            self._trt, self._load_engine = trt, self._engine_loader(trt, flavour)
         keep = ("present",)  # KV cache outputs stay on the device
         return {g: EngineSession(self._load_engine(g), self._trt, self.device, keep) for g in graphs}
 
-    def _trt_module(self) -> ModuleType:
+    def _import_tensorrt(self) -> tuple[ModuleType, str]:
         from vtprune.runtime.trt.build import import_tensorrt
 
         if self.device.type != "cuda" or not torch.cuda.is_available():
@@ -172,13 +165,11 @@ class TrtVlm(OrtVlm):
                 "--backend trt runs engines on an NVIDIA GPU and torch sees no CUDA device here; use the "
                 "ONNX Runtime backend (the default) on this machine"
             )
-        return import_tensorrt()[0]
+        return import_tensorrt()
 
-    def _engine_loader(self) -> EngineLoader:
-        from vtprune.runtime.trt.build import import_tensorrt
+    def _engine_loader(self, trt: ModuleType, flavour: str) -> EngineLoader:
         from vtprune.runtime.trt.engines import check_engine_compat
 
-        trt, flavour = import_tensorrt()
         major, minor = torch.cuda.get_device_capability(self.device)
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
 
