@@ -6,8 +6,8 @@ a GPU: parity of scores, kept sets and kept tokens, and the latency of the whole
 
 Cases: LLaVA-1.5 (N=576, D=4096), LLaVA-NeXT (5 crops of 576, and 2304 tokens in one group), and real
 pocket projector features (``--features``: a safetensors file with ``features`` (M, N, D), one image per
-row; ``scripts`` make it from easy-vqa test images). Synthetic tokens are clustered so the graph has
-edges. Timings: ``triton.testing.do_bench`` medians, fp32 and fp16 inputs, G-Prune defaults
+row; ``prune_stage.py --save-features`` makes it from easy-vqa test images). Synthetic tokens are
+clustered so the graph has edges. Timings: ``triton.testing.do_bench`` medians, fp32 and fp16 inputs, G-Prune defaults
 (theta 0.5, tau 0.03, T 5). Writes prune_kernels.json and prune_kernels.md.
 """
 

@@ -240,8 +240,10 @@ def test_custom_domain_node_with_local_function_builds(tmp_path: Path):
 
 
 @needs_trt
-def test_vtprune_ops_with_their_function_bodies_build(tmp_path: Path):
-    """The real GraphPropagate/TopKRoute bodies of vtprune.export.ops (T unrolled, constant K)."""
+@pytest.mark.parametrize("blocks", [1, 3], ids=["one-gram", "symmetric-blocks"])
+def test_vtprune_ops_with_their_function_bodies_build(tmp_path: Path, blocks: int):
+    """The real GraphPropagate/TopKRoute bodies of vtprune.export.ops (T unrolled, constant K), with the
+    cosine Gram as one MatMul and by symmetric row blocks (Split with num_outputs)."""
     from vtprune.export.ops import onnx_defs
 
     nodes = [
@@ -251,7 +253,7 @@ def test_vtprune_ops_with_their_function_bodies_build(tmp_path: Path):
     valid = oh.make_tensor_value_info("valid", TP.BOOL, ["batch", N])
     graph = oh.make_graph(nodes, "vtprune_ops", [_x_input(), valid], _route_outputs())
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", OPSET)])
-    onnx.save(onnx_defs.attach_functions(model), tmp_path / "ops.onnx")
+    onnx.save(onnx_defs.attach_functions(model, blocks=blocks), tmp_path / "ops.onnx")
     profiles = {**PROFILE, "valid": ((1, N), (2, N), (4, N))}
     assert build_engine(tmp_path / "ops.onnx", profiles, target=TARGET).engine_size > 0
 
