@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("bundle", type=Path, help="bundle directory")
     check.add_argument("--model", help="source checkpoint (default: the manifest's source)")
     check.add_argument("--backend", choices=("ort", "trt"), default="ort",
-                       help="the bundle on ONNX Runtime (default) or its TensorRT engines (GPU; vtprune build)")
+                       help="the bundle on ONNX Runtime (default) or its TensorRT engines (GPU; vtprune build); "
+                            "trt also compares every engine with ONNX Runtime through Polygraphy")
     check.add_argument("--image", type=Path, help="image file (default: a generated scene)")
     check.add_argument("--prompt", default="what is in the image ?", help="the question")
     check.add_argument("--steps", type=int, default=32, help="greedy tokens compared")
@@ -276,6 +277,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     image = load_image(args.image, adapter.min_image_side) if args.image else scene_image()
     cfg = PruneConfig.from_dict(manifest["prune"])
     rows = compare_backends(adapter, cfg, args.bundle, image, args.prompt, args.steps, runner)
+    if runner is not None:  # and every engine against ONNX Runtime on ONNX Runtime's own feeds
+        from vtprune.runtime.trt.parity import engine_parity
+
+        rows += engine_parity(args.bundle, runner, image, args.prompt)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

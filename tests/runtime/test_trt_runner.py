@@ -181,3 +181,70 @@ def test_check_with_the_trt_backend_without_a_gpu_is_one_line(bundles, capsys):
     assert main(["check", str(bundles["tiny-llava"]), "--backend", "trt"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no CUDA device" in err[0]
+
+
+# --- engine vs ONNX Runtime, graph by graph (Polygraphy's Comparator) ---------------------------
+def _perturb(session, output: str, change) -> None:
+    """Make ``session`` (an EngineSession) return ``change(array)`` for ``output``."""
+    run, names = session.run, [o.name for o in session.get_outputs()]
+
+    def patched(output_names, feeds):
+        outs = run(output_names, feeds)
+        i = names.index(output)
+        outs[i] = change(outs[i].copy() if isinstance(outs[i], np.ndarray) else outs[i].clone())
+        return outs
+
+    session.run = patched
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2.5-vl"])
+def test_every_engine_is_compared_with_onnx_runtime_through_polygraphy(bundles, scene, name):
+    from vtprune.runtime.trt.parity import engine_parity
+
+    rows = engine_parity(bundles[name], fake_runner(bundles[name]), scene, "what is in the image ?", steps=2)
+    by_graph = {r["check"].split()[0]: r for r in rows}
+    assert set(by_graph) == {"vision", "embed", "decoder"} and all(r["ok"] for r in rows), rows
+    assert by_graph["vision"]["kept_iou"] == 1.0 and by_graph["vision"]["calls"] == 1
+    assert by_graph["decoder"]["calls"] == 2  # the prefill and one decode step, with ORT's KV cache
+    assert by_graph["decoder"]["min_cosine"] > 0.9999 and by_graph["decoder"]["max_abs_diff"] < 1e-5
+
+
+def test_a_drifting_engine_fails_its_row(bundles, scene):
+    from vtprune.runtime.trt.parity import engine_parity
+
+    runner = fake_runner(bundles["tiny-llava"])
+    rng = np.random.default_rng(0)
+    _perturb(runner.sessions["decoder"], "logits", lambda a: a + rng.normal(0, 3 * a.std(), a.shape).astype(a.dtype))
+    rows = {r["check"].split()[0]: r for r in engine_parity(bundles["tiny-llava"], runner, scene, "hi", steps=1)}
+    assert not rows["decoder"]["ok"] and rows["decoder"]["worst_output"] == "logits"
+    assert rows["decoder"]["min_cosine"] < 0.99
+    assert rows["vision"]["ok"] and rows["embed"]["ok"]
+
+
+def test_swapped_kept_tokens_are_reported_and_left_to_the_tie_rule(bundles, scene):
+    from vtprune.runtime.trt.parity import engine_parity
+
+    runner = fake_runner(bundles["tiny-llava"])
+
+    def swap_first(idx):
+        free = np.setdiff1d(np.arange(idx.max() + 2), idx)
+        idx[..., 0] = free[0]
+        return np.sort(idx, axis=-1)
+
+    _perturb(runner.sessions["vision"], "kept_indices", swap_first)
+    rows = {r["check"].split()[0]: r for r in engine_parity(bundles["tiny-llava"], runner, scene, "hi", steps=1)}
+    assert rows["vision"]["ok"] and rows["vision"]["unjudged_calls"] == 1
+    assert 0 < rows["vision"]["kept_iou"] < 1 and "min_cosine" not in rows["vision"]
+
+
+def test_check_with_the_trt_backend_adds_the_engine_rows(bundles, cache_dir, monkeypatch, capsys):
+    import vtprune.runtime.trt.runner as trt_runner
+    from vtprune.cli import main
+
+    monkeypatch.setattr(trt_runner, "TrtVlm", lambda bundle, verify: fake_runner(bundle))
+    args = ["check", str(bundles["tiny-llava"]), "--backend", "trt", "--steps", "4", "--cache-dir", str(cache_dir)]
+    code = main(args)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    for graph in ("vision", "embed", "decoder"):
+        assert f"ok  {graph} engine vs ONNX Runtime (Polygraphy): calls" in out
