@@ -40,6 +40,7 @@ from vtprune.export.decoder import (
     PRESENT_KEY,
     PRESENT_VALUE,
     SEQUENCE,
+    eager_attention,
     io_spec,
     position_ids_rank,
     require_model,
@@ -263,9 +264,15 @@ def export_prefill(adapter: Any, cfg: PruneConfig, budgets: list[int], n_text: i
         The IO description, plus ``routing``: the budgets, routed layers and method settings.
     """
     require_model(adapter)
-    graph = RoutedPrefillGraph(adapter, cfg, budgets, n_visual).eval()
     if n_text < 3:
         raise ExportError(f"the sample prompt has {n_text} text tokens; tracing needs at least 3")
+    with eager_attention(adapter.text_config):  # with the explicit causal mask (needs_causal_mask)
+        graph = RoutedPrefillGraph(adapter, cfg, budgets, n_visual).eval()
+        return _export_prefill(graph, adapter, cfg, budgets, n_text, n_visual, path, opset)
+
+
+def _export_prefill(graph: RoutedPrefillGraph, adapter: Any, cfg: PruneConfig, budgets: list[int], n_text: int,
+                    n_visual: int, path: Path, opset: int) -> dict[str, Any]:  # fmt: skip
     args = routing_example(adapter, n_text, n_visual)
     inputs, outputs = prefill_names(len(graph.layers), len(graph.routed) if cfg.method == "alvts" else 1)
     if not graph.routed:
@@ -285,7 +292,6 @@ def export_prefill(adapter: Any, cfg: PruneConfig, budgets: list[int], n_text: i
 def export_decode(adapter: Any, path: Path, opset: int = 18) -> dict[str, Any]:
     """Export the one-token decode graph with a KV cache of its own length per layer to ``path``."""
     require_model(adapter)
-    graph = LayerwiseDecodeGraph(adapter).eval()
     d, dtype = adapter.text_dims(), adapter.lm_head.weight.dtype
     embeds = torch.randn(_EXAMPLE_BATCH, 1, d.hidden, dtype=dtype)
     positions = torch.full((_EXAMPLE_BATCH, 1), 40, dtype=torch.long)
@@ -298,7 +304,9 @@ def export_decode(adapter: Any, path: Path, opset: int = 18) -> dict[str, Any]:
     pasts = tuple({0: b, 2: torch.export.Dim(PAST_OF.format(i=i // 2))} for i in range(2 * d.layers))
     dims = ({0: b}, {1: b} if positions.ndim == 3 else {0: b}, pasts)
     inputs, outputs = decode_names(d.layers)
-    files = _export_with_ops(graph, (embeds, positions, *past), inputs, outputs, dims, path, opset)
+    with eager_attention(adapter.text_config):
+        graph = LayerwiseDecodeGraph(adapter).eval()
+        files = _export_with_ops(graph, (embeds, positions, *past), inputs, outputs, dims, path, opset)
     return io_spec(Path(path), "decode", files, opset, adapter)
 
 

@@ -206,6 +206,7 @@ VISION_SPECS = {"llava": _llava_spec, "llava_next": _llava_next_spec, "qwen2_5_v
 
 def export_vision(adapter: Any, cfg: PruneConfig, sample: dict[str, Tensor], path: Any, opset: int) -> dict:
     """Export the vision + pruning graph of ``adapter`` to ``path``; returns its IO description."""
+    from vtprune.export.decoder import eager_attention
     from vtprune.export.onnx_io import export_module
 
     if adapter.family not in VISION_SPECS:
@@ -217,7 +218,7 @@ def export_vision(adapter: Any, cfg: PruneConfig, sample: dict[str, Tensor], pat
         # validate.py's fp16 tie handling re-scores projector outputs, which an encoder method does not use
         raise ConfigError(f"--method {cfg.method} exports fp32 bundles only for now; drop --dtype fp16")
     spec = VISION_SPECS[adapter.family](adapter, cfg, sample)
-    with spec.get("patch") or contextlib.nullcontext():
+    with spec.get("patch") or contextlib.nullcontext(), eager_attention(adapter.config.vision_config):
         io = export_module(spec["module"], spec["args"], path, spec["inputs"], spec.get("outputs", OUTPUTS),
                            spec["dynamic"], opset)  # fmt: skip
     return io | {"meta": spec["meta"]}
