@@ -2,8 +2,8 @@
 # On-device job: build TensorRT engines for a bundle, then benchmark it, writing everything to OUT.
 # Usage: vtprune-jetson BUNDLE_DIR OUT_DIR
 # Environment: VTPRUNE_BUILD_ARGS (extra 'vtprune build' flags), VTPRUNE_BENCH_ARGS (extra 'vtprune bench'
-# flags, default: ONNX Runtime on the CPU; "--backend trt" runs the engines just built, and needs a CUDA
-# build of torch in the image, which this Dockerfile does not install), VTPRUNE_SKIP_BUILD=1.
+# flags; default: the engines just built, "--backend trt", when torch sees the GPU, else ONNX Runtime on
+# the CPU, "--backend ort --provider cpu"), VTPRUNE_SKIP_BUILD=1.
 set -euo pipefail
 
 bundle="${1:?usage: vtprune-jetson BUNDLE_DIR OUT_DIR}"
@@ -26,6 +26,14 @@ if [ "${VTPRUNE_SKIP_BUILD:-0}" != "1" ]; then
     # shellcheck disable=SC2086  # word splitting of the extra flags is intended
     vtprune build "${bundle}" --force ${VTPRUNE_BUILD_ARGS:-} 2>&1 | tee "${out}/build.log"
 fi
+# The TensorRT runner needs torch with CUDA (the image's Jetson wheel); without it, ONNX Runtime on the CPU.
+if python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    default_bench="--backend trt"
+else
+    default_bench="--backend ort --provider cpu"
+    echo "vtprune-jetson: torch sees no CUDA device; benchmarking with ONNX Runtime on the CPU" >&2
+fi
+echo "bench defaults: ${default_bench}" >> "${out}/board.txt"
 # shellcheck disable=SC2086
-vtprune bench "${bundle}" --out "${out}/report" --force ${VTPRUNE_BENCH_ARGS:---backend ort --provider cpu}
+vtprune bench "${bundle}" --out "${out}/report" --force ${VTPRUNE_BENCH_ARGS:-${default_bench}}
 echo "vtprune-jetson: report written to ${out}/report (copy it back and run 'vtprune compare')"
