@@ -248,3 +248,12 @@ def test_check_with_the_trt_backend_adds_the_engine_rows(bundles, cache_dir, mon
     assert code == 0, out
     for graph in ("vision", "embed", "decoder"):
         assert f"ok  {graph} engine vs ONNX Runtime (Polygraphy): calls" in out
+
+
+def test_routed_bundles_compare_their_prefill_and_decode_engines(alvts_bundle, scene):
+    from vtprune.runtime.trt.parity import engine_parity
+
+    rows = engine_parity(alvts_bundle, fake_runner(alvts_bundle), scene, "what is in the image ?", steps=2)
+    by_graph = {r["check"].split()[0]: r for r in rows}
+    assert set(by_graph) == {"vision", "embed", "prefill", "decode"} and all(r["ok"] for r in rows), rows
+    assert by_graph["prefill"]["kept_iou"] == 1.0  # the per-layer selected rows, compared as index sets
