@@ -45,9 +45,10 @@ def make_session(path: Path, provider: str = "cpu", threads: int | None = None) 
         )
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    # A bundle holds three sessions; spinning idle thread pools steal the cores the busy one needs
-    # (2.7-3.3x slower end to end on 2 cores, measured).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # A bundle holds three sessions; idle thread pools that keep spinning steal the cores the busy one
+    # needs (2.7-3.3x slower end to end on 2 cores with default spinning, measured). Spinning within a
+    # run, stopped when the run returns, is 13% faster on the pocket vision graph than no spinning.
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), opts, providers=[PROVIDERS[provider]])
