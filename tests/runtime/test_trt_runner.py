@@ -257,3 +257,13 @@ def test_routed_bundles_compare_their_prefill_and_decode_engines(alvts_bundle, s
     by_graph = {r["check"].split()[0]: r for r in rows}
     assert set(by_graph) == {"vision", "embed", "prefill", "decode"} and all(r["ok"] for r in rows), rows
     assert by_graph["prefill"]["kept_iou"] == 1.0  # the per-layer selected rows, compared as index sets
+
+
+def test_an_engine_output_of_another_shape_fails_its_row(bundles, scene):
+    from vtprune.runtime.trt.parity import engine_parity
+
+    runner = fake_runner(bundles["tiny-llava"])
+    _perturb(runner.sessions["embed"], "inputs_embeds", lambda a: a[..., :-1])
+    rows = {r["check"].split()[0]: r for r in engine_parity(bundles["tiny-llava"], runner, scene, "hi", steps=1)}
+    assert not rows["embed"]["ok"] and rows["embed"]["max_abs_diff"] == float("inf")
+    assert rows["embed"]["shape_mismatch"] == ["inputs_embeds"]

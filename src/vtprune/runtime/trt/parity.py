@@ -121,6 +121,13 @@ def _runner_class() -> type:
     return SessionRunner
 
 
+def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Max abs diff in fp64; inf when the shapes differ (Polygraphy's shape check fails the row too)."""
+    if a.shape != b.shape:
+        return float("inf")
+    return float(np.abs(a.astype(np.float64) - b).max()) if a.size else 0.0
+
+
 def _min_cosine(name: str) -> float:
     return MIN_COSINE["logits"] if "logits" in name else MIN_COSINE["embeds"]
 
@@ -154,10 +161,14 @@ def compare_graph(graph: str, reference: Any, engine: Any, feeds: list[dict]) ->
         with _quiet():
             accuracy = comparator.Comparator.compare_accuracy(kept, compare_func=func)
         per_call = next(iter(accuracy[0].values()))
-        worst = min(((r.cosine_similarity, n) for call in per_call for n, r in call.items()), default=(1.0, ""))
+        # Polygraphy gives a bare False instead of a result when the shapes differ
+        mismatched = sorted({n for call in per_call for n, r in call.items() if isinstance(r, bool)})
+        worst = min(((r.cosine_similarity, n) for call in per_call for n, r in call.items() if not isinstance(r, bool)),
+                    default=(1.0, ""))  # fmt: skip
+        if mismatched:
+            row["shape_mismatch"] = mismatched
         row |= {"ok": bool(accuracy), "min_cosine": worst[0], "worst_output": worst[1],
-                "max_abs_diff": max(float(np.abs(ort_iters[i][n].astype(np.float64) - trt_iters[i][n]).max())
-                                    for i in judged for n in floats)}  # fmt: skip
+                "max_abs_diff": max(_max_abs_diff(ort_iters[i][n], trt_iters[i][n]) for i in judged for n in floats)}
     if ious:
         row["kept_iou"] = min(ious)
     if not all(same):
