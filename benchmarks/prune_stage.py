@@ -22,6 +22,7 @@ import torch
 import vtprune.export.ops  # noqa: F401
 from vtprune.config import PruneConfig
 from vtprune.export.onnx_io import export_module
+from vtprune.export.validate import iou
 from vtprune.export.vision import prune_tokens
 from vtprune.runtime.ort import make_session
 from vtprune.runtime.report import environment, measure
@@ -81,11 +82,8 @@ def run_real(feats: torch.Tensor, k: int, threads: int, tmp: Path) -> dict:
     path = tmp / f"stage_real_{k}.onnx"
     export_module(stage, (feats[:2],), path, ["x"], ["tokens", "indices"], {"x": {0: torch.export.Dim.DYNAMIC}}, 18)
     session = make_session(path, "cpu", threads)
-    ious = []
     with torch.inference_mode():
-        for row in feats.split(1):
-            a, b = set(session.run(None, {"x": row.numpy()})[1][0].tolist()), set(stage(row)[1][0].tolist())
-            ious.append(len(a & b) / len(a | b))
+        ious = [iou(session.run(None, {"x": row.numpy()})[1][0], stage(row)[1][0].numpy()) for row in feats.split(1)]
         x = feats[:1]
         torch_t = measure(lambda: stage(x), warmup=3, iters=50)
     ort_t = measure(lambda: session.run(None, {"x": x.numpy()}), warmup=3, iters=50)

@@ -266,23 +266,18 @@ def export_prefill(adapter: Any, cfg: PruneConfig, budgets: list[int], n_text: i
     require_model(adapter)
     if n_text < 3:
         raise ExportError(f"the sample prompt has {n_text} text tokens; tracing needs at least 3")
-    with eager_attention(adapter.text_config):  # with the explicit causal mask (needs_causal_mask)
+    with eager_attention(adapter.text_config):  # the graph then builds the explicit causal mask it needs
         graph = RoutedPrefillGraph(adapter, cfg, budgets, n_visual).eval()
-        return _export_prefill(graph, adapter, cfg, budgets, n_text, n_visual, path, opset)
-
-
-def _export_prefill(graph: RoutedPrefillGraph, adapter: Any, cfg: PruneConfig, budgets: list[int], n_text: int,
-                    n_visual: int, path: Path, opset: int) -> dict[str, Any]:  # fmt: skip
-    args = routing_example(adapter, n_text, n_visual)
-    inputs, outputs = prefill_names(len(graph.layers), len(graph.routed) if cfg.method == "alvts" else 1)
-    if not graph.routed:
-        outputs = outputs[: 1 + 2 * len(graph.layers)]
-    dim = torch.export.Dim
-    b, s = dim(BATCH), dim(SEQUENCE)
-    k_max = max((budgets[i] for i in graph.routed), default=0)
-    dims = ({0: b, 1: s}, {1: b, 2: s} if args[1].ndim == 3 else {0: b, 1: s}, {0: dim(TEXT)},
-            {0: dim(VISUAL, min=k_max + 1)}, {0: dim(QUERY)})  # fmt: skip
-    files = _export_with_ops(graph, args, inputs, outputs, dims, path, opset)
+        args = routing_example(adapter, n_text, n_visual)
+        inputs, outputs = prefill_names(len(graph.layers), len(graph.routed) if cfg.method == "alvts" else 1)
+        if not graph.routed:
+            outputs = outputs[: 1 + 2 * len(graph.layers)]
+        dim = torch.export.Dim
+        b, s = dim(BATCH), dim(SEQUENCE)
+        k_max = max((budgets[i] for i in graph.routed), default=0)
+        dims = ({0: b, 1: s}, {1: b, 2: s} if args[1].ndim == 3 else {0: b, 1: s}, {0: dim(TEXT)},
+                {0: dim(VISUAL, min=k_max + 1)}, {0: dim(QUERY)})  # fmt: skip
+        files = _export_with_ops(graph, args, inputs, outputs, dims, path, opset)
     routing = {"method": cfg.method, "budgets": budgets, "routed_layers": graph.routed, "skip": cfg.skip,
                "query": cfg.query, "visual_tokens": n_visual, "min_visual_tokens": k_max + 1,
                "selector_ranks": {str(i): graph.selector(i).rank for i in graph.scale}}  # fmt: skip

@@ -66,6 +66,7 @@ def _unit_rows(x_ptr, valid_ptr, u_ptr, norm_ptr, s0_ptr, D: tl.constexpr, tiny,
     tl.store(norm_ptr + row, norm)
     tl.store(s0_ptr + row, norm * valid)
 
+
 @triton.jit
 def _row_logits(base, valid_ptr, b, i, vi, n0, N: tl.constexpr, theta, tau, masked, BLOCK: tl.constexpr):
     """One block of row i's masked logits: (logits, -inf past N), the edge mask (False past N)."""
