@@ -27,7 +27,7 @@ from vtprune.config import (
     SamplingConfig,
     parse_keep,
 )
-from vtprune.errors import VtpruneError
+from vtprune.errors import AccuracyError, VtpruneError
 from vtprune.eval.cli import add_eval_command, cmd_eval
 
 EXIT_USER_ERROR = 2
@@ -208,15 +208,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     def log(msg: str) -> None:
         print(f"vtprune export: {msg}", file=sys.stderr, flush=True)
 
+    from vtprune.export.validate import format_rows
+
     manifest = export_bundle(args.model, prune_config(args), export, args.out, args.cache_dir, log)
     checks = manifest.get("validation", {}).get("checks", [])
-    for row in checks:
-        detail = ", ".join(
-            f"{k} {row[k]:.3g}" if isinstance(row[k], float) else f"{k} {row[k]}"
-            for k in ("max_abs_diff", "cosine", "swapped", "max_cut_gap", "agreement", "agree_prefix", "mismatches")
-            if row.get(k) is not None
-        ) or "identical"
-        print(f"  {'ok ' if row['ok'] else 'FAIL'} {row['check']}: {detail}")
+    if checks:
+        print(format_rows(checks))
     top = sorted({f.split("/")[0] + ("/" if "/" in f else "") for f in manifest["files"]})  # processor/ once
     print(f"wrote {args.out} ({', '.join(top)})")
     return 0
@@ -263,7 +260,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from vtprune.demo import scene_image
     from vtprune.export.bundle import read_manifest
-    from vtprune.export.validate import compare_backends
+    from vtprune.export.validate import compare_backends, format_rows
     from vtprune.models import load_vlm
     from vtprune.runtime.images import load_image
 
@@ -281,13 +278,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         from vtprune.runtime.trt.parity import engine_parity
 
         rows += engine_parity(args.bundle, runner, image, args.prompt)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        for r in rows:
-            extra = {k: v for k, v in r.items() if k not in ("check", "ok") and v is not None}
-            print(f"{'ok ' if r['ok'] else 'DIFF'} {r['check']}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float)
-                                                                     else f"{k} {v}" for k, v in extra.items()))
+    print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
     return 0 if all(r["ok"] for r in rows) else 1
 
 
@@ -309,6 +300,14 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+def _print_table(exc: VtpruneError) -> None:
+    """A failed validation's per-check table, after its one-line error."""
+    if isinstance(exc, AccuracyError) and exc.table:
+        from vtprune.export.validate import format_rows
+
+        print(format_rows(exc.table), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -317,8 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except VtpruneError as exc:
         if args.debug:
+            _print_table(exc)
             raise
         print(f"vtprune: error: {exc}", file=sys.stderr)
+        _print_table(exc)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("vtprune: interrupted", file=sys.stderr)

@@ -51,7 +51,7 @@ def merge_tokens(x: Tensor, evidence: Tensor, valid: Tensor, cfg: PruneConfig, k
     selector = SELECTORS[cfg.method]
     xf = x.float()
     scores = selector.scores(evidence, valid, k, cfg)  # (B, N) fp32
-    tokens, idx = torch.ops.vtprune.topk_route(selector.merge(xf, evidence, valid, k, cfg), scores, k)
+    tokens, idx = torch.ops.vtprune.topk_route(selector.merge(xf, evidence, valid, k, cfg, None), scores, k)
     return tokens.to(x.dtype), idx
 
 

@@ -19,11 +19,15 @@ from vtprune.config import PRE_LLM_METHODS, PruneConfig
 from vtprune.errors import BudgetError
 from vtprune.prune import baselines, gprune, visionzip
 from vtprune.prune.select import gather_tokens, keep_topk
+from vtprune.prune.ties import as_mask, exact_margin, topk_margin
 
 # (B, N, D) group features, (B, N) bool valid, static k, config -> (B, N) fp32 scores
 ScoreFn = Callable[[Tensor, Tensor, int, PruneConfig], Tensor]
-# (B, N, C) features, (B, N, E) evidence, (B, N) bool valid, static k, config -> (B, N, C) merged features
-MergeFn = Callable[[Tensor, Tensor, Tensor, int, PruneConfig], Tensor]
+# (B, N, C) features, (B, N, E) evidence, (B, N) bool valid, static k, config, optional (B, k) kept set to
+# follow -> (B, N, C) merged features
+MergeFn = Callable[[Tensor, Tensor, Tensor, int, PruneConfig, Tensor | None], Tensor]
+# the ScoreFn inputs plus (B, k) another backend's kept set -> (B,) float64 tie margin (see ``ties``)
+MarginFn = Callable[[Tensor, Tensor, int, PruneConfig, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -34,24 +38,50 @@ class Selector:
     An encoder method also has ``merge``: its ``scores`` read the encoder's per-patch evidence (the
     adapter's ``encoder_tokens``) instead of the projector output, and ``merge`` rewrites the kept
     tokens' pre-projector features (VisionZip: each contextual token is its group's mean).
+
+    ``margin`` judges another backend's kept set (``ties``): by default the top-k inversion of ``scores``;
+    methods whose scores are ranks or flags replay their own decisions instead.
     """
 
     scores: ScoreFn
     merge: MergeFn | None = None
+    margin: MarginFn | None = None
 
     def __call__(self, x: Tensor, valid: Tensor, k: int, cfg: PruneConfig) -> Tensor:
         """(B, N, D), (B, N) bool, k -> (B, k) int64 indices into N, ascending; invalid slots never
         chosen while valid ones remain."""
         return keep_topk(self.scores(x, valid, k, cfg), k)
 
+    def tie_margin(self, x: Tensor, valid: Tensor, k: int, cfg: PruneConfig, target: Tensor) -> Tensor:
+        """(B,) float64: how far keeping ``target`` (B, k) lies from this method's choice (0 when it is
+        that choice), relative to the range of the method's decision values."""
+        if self.margin is not None:
+            return self.margin(x, valid, k, cfg, target)
+        return topk_margin(self.scores(x, valid, k, cfg), target)
+
+
+def _exact(scores: ScoreFn) -> MarginFn:
+    """The margin of a method computed in integer arithmetic: no near-ties, so any other set is refused."""
+    return lambda x, valid, k, cfg, target: exact_margin(keep_topk(scores(x, valid, k, cfg), k), target)
+
+
+def _random_scores(x: Tensor, valid: Tensor, k: int, cfg: PruneConfig) -> Tensor:
+    return baselines.random_scores(valid, cfg.seed)
+
+
+def _uniform_scores(x: Tensor, valid: Tensor, k: int, cfg: PruneConfig) -> Tensor:
+    return baselines.uniform_scores(valid, k)
+
 
 SELECTORS: dict[str, Selector] = {
     "gprune": Selector(lambda x, valid, k, cfg: gprune.scores(x, cfg.theta, cfg.tau, cfg.iters, cfg.degree, valid)),
-    "random": Selector(lambda x, valid, k, cfg: baselines.random_scores(valid, cfg.seed)),
-    "uniform": Selector(lambda x, valid, k, cfg: baselines.uniform_scores(valid, k)),
-    "divprune": Selector(lambda x, valid, k, cfg: baselines.divprune_scores(x, valid, k)),
+    "random": Selector(_random_scores, margin=_exact(_random_scores)),
+    "uniform": Selector(_uniform_scores, margin=_exact(_uniform_scores)),
+    "divprune": Selector(lambda x, valid, k, cfg: baselines.divprune_scores(x, valid, k),
+                         margin=lambda x, valid, k, cfg, target: baselines.divprune_margin(x, valid, k, target)),
     "visionzip": Selector(lambda ev, valid, k, cfg: visionzip.scores(ev, valid, k),
-                          lambda x, ev, valid, k, cfg: visionzip.merge(x, ev, valid, k)),
+                          lambda x, ev, valid, k, cfg, follow: visionzip.merge(x, ev, valid, k, follow),
+                          lambda ev, valid, k, cfg, target: visionzip.margin(ev, valid, k, target)),
 }
 assert set(SELECTORS) == set(PRE_LLM_METHODS), "config.PRE_LLM_METHODS and the selector registry disagree"
 
@@ -137,7 +167,9 @@ def select_visual(x: Tensor, layout: VisualLayout, cfg: PruneConfig) -> Tensor:
     return torch.cat(kept, dim=-1).sort(dim=-1).values  # raster order keeps RoPE positions monotone
 
 
-def merge_visual(x: Tensor, evidence: Tensor, layout: VisualLayout, cfg: PruneConfig) -> Tensor:
+def merge_visual(
+    x: Tensor, evidence: Tensor, layout: VisualLayout, cfg: PruneConfig, follow: Tensor | None = None
+) -> Tensor:
     """An encoder method's merged features, group by group (identity for other methods).
 
     Args:
@@ -145,18 +177,55 @@ def merge_visual(x: Tensor, evidence: Tensor, layout: VisualLayout, cfg: PruneCo
         evidence: (B, N_v, E) the encoder's per-token evidence, same order.
         layout: the adapter's grouping.
         cfg: method and budget.
+        follow: optional (1, K) kept indices into N_v of another backend, whose merge to reproduce.
 
     Returns:
-        (B, N_v, C); gathering ``select_visual(evidence, layout, cfg)`` from it gives the kept tokens.
+        (B, N_v, C); gathering ``select_visual(evidence, layout, cfg)`` (or ``follow``) from it gives the
+        kept tokens.
     """
     merge = SELECTORS[cfg.method].merge if cfg.pre_llm else None
     if merge is None:
         return x
     out = x.clone()
     batch = x.shape[0]
-    for idx, k in zip(layout.groups, layout.budgets(cfg.keep), strict=True):
+    locals_ = group_members(follow, layout) if follow is not None else [None] * len(layout.groups)
+    for idx, k, local in zip(layout.groups, layout.budgets(cfg.keep), locals_, strict=True):
         idx = idx.to(x.device).expand(batch, -1)
         feats, ev = gather_tokens(x, idx), gather_tokens(evidence, idx)  # (B, N_g, C), (B, N_g, E)
         valid = torch.ones(feats.shape[:2], dtype=torch.bool, device=x.device)
-        out.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), merge(feats, ev, valid, k, cfg))
+        follow_g = None if local is None else local[None]
+        out.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), merge(feats, ev, valid, k, cfg, follow_g))
+    return out
+
+
+def group_members(keep: Tensor, layout: VisualLayout) -> list[Tensor]:
+    """Per group, the positions within the group of the kept tokens: (1, K) indices into N_v -> [(k_g,)]."""
+    kept = as_mask(keep, layout.num_tokens)[0]  # (N_v,)
+    return [kept[idx.to(kept.device)].nonzero().squeeze(-1) for idx in layout.groups]
+
+
+def tie_margins(x: Tensor, layout: VisualLayout, cfg: PruneConfig, keep: Tensor) -> list[float]:
+    """Per group, the tie margin (``ties``) of another backend's kept set under ``cfg``'s method.
+
+    Args:
+        x: (1, N_v, D) what the method scores (projector output, or the encoder's evidence).
+        layout, cfg: as for ``select_visual``.
+        keep: (1, K) the other backend's kept indices into N_v.
+
+    Returns:
+        One float per group: 0 for the method's own choice; +inf where the group keeps another number of
+        tokens, or an always-kept token is missing.
+    """
+    if not cfg.pre_llm:
+        return [0.0 if keep.shape[-1] == layout.num_tokens else float("inf")]
+    if not as_mask(keep, layout.num_tokens)[0, layout.always_keep].all():
+        return [float("inf")]
+    out = []
+    for idx, k, local in zip(layout.groups, layout.budgets(cfg.keep), group_members(keep, layout), strict=True):
+        if local.numel() != k:
+            out.append(float("inf"))
+            continue
+        feats = gather_tokens(x, idx.to(x.device)[None])  # (1, N_g, D)
+        valid = torch.ones(feats.shape[:2], dtype=torch.bool, device=x.device)
+        out.append(float(SELECTORS[cfg.method].tie_margin(feats, valid, k, cfg, local[None])[0]))
     return out

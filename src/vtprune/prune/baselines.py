@@ -22,6 +22,8 @@ from functools import cache
 import torch
 from torch import Tensor
 
+from vtprune.prune.ties import as_mask, follow_topk
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -188,19 +190,37 @@ def divprune_order(x: Tensor, valid: Tensor, k: int) -> Tensor:
     Returns:
         (B, k) int64 token indices in pick order (not sorted).
     """
+    return _greedy_steps(x, valid, k, None)[0]
+
+
+def divprune_margin(x: Tensor, valid: Tensor, k: int, target: Tensor) -> Tensor:
+    """Tie margin (``ties``) of keeping ``target`` (B, k): the greedy steps replayed, each taking the best
+    candidate inside ``target``; (B,) float64, the worst step's margin (0 for DivPrune's own set)."""
+    if k == 0:
+        return torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    return _greedy_steps(x, valid, k, as_mask(target, x.shape[1]))[1]
+
+
+def _greedy_steps(x: Tensor, valid: Tensor, k: int, prefer: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``divprune_order``'s picks, or with ``prefer`` (B, N) bool the picks that follow it, and the worst
+    step margin."""
     dist = cosine_distance(x)  # (B, N, N)
     pos = torch.arange(dist.shape[-1], device=x.device)
     fallback = torch.where(valid, 0.0, pad_scores(valid))  # pads below every distance (>= -eps)
     crit, taken = isolation(dist, valid), torch.zeros_like(valid)
-    picks = []
+    picks, worst = [], torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     for _ in range(k):
-        score = torch.where(taken, float("-inf"), torch.where(valid, crit, fallback))
-        pick = score.argmax(dim=-1, keepdim=True)  # (B, 1)
+        if prefer is None:
+            score = torch.where(taken, float("-inf"), torch.where(valid, crit, fallback))
+            pick = score.argmax(dim=-1, keepdim=True)  # (B, 1)
+        else:
+            pick, margin = follow_topk(torch.where(valid, crit, fallback), 1, prefer, ~taken)
+            worst = torch.maximum(worst, margin)
         picks.append(pick)
         row = dist.gather(1, pick.unsqueeze(-1).expand(-1, 1, dist.shape[-1])).squeeze(1)  # (B, N) d(pick, .)
         crit = row if len(picks) == 1 else torch.minimum(crit, row)
         taken = taken | (pos == pick)
-    return torch.cat(picks, dim=-1)  # (B, k)
+    return torch.cat(picks, dim=-1), worst  # (B, k), (B,)
 
 
 def divprune_scores(x: Tensor, valid: Tensor, k: int) -> Tensor:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from vtprune.prune.baselines import pad_scores
+from vtprune.prune.ties import as_mask, exact_margin, follow_topk
 
 # The paper's splits (54+10 of 64, 108+20 of 128, 162+30 of 192) are all dominant = K * 27/32.
 DOMINANT_SHARE = 27 / 32
@@ -70,14 +71,15 @@ def _rank(mask: Tensor) -> Tensor:
     return (mask.float().cumsum(dim=-1) - 1.0).clamp_min(0.0).long()  # float cumsum: exact below 2**24
 
 
-def _roles(ev: Tensor, valid: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _roles(ev: Tensor, valid: Tensor, k: int, top: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dominant, target, member, slot), each (B, N): who is kept, who is merged, and each target's
-    contextual slot in [0, c). A group of n <= k valid tokens keeps all of them unmerged."""
+    contextual slot in [0, c). A group of n <= k valid tokens keeps all of them unmerged. ``top`` (B, d)
+    imposes the dominant tokens (``follow``)."""
     d, c = split_budget(k)
     n = valid.long().sum(dim=-1, keepdim=True)  # (B, 1)
     fits = n <= k  # (B, 1): the budget covers the group
-    attn = torch.where(valid, ev[..., 0], float("-inf"))
-    top = attn.topk(d, dim=-1).indices  # (B, d)
+    if top is None:
+        top = torch.where(valid, ev[..., 0], float("-inf")).topk(d, dim=-1).indices  # (B, d)
     dominant = (torch.zeros(valid.shape, device=valid.device).scatter(1, top, 1.0) > 0) & valid
     rest = valid & ~dominant
     if c == 0:
@@ -129,7 +131,7 @@ def assign(ev: Tensor, target: Tensor, slot: Tensor, c: int) -> Tensor:
     return (unit @ t_unit.transpose(-1, -2)).argmax(dim=-1)  # (B, N) cosine to each target
 
 
-def merge(x: Tensor, ev: Tensor, valid: Tensor, k: int) -> Tensor:
+def merge(x: Tensor, ev: Tensor, valid: Tensor, k: int, follow: Tensor | None = None) -> Tensor:
     """Features with every target replaced by the mean of its group (the target and the tokens assigned
     to it); dominant and dropped tokens unchanged. Gathering the ``scores`` top-k of the result gives
     the VisionZip tokens in raster order.
@@ -139,6 +141,8 @@ def merge(x: Tensor, ev: Tensor, valid: Tensor, k: int) -> Tensor:
         ev: (B, N, 1 + hd) evidence.
         valid: (B, N) bool.
         k: static budget.
+        follow: optional (B, k) kept indices of another backend; the merge then uses the dominant tokens
+            that set implies (``follow_dominant``).
 
     Returns:
         (B, N, C) in x's dtype; the means are computed in fp32.
@@ -146,7 +150,8 @@ def merge(x: Tensor, ev: Tensor, valid: Tensor, k: int) -> Tensor:
     _, c = split_budget(k)
     if c == 0 or k >= x.shape[1]:  # static: nothing is merged
         return x
-    _, target, member, slot = _roles(ev, valid, k)
+    top = None if follow is None else follow_dominant(ev, valid, k, follow)[0]
+    _, target, member, slot = _roles(ev, valid, k, top)
     group = torch.where(target, slot, assign(ev, target, slot, c))  # (B, N) slot of each token
     slots = torch.arange(c, device=x.device)
     onehot = ((group.unsqueeze(-1) == slots) & (target | member).unsqueeze(-1)).float()  # (B, N, c)
@@ -154,3 +159,25 @@ def merge(x: Tensor, ev: Tensor, valid: Tensor, k: int) -> Tensor:
     means = sums / onehot.sum(dim=1).clamp_min(1.0).unsqueeze(-1)  # (B, c, C)
     at_target = means.gather(1, slot.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, N, C)
     return torch.where(target.unsqueeze(-1), at_target.to(x.dtype), x)
+
+
+def follow_dominant(ev: Tensor, valid: Tensor, k: int, target: Tensor) -> tuple[Tensor, Tensor]:
+    """The dominant tokens implied by a kept set ``target`` (B, k): its ``d`` highest CLS-attention tokens
+    (the contextual targets are strided over the rest, so they rank below), and that choice's tie margin."""
+    d, _ = split_budget(k)
+    return follow_topk(ev[..., 0], d, as_mask(target, ev.shape[1]), valid)
+
+
+def margin(ev: Tensor, valid: Tensor, k: int, target: Tensor) -> Tensor:
+    """Tie margin (``ties``) of keeping ``target`` (B, k): the CLS-attention margin of the dominant tokens it
+    implies, or +inf when the contextual targets strided from those dominant tokens are not the rest of it.
+
+    Returns:
+        (B,) float64.
+    """
+    if k == 0 or k >= valid.shape[-1]:  # static: nothing to choose
+        return exact_margin(scores(ev, valid, k).topk(k, dim=-1).indices, target)
+    top, tie = follow_dominant(ev, valid, k, target)
+    dominant, targets, _, _ = _roles(ev, valid, k, top)
+    same = ((dominant | targets) == as_mask(target, ev.shape[1])).all(dim=-1)
+    return torch.where(same, tie, torch.inf)

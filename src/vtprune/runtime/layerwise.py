@@ -29,6 +29,7 @@ from vtprune.errors import ConfigError, UnsupportedModelError
 from vtprune.flops import TextDims, layer_macs
 from vtprune.prune.alvts import LayerSelector, data_free_selector, lowrank_selector_macs, select_visual_rows
 from vtprune.prune.attention import QkWeights, visual_importance
+from vtprune.prune.ties import as_mask, follow_topk, topk_margin
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Trace:
     kv_rows: list[int] = field(default_factory=list)
     visual: list[int] = field(default_factory=list)
     selected: dict[int, Tensor] = field(default_factory=dict)  # layer -> kept visual token ids (0..N_v-1)
+    margins: dict[int, float] = field(default_factory=dict)  # layer -> tie margin of a followed selection
     layer_selector_macs: dict[int, int] = field(default_factory=dict)
 
     @property
@@ -62,10 +64,17 @@ class Trace:
 
 
 class Router(ABC):
-    """Chooses, before each layer, the rows it processes. ``drops``: unselected visual rows leave for good."""
+    """Chooses, before each layer, the rows it processes. ``drops``: unselected visual rows leave for good.
+
+    ``follow`` (layer -> kept visual token ids, from another backend) makes a router adopt those selections
+    instead of its own and record, per layer, their tie margin under its own scores (``prune.ties``): the
+    reference a parity check runs on the other backend's choices. Token ids equal the visual rows' indices
+    at every selecting layer: skip routers keep every visual row, drop routers select once.
+    """
 
     drops = False
     kv_visible = False
+    follow: dict[int, Tensor] | None = None
 
     @abstractmethod
     def plan(self, index: int, layer: torch.nn.Module, ctx: LayerContext, trace: Trace) -> Tensor | None:
@@ -116,6 +125,9 @@ class AlvtsRouter(Router):
         else:
             scores = sel.scores(x[ctx.query], x[ctx.visual])
         keep = select_visual_rows(scores, k)  # into the visual rows
+        if self.follow is not None:
+            keep = self.follow[index]
+            trace.margins[index] = float(topk_margin(scores[None], keep[None])[0])
         trace.selected[index] = keep
         trace.layer_selector_macs[index] = sel.macs(ctx.query.numel(), n_v)
         return _with_text(ctx, ctx.visual[keep])
@@ -134,7 +146,11 @@ class _DropRouter(Router):
             self._scores = self.score(layer, ctx)
         if index != self.layer or self.k >= ctx.visual.numel():
             return None
-        keep = self.choose(self._scores, ctx)
+        if self.follow is None:
+            keep = self.choose(self._scores, ctx)
+        else:
+            keep = self.follow[index]
+            trace.margins[index] = self.margin(self._scores, ctx, keep)
         trace.selected[index] = keep
         return _with_text(ctx, ctx.visual[keep])
 
@@ -144,6 +160,10 @@ class _DropRouter(Router):
     @abstractmethod
     def choose(self, scores: Any, ctx: LayerContext) -> Tensor:
         """(k,) ascending indices into the visual rows."""
+
+    @abstractmethod
+    def margin(self, scores: Any, ctx: LayerContext, keep: Tensor) -> float:
+        """Tie margin of keeping ``keep`` (k,) instead of ``choose``'s set."""
 
 
 class FastVRouter(_DropRouter):
@@ -161,6 +181,9 @@ class FastVRouter(_DropRouter):
 
     def choose(self, scores: Tensor, ctx: LayerContext) -> Tensor:
         return select_visual_rows(scores, self.k)
+
+    def margin(self, scores: Tensor, ctx: LayerContext, keep: Tensor) -> float:
+        return float(topk_margin(scores[None], keep[None])[0])
 
 
 class DartRouter(_DropRouter):
@@ -181,13 +204,34 @@ class DartRouter(_DropRouter):
     def choose(self, scores: Tensor, ctx: LayerContext) -> Tensor:
         return dart_select(self.final_norm(ctx.hidden)[0, ctx.visual], scores, self.k, self.PIVOTS)
 
+    def margin(self, scores: Tensor, ctx: LayerContext, keep: Tensor) -> float:
+        x = self.final_norm(ctx.hidden)[:, ctx.visual]  # (1, N_v, D)
+        kept, tie = _dart_steps(x, scores[None], self.k, self.PIVOTS, as_mask(keep[None], scores.numel()))
+        same = torch.equal(kept[0], keep.sort().values)
+        return float(tie[0]) if same else float("inf")
+
 
 def dart_select(x: Tensor, key_norms: Tensor, k: int, pivots: int) -> Tensor:
     """DART selection on (..., N, D) features: (..., k) ascending indices; pivots are the ``pivots``
     largest key norms; the rest is split evenly over the pivots (earlier pivots take the remainder).
     Static in k and the pivot count (an unrolled loop of gathers, top-k and scatters: exportable)."""
+    return _dart_steps(x, key_norms, k, pivots, None)[0]
+
+
+def _dart_steps(x: Tensor, key_norms: Tensor, k: int, pivots: int, prefer: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``dart_select``'s set or, with ``prefer`` ((B, N) bool, batched inputs), every decision replayed
+    towards it (``ties.follow_topk``); and the worst decision's tie margin (B,) (0 without ``prefer``)."""
     p = min(pivots, k)
-    chosen = key_norms.topk(p, dim=-1).indices  # (..., p)
+    margins = []
+
+    def top(values: Tensor, m: int, candidates: Tensor | None) -> Tensor:
+        if prefer is None:
+            return (values if candidates is None else values.masked_fill(~candidates, float("-inf"))).topk(m).indices
+        chosen, tie = follow_topk(values, m, prefer, torch.ones_like(prefer) if candidates is None else candidates)
+        margins.append(tie)
+        return chosen
+
+    chosen = top(key_norms, p, None)  # (..., p)
     taken = torch.zeros(key_norms.shape, dtype=torch.bool, device=x.device).scatter(-1, chosen, True)
     unit = torch.nn.functional.normalize(x.float(), dim=-1)
     extra, kept = k - p, [chosen]
@@ -196,11 +240,12 @@ def dart_select(x: Tensor, key_norms: Tensor, k: int, pivots: int) -> Tensor:
         if share == 0:
             continue
         at = chosen[..., i : i + 1, None].expand(*unit.shape[:-2], 1, unit.shape[-1])
-        sim = (unit @ unit.gather(-2, at).transpose(-1, -2)).squeeze(-1).masked_fill(taken, float("inf"))
-        pick = (-sim).topk(share, dim=-1).indices  # least similar first
+        sim = (unit @ unit.gather(-2, at).transpose(-1, -2)).squeeze(-1)  # (..., N) cosine to the pivot
+        pick = top(-sim, share, ~taken)  # least similar first
         taken = taken.scatter(-1, pick, True)
         kept.append(pick)
-    return torch.cat(kept, dim=-1).sort(dim=-1).values
+    worst = torch.stack(margins).amax(dim=0) if margins else torch.zeros(key_norms.shape[:-1], dtype=torch.float64)
+    return torch.cat(kept, dim=-1).sort(dim=-1).values, worst
 
 
 def layer_stack(adapter: Any) -> Any:
@@ -346,8 +391,17 @@ def layer_budgets(cfg: PruneConfig, adapter: Any, n_text: int, n_visual: int) ->
     return [n_visual] * cut + [min(router.k, n_visual)] * (n_layers - cut)
 
 
-def build_router(cfg: PruneConfig, adapter: Any, n_text: int, n_visual: int) -> Router:
-    """The router for an in-LLM ``cfg`` on this adapter's decoder, for a prompt of this shape."""
+def build_router(
+    cfg: PruneConfig, adapter: Any, n_text: int, n_visual: int, follow: dict[int, Tensor] | None = None
+) -> Router:
+    """The router for an in-LLM ``cfg`` on this adapter's decoder, for a prompt of this shape; with ``follow``
+    it adopts those per-layer selections (``Router``)."""
+    router = _new_router(cfg, adapter, n_text, n_visual)
+    router.follow = follow
+    return router
+
+
+def _new_router(cfg: PruneConfig, adapter: Any, n_text: int, n_visual: int) -> Router:
     dims, layers = adapter.text_dims(), adapter.decoder.layers
     if cfg.layer >= len(layers):
         raise ConfigError(f"--layer {cfg.layer}: this model has {len(layers)} decoder layers, so {cfg.method} would "

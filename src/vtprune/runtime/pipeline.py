@@ -20,7 +20,7 @@ from vtprune.config import PruneConfig, SamplingConfig
 from vtprune.errors import InputError, InternalError
 from vtprune.flops import FlopsReport, layerwise_prefill_macs, prefill_macs, prune_stage_macs
 from vtprune.models.base import VlmAdapter
-from vtprune.prune import VisualLayout, merge_visual, select_visual
+from vtprune.prune import VisualLayout, merge_visual, select_visual, tie_margins
 from vtprune.prune.select import gather_positions, gather_tokens
 from vtprune.runtime.images import check_image_size
 from vtprune.runtime.layerwise import LayerwiseDecoder, build_router
@@ -47,6 +47,16 @@ class Prefill:
         if query == "last":
             return torch.tensor([n - 1])
         return torch.arange(int(self.visual_rows.max()) + 1, n)
+
+
+@dataclass(frozen=True)
+class Follow:
+    """Selections another backend made, for the reference to adopt instead of its own (parity checks):
+    ``visual`` (1, K) kept visual-token indices before the LLM; ``layers`` routed layer -> kept visual
+    token ids. The pipeline records their tie margins under its own scores (``prune.ties``)."""
+
+    visual: Tensor | None = None
+    layers: dict[int, Tensor] | None = None
 
 
 @dataclass
@@ -111,12 +121,20 @@ class PrunedVlm:
     stage timings are then CUDA-synchronised.
     """
 
-    def __init__(self, adapter: VlmAdapter, cfg: PruneConfig, sampling: SamplingConfig | None = None) -> None:
+    def __init__(
+        self,
+        adapter: VlmAdapter,
+        cfg: PruneConfig,
+        sampling: SamplingConfig | None = None,
+        follow: Follow | None = None,
+    ) -> None:
         adapter.check_prune(cfg)
         self.adapter = adapter
         self.cfg = cfg
         self.sampling = sampling or SamplingConfig()
         self.device = next(adapter.model.parameters()).device
+        self.follow = follow or Follow()
+        self.last_margins: list[float] = []  # per group, set by ``build_prefill`` when following a kept set
 
     def timer(self) -> StageTimer:
         """A stage timer that waits for the GPU at stage edges when the model is on one."""
@@ -170,16 +188,24 @@ class PrunedVlm:
             with timer.stage("vision"):
                 visual = self.adapter.encode_image(inputs)
             with timer.stage("prune"):
-                keep = select_visual(visual.embeds, visual.layout, self.cfg)  # (1, K)
+                keep = self._choose(visual.embeds, visual.layout)  # (1, K)
             return visual.layout, keep, gather_tokens(visual.embeds, keep)
         with timer.stage("vision"):
             enc = self.adapter.encoder_tokens(inputs)
         with timer.stage("prune"):
-            keep = select_visual(enc.evidence, enc.layout, self.cfg)  # (1, K)
-            merged = merge_visual(enc.features, enc.evidence, enc.layout, self.cfg)  # (1, N_v, C)
+            keep = self._choose(enc.evidence, enc.layout)  # (1, K)
+            merged = merge_visual(enc.features, enc.evidence, enc.layout, self.cfg, self.follow.visual)  # (1, N_v, C)
         with timer.stage("vision"):
             kept = self.adapter.project(gather_tokens(merged, keep))  # (1, K, D)
         return enc.layout, keep, kept
+
+    def _choose(self, x: Tensor, layout: VisualLayout) -> Tensor:
+        """The method's kept set (1, K), or the followed one (its tie margins in ``last_margins``)."""
+        if self.follow.visual is None:
+            return select_visual(x, layout, self.cfg)
+        keep = self.follow.visual.to(x.device)
+        self.last_margins = tie_margins(x, layout, self.cfg, keep)
+        return keep
 
     @staticmethod
     def _sequence_keep(length: int, image_pos: Tensor, visual_keep: Tensor) -> Tensor:
@@ -241,7 +267,7 @@ class PrunedVlm:
     def layerwise_prefill(self, prefill: Prefill, cache: Any) -> tuple[LayerwiseDecoder, Tensor]:
         """In-LLM methods: the routed layer-by-layer prefill; the trace is kept in ``self.last_trace``."""
         n_visual = int(prefill.visual_rows.numel())
-        router = build_router(self.cfg, self.adapter, prefill.embeds.shape[1] - n_visual, n_visual)
+        router = build_router(self.cfg, self.adapter, prefill.embeds.shape[1] - n_visual, n_visual, self.follow.layers)
         layerwise = LayerwiseDecoder(self.adapter, router)
         hidden, self.last_trace = layerwise.prefill(
             prefill.embeds, prefill.position_ids, prefill.visual_rows, prefill.query_rows(self.cfg.query), cache

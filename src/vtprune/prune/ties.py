@@ -1,0 +1,99 @@
+"""How far a kept set is from a method's own choice: the tie margin that judges exports on any CPU.
+
+Two correct implementations of a selection (PyTorch's BLAS, ONNX Runtime's MLAS, a CPU with AVX2 or one
+with AVX-512) compute its scores with different last bits. Where two tokens score almost alike, those
+bits decide which one is kept. So another backend's kept set is judged by its *margin*: the smallest
+perturbation of the reference's decision values, relative to their range, under which the reference
+itself would choose that set. For a top-k of scores s over candidates C with chosen set S it is
+
+    inversion(S) = max(0, max_{j in C - S} s_j - min_{i in S} s_i) / (max_C s - min_C s)
+
+(0 for the reference's own set; a token swapped from far below the cut scores a large margin). Methods
+made of several decisions (DivPrune's greedy steps, VisionZip's dominant tokens, DART's pivots and
+claims) replay their decisions towards the other set and report the worst one (see each method).
+
+Pure tensor functions: no I/O, no model-library imports.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# fp32 graphs: measured worst margins on ONNX Runtime vs PyTorch across CPU kernels (AVX-512 vs AVX2 BLAS)
+# were below 2e-5 (benchmarks/results/ties/); tokens swapped beyond 1e-4 of the score range fail.
+FP32_MARGIN = 1e-4
+# fp16 graphs: the fp16 rounding of features and attention reorders more (pocket on easy-vqa, K=64: IoU
+# down to 0.71, every swapped token close to the cut).
+FP16_MARGIN = 1e-2
+
+
+def margin_limit(dtype: str) -> float:
+    """The largest tie margin a bundle of ``dtype`` may show against the fp32 reference."""
+    return FP32_MARGIN if dtype == "fp32" else FP16_MARGIN
+
+
+def inversion(values: Tensor, chosen: Tensor, candidates: Tensor | None = None) -> Tensor:
+    """Relative margin by which ``chosen`` fails to be the top of ``values`` among ``candidates``.
+
+    Args:
+        values: (B, N) decision values (higher is chosen first); non-finite entries are never candidates.
+        chosen: (B, N) bool, the set whose margin is measured (a subset of the candidates).
+        candidates: (B, N) bool, the tokens the decision chose among (default: every finite entry).
+
+    Returns:
+        (B,) float64 >= 0; 0 when ``chosen`` is a top-|chosen| of ``values``.
+    """
+    v = values.double()
+    cand = torch.isfinite(v) if candidates is None else candidates & torch.isfinite(v)
+    lo = torch.where(cand, v, math.inf).amin(dim=-1)
+    scale = (torch.where(cand, v, -math.inf).amax(dim=-1) - lo).clamp_min(1e-300)
+    worst_kept = torch.where(chosen & cand, v, math.inf).amin(dim=-1)
+    best_left = torch.where(cand & ~chosen, v, -math.inf).amax(dim=-1)
+    gap = (best_left - worst_kept).nan_to_num(0.0, posinf=0.0, neginf=0.0)
+    return (gap / scale).clamp_min(0.0)
+
+
+def topk_margin(scores: Tensor, target: Tensor) -> Tensor:
+    """Margin of keeping ``target`` for a method whose kept set is the top-k of ``scores``.
+
+    Args:
+        scores: (B, N) scores.
+        target: (B, k) int64 indices of the set to judge.
+
+    Returns:
+        (B,) float64.
+    """
+    return inversion(scores, as_mask(target, scores.shape[-1]))
+
+
+def exact_margin(chosen: Tensor, target: Tensor) -> Tensor:
+    """Margin of a method with no near-ties by construction (integer arithmetic): 0 for its own set,
+    +inf for any other. ``chosen``, ``target``: (B, k) indices."""
+    same = (chosen.sort(dim=-1).values == target.sort(dim=-1).values).all(dim=-1)
+    return torch.where(same, 0.0, math.inf).double()
+
+
+def as_mask(idx: Tensor, n: int) -> Tensor:
+    """(B, k) indices -> (B, n) bool membership."""
+    return torch.zeros(*idx.shape[:-1], n, dtype=torch.bool, device=idx.device).scatter(-1, idx, True)
+
+
+def follow_topk(values: Tensor, m: int, prefer: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor]:
+    """One top-``m`` decision replayed towards ``prefer``: the ``m`` best candidates in ``prefer``
+    (then the best others, when ``prefer`` holds fewer), and the margin that choice needs.
+
+    Args:
+        values: (B, N) decision values; prefer, candidates: (B, N) bool.
+
+    Returns:
+        (B, m) int64 chosen indices, (B,) float64 margin.
+    """
+    v = values.double()
+    ok = candidates & torch.isfinite(v)
+    lift = (torch.where(ok, v.abs(), 0.0).amax(dim=-1, keepdim=True) + 1) * 4  # preferred rank above the rest
+    order = torch.where(ok, v + lift * (prefer & ok), -math.inf)
+    picks = order.topk(m, dim=-1).indices
+    return picks, inversion(values, as_mask(picks, values.shape[-1]), candidates)
