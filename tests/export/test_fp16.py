@@ -49,7 +49,8 @@ def _onnx_io(path: Path) -> dict[str, str]:
 
 
 def test_validation_is_dtype_aware_and_recorded(fp16_bundle):
-    from vtprune.export.validate import MIN_COSINE, TIE_RTOL
+    from vtprune.export.validate import MIN_COSINE
+    from vtprune.prune.ties import FP16_MARGIN
 
     validation = read_manifest(fp16_bundle)["validation"]
     rows = {r["check"]: r for r in validation["checks"]}
@@ -59,7 +60,7 @@ def test_validation_is_dtype_aware_and_recorded(fp16_bundle):
     assert rows["prefill logits"]["cosine"] >= MIN_COSINE["logits"]
     kept = rows["kept visual indices"]
     assert kept["iou"] >= 0.8  # measured: 1.0 (llava, llava-next), 15/17 (qwen2.5-vl: one swap inside an exact tie)
-    assert kept["mismatches"] == 0 or kept["max_cut_gap"] <= TIE_RTOL
+    assert kept["iou"] == 1.0 or kept["max_margin"] <= FP16_MARGIN == kept["margin_limit"]
     greedy = rows["greedy tokens (32 steps)"]
     assert greedy["agree_prefix"] >= 1 and 0.0 < greedy["agreement"] <= 1.0
 
@@ -200,28 +201,15 @@ def test_failed_fp16_validation_leaves_nothing_behind(fp16_bundle_of, tmp_path, 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_kept_set_swaps_pass_only_inside_a_tie(monkeypatch):
-    import vtprune.export.validate as validate
+def test_kept_rows_pass_only_inside_the_margin():
+    from vtprune.export.validate import kept_row
 
-    gaps = np.array([-0.5, -0.2, 0.004, 0.3])  # tokens 0, 1 kept by the reference; 2 near the cut, 3 far below
-    monkeypatch.setattr(validate, "reference_cut_gaps", lambda *args: gaps)
-    ref = np.array([0, 1])
-    assert validate._tie_swaps(None, None, {}, ref, np.array([0, 2])) == {
-        "ok": True, "swapped": 1, "max_cut_gap": 0.004, "tie_rtol": validate.TIE_RTOL}  # fmt: skip
-    assert not validate._tie_swaps(None, None, {}, ref, np.array([0, 3]))["ok"]
-
-
-def test_reference_cut_gaps_order_tokens_by_the_reference_scores(tiny_adapter, scene):
-    from vtprune.export.validate import reference_cut_gaps
-    from vtprune.runtime.pipeline import PrunedVlm
-
-    pipe = PrunedVlm(tiny_adapter, CFG)
-    inputs = pipe.inputs(scene, PROMPT)
-    cfg = dataclasses.replace(CFG, keep=8)
-    keep = PrunedVlm(tiny_adapter, cfg).build_prefill(inputs).visual_keep[0].numpy()
-    gaps = reference_cut_gaps(tiny_adapter, cfg, inputs)
-    dropped = np.setdiff1d(np.arange(gaps.size), keep)
-    assert (gaps[keep] <= 0).all() and (gaps[dropped] >= 0).all() and np.isclose(gaps[keep], 0).any()
+    own = np.array([0, 1])
+    assert kept_row("k", own, own, [0.0], 1e-4)["ok"]
+    tie = kept_row("k", own, np.array([0, 2]), [3e-7], 1e-4)
+    assert tie == {"check": "k", "ok": True, "iou": 1 / 3, "swapped": 1, "max_margin": 3e-7, "margin_limit": 1e-4}
+    assert not kept_row("k", own, np.array([0, 3]), [0.2, 0.0], 1e-4)["ok"]
+    assert not kept_row("k", own, np.array([0, 3]), [float("inf")], 1e-2)["ok"]
 
 
 def test_greedy_rows():
@@ -234,18 +222,20 @@ def test_greedy_rows():
 
 
 @pytest.mark.parametrize("positions", ["original", "contiguous"])
-def test_reference_on_another_backends_kept_tokens(tiny_adapter, scene, positions):
-    """Given the reference's own choice, ``on_kept_tokens`` rebuilds exactly the reference's prefill."""
-    from vtprune.export.validate import on_kept_tokens
-    from vtprune.runtime.pipeline import PrunedVlm
+def test_reference_following_its_own_kept_tokens_is_itself(tiny_adapter, scene, positions):
+    """Given the reference's own choice, a reference that follows it rebuilds exactly its prefill (margin 0)."""
+    from vtprune.runtime.pipeline import Follow, PrunedVlm
 
-    pipe = PrunedVlm(tiny_adapter, dataclasses.replace(CFG, keep=8, positions=positions))
+    cfg = dataclasses.replace(CFG, keep=8, positions=positions)
+    pipe = PrunedVlm(tiny_adapter, cfg)
     inputs = pipe.inputs(scene, PROMPT)
     own = pipe.build_prefill(inputs)
-    rebuilt = on_kept_tokens(pipe, inputs, own.seq_keep[0].numpy(), own.visual_keep[0].numpy())
+    follower = PrunedVlm(tiny_adapter, cfg, follow=Follow(visual=own.visual_keep))
+    rebuilt = follower.build_prefill(inputs)
     assert rebuilt.embeds.shape == own.embeds.shape and bool((rebuilt.embeds == own.embeds).all())
     assert rebuilt.position_ids.tolist() == own.position_ids.tolist()
     assert rebuilt.seq_keep.tolist() == own.seq_keep.tolist()
+    assert follower.last_margins and max(follower.last_margins) == 0.0
 
 
 def test_tensorrt_rtx_builds_an_fp16_bundle(fp16_bundle_of, tmp_path):

@@ -164,6 +164,7 @@ def test_check_compares_the_engines_with_pytorch(bundles, tiny_dirs, scene, name
     from tests.conftest import BUNDLE_CFG
     from vtprune.export.validate import compare_backends
     from vtprune.models import load_vlm
+    from vtprune.prune.ties import FP16_MARGIN
 
     adapter = load_vlm(str(tiny_dirs[name]))
     rows = compare_backends(adapter, BUNDLE_CFG, bundles[name], scene, "what is in the image ?", 8,
@@ -171,7 +172,8 @@ def test_check_compares_the_engines_with_pytorch(bundles, tiny_dirs, scene, name
     assert all(r["ok"] for r in rows), rows
     assert {"kept visual indices", "prefill logits", "greedy tokens (8 steps)"} <= {r["check"] for r in rows}
     kept = next(r for r in rows if r["check"] == "kept visual indices")
-    assert kept["iou"] == 1.0 or kept["max_cut_gap"] <= kept["tie_rtol"]  # judged like fp16: ties may swap
+    assert kept["margin_limit"] == FP16_MARGIN  # judged like fp16: ties may swap
+    assert kept["iou"] == 1.0 or kept["max_margin"] <= FP16_MARGIN
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

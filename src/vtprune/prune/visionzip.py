@@ -24,11 +24,13 @@ rank, so a padded group chooses what the same group without padding chooses. Exp
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
 from vtprune.prune.baselines import pad_scores
-from vtprune.prune.ties import as_mask, exact_margin, follow_topk
+from vtprune.prune.ties import as_mask, exact_margin, follow_topk, inversion
 
 # The paper's splits (54+10 of 64, 108+20 of 128, 162+30 of 192) are all dominant = K * 27/32.
 DOMINANT_SHARE = 27 / 32
@@ -150,7 +152,7 @@ def merge(x: Tensor, ev: Tensor, valid: Tensor, k: int, follow: Tensor | None = 
     _, c = split_budget(k)
     if c == 0 or k >= x.shape[1]:  # static: nothing is merged
         return x
-    top = None if follow is None else follow_dominant(ev, valid, k, follow)[0]
+    top = None if follow is None else _followed_dominant(ev, valid, k, follow)
     _, target, member, slot = _roles(ev, valid, k, top)
     group = torch.where(target, slot, assign(ev, target, slot, c))  # (B, N) slot of each token
     slots = torch.arange(c, device=x.device)
@@ -161,23 +163,58 @@ def merge(x: Tensor, ev: Tensor, valid: Tensor, k: int, follow: Tensor | None = 
     return torch.where(target.unsqueeze(-1), at_target.to(x.dtype), x)
 
 
-def follow_dominant(ev: Tensor, valid: Tensor, k: int, target: Tensor) -> tuple[Tensor, Tensor]:
-    """The dominant tokens implied by a kept set ``target`` (B, k): its ``d`` highest CLS-attention tokens
-    (the contextual targets are strided over the rest, so they rank below), and that choice's tie margin."""
-    d, _ = split_budget(k)
-    return follow_topk(ev[..., 0], d, as_mask(target, ev.shape[1]), valid)
+AMBIGUOUS = 1e-2  # of the attention range: wider than any margin a bundle may show (``ties.FP16_MARGIN``)
+MAX_TRIES = 4096
 
 
 def margin(ev: Tensor, valid: Tensor, k: int, target: Tensor) -> Tensor:
-    """Tie margin (``ties``) of keeping ``target`` (B, k): the CLS-attention margin of the dominant tokens it
-    implies, or +inf when the contextual targets strided from those dominant tokens are not the rest of it.
+    """Tie margin (``ties``) of keeping ``target`` (B, k): the smallest CLS-attention margin of a dominant set
+    inside ``target`` whose strided contextual targets are the rest of it; +inf when there is none.
 
     Returns:
         (B,) float64.
     """
     if k == 0 or k >= valid.shape[-1]:  # static: nothing to choose
         return exact_margin(scores(ev, valid, k).topk(k, dim=-1).indices, target)
-    top, tie = follow_dominant(ev, valid, k, target)
-    dominant, targets, _, _ = _roles(ev, valid, k, top)
-    same = ((dominant | targets) == as_mask(target, ev.shape[1])).all(dim=-1)
-    return torch.where(same, tie, torch.inf)
+    return torch.stack([follow_dominant(ev[b : b + 1], valid[b : b + 1], k, target[b : b + 1])[1]
+                        for b in range(ev.shape[0])])  # fmt: skip
+
+
+def follow_dominant(ev: Tensor, valid: Tensor, k: int, target: Tensor) -> tuple[Tensor | None, Tensor]:
+    """The dominant tokens (1, d) that explain a kept set ``target`` (1, k) with the smallest margin, and that
+    margin (+inf, and None, when no dominant set does). Batch 1.
+
+    Tokens of ``target`` far above the reference's dominant cut are dominant, far below it contextual; the
+    few within ``AMBIGUOUS`` of the attention range around the cut are tried both ways (``MAX_TRIES`` sets).
+    """
+    d, _ = split_budget(k)
+    attn = torch.where(valid, ev[..., 0], float("-inf")).double()[0]  # (N,)
+    finite = attn[valid[0]]
+    window = AMBIGUOUS * float(finite.max() - finite.min())
+    cut = float(attn.topk(d).values[-1])
+    in_target = as_mask(target, ev.shape[1])  # (1, N)
+    sure = in_target[0] & (attn > cut + window)
+    maybe = (in_target[0] & ~sure & (attn >= cut - window)).nonzero().squeeze(-1).tolist()
+    best, best_top = torch.tensor(torch.inf, dtype=torch.float64), None
+    for extra in itertools.islice(itertools.combinations(maybe, max(0, d - int(sure.sum()))), MAX_TRIES):
+        dominant = sure.clone()
+        dominant[list(extra)] = True
+        top = dominant.nonzero().squeeze(-1)[None]  # (1, d)
+        kept, targets, _, _ = _roles(ev, valid, k, top)
+        tie = inversion(ev[..., 0], dominant[None], valid)[0]
+        if top.shape[-1] == d and torch.equal(kept | targets, in_target) and tie < best:
+            best, best_top = tie, top
+    return best_top, best
+
+
+def _followed_dominant(ev: Tensor, valid: Tensor, k: int, follow: Tensor) -> Tensor:
+    """(B, d) dominant tokens for a followed kept set (B, k); where none explains it (margin +inf, which fails
+    the check anyway), its d highest CLS-attention tokens."""
+    tops = []
+    for b in range(ev.shape[0]):
+        e, v, f = ev[b : b + 1], valid[b : b + 1], follow[b : b + 1]
+        top, _ = follow_dominant(e, v, k, f)
+        if top is None:
+            top = follow_topk(e[..., 0], split_budget(k)[0], as_mask(f, ev.shape[1]), v)[0]
+        tops.append(top)
+    return torch.cat(tops)
