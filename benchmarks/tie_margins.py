@@ -90,7 +90,7 @@ def to_markdown(result: dict) -> str:
              f"Tie margin limit for fp32 bundles: {result['fp32_margin']:g} of the score range.", "",
              "| method | K | kernels | same kept set | IoU min | max margin |",
              "|---|---|---|---|---|---|"]  # fmt: skip
-    for key in result["native"]:
+    for key in sorted(result["native"], key=lambda key: (key.split(":")[0], -int(key.split(":")[1]))):
         method, k = key.split(":")
         for kind in ("native", "avx2"):
             c = result[kind][key]

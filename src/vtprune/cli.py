@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     exp.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     exp.add_argument("--reuse-lm-from", help="bundle of the same model whose embed/decoder graphs to reuse")
+    exp.add_argument("--weights", choices=["int8", "int4"],
+                     help="weight-only quantized language model for ONNX Runtime (MatMulNBits, blocks of 32); "
+                          "the vision graph, pruning and selectors stay fp32")  # fmt: skip
     _add_prune_args(exp)
 
     build = sub.add_parser("build", help="build TensorRT engines for a bundle (TensorRT, or TensorRT for RTX)")
@@ -203,7 +206,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from vtprune.export.bundle import ExportConfig, export_bundle
 
     export = ExportConfig(opset=args.opset, dtype=args.dtype, inline=args.inline, validate=not args.no_validate,
-                          force=args.force, reuse_lm_from=args.reuse_lm_from)  # fmt: skip
+                          force=args.force, reuse_lm_from=args.reuse_lm_from, weights=args.weights)  # fmt: skip
 
     def log(msg: str) -> None:
         print(f"vtprune export: {msg}", file=sys.stderr, flush=True)

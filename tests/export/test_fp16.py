@@ -54,10 +54,11 @@ def test_validation_is_dtype_aware_and_recorded(fp16_bundle):
 
     validation = read_manifest(fp16_bundle)["validation"]
     rows = {r["check"]: r for r in validation["checks"]}
-    assert validation["dtype"] == "fp16" and validation["thresholds"]["logits_min_cosine"] == MIN_COSINE["logits"]
+    assert validation["dtype"] == "fp16" == validation["precision"]
+    assert validation["thresholds"]["logits_min_cosine"] == MIN_COSINE["fp16"]["logits"]
     assert all(r["ok"] for r in rows.values()) and len(rows) == 6
-    assert rows["decoder input embeds"]["cosine"] >= MIN_COSINE["embeds"]
-    assert rows["prefill logits"]["cosine"] >= MIN_COSINE["logits"]
+    assert rows["decoder input embeds"]["cosine"] >= MIN_COSINE["fp16"]["embeds"]
+    assert rows["prefill logits"]["cosine"] >= MIN_COSINE["fp16"]["logits"]
     kept = rows["kept visual indices"]
     assert kept["iou"] >= 0.8  # measured: 1.0 (llava, llava-next), 15/17 (qwen2.5-vl: one swap inside an exact tie)
     assert kept["iou"] == 1.0 or kept["max_margin"] <= FP16_MARGIN == kept["margin_limit"]
@@ -193,7 +194,7 @@ def test_lm_graphs_are_reused_only_from_the_same_dtype(fp16_bundle_of, tmp_path,
 def test_failed_fp16_validation_leaves_nothing_behind(fp16_bundle_of, tmp_path, cache_dir, monkeypatch):
     import vtprune.export.validate as validate
 
-    monkeypatch.setitem(validate.MIN_COSINE, "logits", 1.1)  # no cosine can pass
+    monkeypatch.setitem(validate.MIN_COSINE, "fp16", {"embeds": 0.999, "logits": 1.1})  # no logits cosine passes
     export = ExportConfig(dtype="fp16", reuse_lm_from=str(fp16_bundle_of("tiny-llava")))
     with pytest.raises(AccuracyError, match="exported fp16 bundle disagrees with PyTorch on: prefill logits") as info:
         export_bundle("tiny-llava", CFG, export, tmp_path / "out", cache_dir)

@@ -35,12 +35,21 @@ class ExportConfig:
     validate: bool = True
     force: bool = False
     reuse_lm_from: str | None = None  # a bundle of the same model whose embed/decoder graphs are reused
+    weights: str | None = None  # int4 / int8 weight-only language model (``export.quantize``)
 
     def __post_init__(self) -> None:
+        from vtprune.export.quantize import check_weights
+
         if not 18 <= self.opset <= 23:
             raise ConfigError(f"--opset {self.opset}: vtprune exports opsets 18..23 (function bodies need >= 18)")
         if self.dtype not in ("fp32", "fp16"):
             raise ConfigError(f"--dtype {self.dtype}: bundles export fp32 or fp16; use --dtype fp16 for half precision")
+        check_weights(self.weights, self.dtype)
+
+    @property
+    def precision(self) -> str:
+        """What the language-model graphs hold: fp32, fp16, int8 or int4 weights."""
+        return self.weights or self.dtype
 
 
 def sha256(path: Path) -> str:
@@ -192,6 +201,7 @@ def _write_bundle(adapter: Any, model: str, prune: PruneConfig, export: ExportCo
 
     from vtprune.demo import scene_image
     from vtprune.export.precision import export_copy, fp32_parts
+    from vtprune.export.quantize import QUANTIZED_GRAPHS, quantize_graph
     from vtprune.export.validate import validate_bundle
     from vtprune.export.vision import export_vision
     from vtprune.runtime.pipeline import PrunedVlm
@@ -210,6 +220,8 @@ def _write_bundle(adapter: Any, model: str, prune: PruneConfig, export: ExportCo
         start = time.perf_counter()
         precision = {"dtype": export.dtype, "fp32_parts": fp32_parts(traced, name) if export.dtype != "fp32" else []}
         manifest["graphs"][name] = fn(tmp / f"{name}.onnx") | precision
+        if export.weights and name in QUANTIZED_GRAPHS and "reused_from" not in manifest["graphs"][name]:
+            manifest["graphs"][name]["quantization"] = quantize_graph(tmp / f"{name}.onnx", export.weights)
         log(f"[{i}/{len(steps) + 1}] {name}.onnx exported in {time.perf_counter() - start:.1f} s")
     save_processing_files(adapter, tmp / PROCESSOR_DIR)
     if export.inline:  # the graphs holding vtprune functions
@@ -229,10 +241,11 @@ def lm_donor(export: ExportConfig, model: str) -> dict[str, Any]:
     the pruning config), after checking that bundle's integrity and settings."""
     src = Path(export.reuse_lm_from)
     manifest = read_manifest(src)
-    had = (manifest["model"]["source"], manifest["export"]["opset"], manifest["export"].get("dtype", "fp32"))
-    if had != (model, export.opset, export.dtype):
+    done = manifest["export"]
+    had = (manifest["model"]["source"], done["opset"], done.get("weights") or done.get("dtype", "fp32"))
+    if had != (model, export.opset, export.precision):
         raise BundleError(f"--reuse-lm-from {src} was exported from {had[0]} at opset {had[1]} in {had[2]}, "
-                          f"not {model} at opset {export.opset} in {export.dtype}")  # fmt: skip
+                          f"not {model} at opset {export.opset} in {export.precision}")  # fmt: skip
     if manifest["tools"] != tool_versions():
         raise BundleError(f"--reuse-lm-from {src} was exported with other tool versions; re-export it")
 

@@ -28,17 +28,21 @@ from vtprune.errors import AccuracyError
 from vtprune.prune.ties import margin_limit
 
 ATOL = {"embeds": 1e-4, "logits": 1e-3}  # fp32: max abs diff
-# fp16 vs the fp32 reference; measured figures are in the README (`vtprune export`).
-MIN_COSINE = {"embeds": 0.999, "logits": 0.99}
+# Reduced precision vs the fp32 reference, by what the language-model graphs hold; measured figures are in
+# the README (`vtprune export`). int8/int4 embeddings are the quantized table's rows (text tokens only).
+MIN_COSINE = {"fp16": {"embeds": 0.999, "logits": 0.99},
+              "int8": {"embeds": 0.999, "logits": 0.99},
+              "int4": {"embeds": 0.99, "logits": 0.95}}  # fmt: skip
 GREEDY_STEPS = 32
 
 
-def thresholds(dtype: str) -> dict[str, Any]:
-    """What a bundle of ``dtype`` must meet, as recorded in its manifest."""
-    kept = f"identical up to ties: tie margin <= {margin_limit(dtype):g} of the reference's score range"
-    if dtype == "fp32":
+def thresholds(precision: str) -> dict[str, Any]:
+    """What a bundle whose language model holds ``precision`` weights must meet, as in its manifest."""
+    kept = f"identical up to ties: tie margin <= {margin_limit(precision):g} of the reference's score range"
+    if precision == "fp32":
         return {"kept": kept, "embeds_atol": ATOL["embeds"], "logits_atol": ATOL["logits"], "greedy": "all tokens"}
-    return {"kept": kept, "embeds_min_cosine": MIN_COSINE["embeds"], "logits_min_cosine": MIN_COSINE["logits"],
+    cos = MIN_COSINE[precision]
+    return {"kept": kept, "embeds_min_cosine": cos["embeds"], "logits_min_cosine": cos["logits"],
             "greedy": "first token"}  # fmt: skip
 
 
@@ -53,8 +57,9 @@ def compare_backends(
     from vtprune.runtime.timing import StageTimer
 
     bun = runner or OrtVlm(bundle, verify=False)
-    strict = bun.dtype == "fp32" and runner is None
-    limit = margin_limit("fp32" if strict else "fp16")
+    precision = "fp16" if runner is not None else bun.precision
+    strict = precision == "fp32"
+    vision_limit = margin_limit(bun.dtype if runner is None else "fp16")  # the vision graph is never quantized
     own = PrunedVlm(adapter, cfg)
     image = bun._fit_image(image)
     ref_in, bun_in = own.inputs(image, prompt), bun.inputs(image, prompt)
@@ -65,20 +70,20 @@ def compare_backends(
     # the reference adopts the bundle's kept set, so what follows measures the graphs, not tie-breaking
     ref = PrunedVlm(adapter, cfg, follow=Follow(visual=torch.from_numpy(np.asarray(bun_keep)).long()[None]))
     ref_pre = ref.build_prefill(ref_in)
-    rows.append(kept_row("kept visual indices", own_keep, bun_keep, ref.last_margins, limit))
+    rows.append(kept_row("kept visual indices", own_keep, bun_keep, ref.last_margins, vision_limit))
     rows.append(_exact("position ids", ref_pre.position_ids.numpy(), bun_pre["positions"]))
     if not all(r["ok"] for r in rows):
         return rows
-    rows.append(_close("decoder input embeds", ref_pre.embeds.numpy(), bun_pre["embeds"], "embeds", strict))
+    rows.append(_close("decoder input embeds", ref_pre.embeds.numpy(), bun_pre["embeds"], "embeds", precision))
     bun_logits, _ = bun.prefill(bun_pre)
     if cfg.in_llm:
-        row, ref, ref_logits = _routed(adapter, cfg, ref, ref_pre, bun_pre["selected"], limit)
+        row, ref, ref_logits = _routed(adapter, cfg, ref, ref_pre, bun_pre["selected"], margin_limit(precision))
         rows.append(row)
         if not row["ok"]:
             return rows
     else:
         ref_logits = ref.prompt_logits(ref_pre)[:, -1].numpy()
-    rows.append(_close("prefill logits", ref_logits, bun_logits, "logits", strict))
+    rows.append(_close("prefill logits", ref_logits, bun_logits, "logits", precision))
     with torch.inference_mode():
         ref_tokens = ref.decode(ref_pre, steps, eos=set())
     bun_tokens = bun.decode(bun_pre, steps, StageTimer(), eos=set())
@@ -124,13 +129,15 @@ def validate_bundle(adapter: Any, cfg: PruneConfig, bundle: Path, image: Any, pr
     the table on any failure."""
     from vtprune.export.bundle import read_manifest
 
-    dtype = read_manifest(bundle, verify=False)["export"]["dtype"]
+    export = read_manifest(bundle, verify=False)["export"]
+    dtype, precision = export["dtype"], export.get("weights") or export["dtype"]
     rows = compare_backends(adapter, cfg, bundle, image, prompt, GREEDY_STEPS)
     if not all(r["ok"] for r in rows):
         failed = ", ".join(r["check"] for r in rows if not r["ok"])
-        raise AccuracyError(f"exported {dtype} bundle disagrees with PyTorch on: {failed}; no bundle was written", rows)
-    return {"image_size": list(image.size), "prompt": prompt, "dtype": dtype, "thresholds": thresholds(dtype),
-            "checks": rows}  # fmt: skip
+        raise AccuracyError(f"exported {precision} bundle disagrees with PyTorch on: {failed}; no bundle was written",
+                            rows)  # fmt: skip
+    return {"image_size": list(image.size), "prompt": prompt, "dtype": dtype, "precision": precision,
+            "thresholds": thresholds(precision), "checks": rows}  # fmt: skip
 
 
 @torch.inference_mode()
@@ -172,14 +179,16 @@ def _exact(name: str, a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
     return {"check": name, "ok": ok, "mismatches": None if a.shape != b.shape else int((a != b).sum())}
 
 
-def _close(name: str, a: np.ndarray, b: np.ndarray, key: str, strict: bool) -> dict[str, Any]:
-    """Max abs diff within ``ATOL[key]`` (strict) or cosine similarity at least ``MIN_COSINE[key]``."""
-    bounds = {"atol": ATOL[key], "min_cosine": None} if strict else {"atol": None, "min_cosine": MIN_COSINE[key]}
+def _close(name: str, a: np.ndarray, b: np.ndarray, key: str, precision: str) -> dict[str, Any]:
+    """Max abs diff within ``ATOL[key]`` (fp32) or cosine similarity at least ``MIN_COSINE[precision][key]``."""
+    strict = precision == "fp32"
+    floor = None if strict else MIN_COSINE[precision][key]
+    bounds = {"atol": ATOL[key] if strict else None, "min_cosine": floor}
     if a.shape != b.shape:
         return {"check": name, "ok": False, "max_abs_diff": float("inf"), "cosine": None} | bounds
     a, b = a.astype(np.float64), b.astype(np.float64)
     diff, cos = float(np.abs(a - b).max()), cosine(a, b)
-    ok = diff <= ATOL[key] if strict else cos >= MIN_COSINE[key]
+    ok = diff <= ATOL[key] if strict else cos >= floor
     return {"check": name, "ok": ok, "max_abs_diff": diff, "cosine": cos} | bounds
 
 

@@ -209,12 +209,15 @@ def _greedy_steps(x: Tensor, valid: Tensor, k: int, prefer: Tensor | None) -> tu
     fallback = torch.where(valid, 0.0, pad_scores(valid))  # pads below every distance (>= -eps)
     crit, taken = isolation(dist, valid), torch.zeros_like(valid)
     picks, worst = [], torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    # every step's margin is relative to the group's largest distance: late steps choose among duplicates
+    pairs = valid.unsqueeze(-1) & valid.unsqueeze(-2)
+    scale = None if prefer is None else torch.where(pairs, dist, 0.0).flatten(1).amax(dim=-1)  # (B,)
     for _ in range(k):
         if prefer is None:
             score = torch.where(taken, float("-inf"), torch.where(valid, crit, fallback))
             pick = score.argmax(dim=-1, keepdim=True)  # (B, 1)
         else:
-            pick, margin = follow_topk(torch.where(valid, crit, fallback), 1, prefer, ~taken)
+            pick, margin = follow_topk(torch.where(valid, crit, fallback), 1, prefer, ~taken, scale)
             worst = torch.maximum(worst, margin)
         picks.append(pick)
         row = dist.gather(1, pick.unsqueeze(-1).expand(-1, 1, dist.shape[-1])).squeeze(1)  # (B, N) d(pick, .)

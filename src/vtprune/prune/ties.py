@@ -22,38 +22,55 @@ import math
 import torch
 from torch import Tensor
 
-# fp32 graphs: measured worst margins on ONNX Runtime vs PyTorch across CPU kernels (AVX-512 vs AVX2 BLAS)
-# were below 2e-5 (benchmarks/results/ties/); tokens swapped beyond 1e-4 of the score range fail.
+# fp32 graphs: ONNX Runtime vs PyTorch on real pocket features, with PyTorch's AVX-512 and AVX2 kernels, kept
+# sets differ on up to 100% of images but by at most 1.3e-5 (DivPrune) and 5.6e-6 (G-Prune) of the score
+# range (benchmarks/results/ties/); a token swapped beyond 1e-4 fails.
 FP32_MARGIN = 1e-4
 # fp16 graphs: the fp16 rounding of features and attention reorders more (pocket on easy-vqa, K=64: IoU
 # down to 0.71, every swapped token close to the cut).
 FP16_MARGIN = 1e-2
 
 
-def margin_limit(dtype: str) -> float:
-    """The largest tie margin a bundle of ``dtype`` may show against the fp32 reference."""
-    return FP32_MARGIN if dtype == "fp32" else FP16_MARGIN
+# int8 / int4 weights: the routed layers' selectors score hidden states the quantized layers computed.
+QUANT_MARGIN = {"int8": 1e-2, "int4": 5e-2}
 
 
-def inversion(values: Tensor, chosen: Tensor, candidates: Tensor | None = None) -> Tensor:
+def margin_limit(precision: str) -> float:
+    """The largest tie margin a graph computed in ``precision`` (fp32, fp16, or int8 / int4 weights) may
+    show against the fp32 reference."""
+    return {"fp32": FP32_MARGIN, "fp16": FP16_MARGIN, **QUANT_MARGIN}[precision]
+
+
+def inversion(values: Tensor, chosen: Tensor, candidates: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
     """Relative margin by which ``chosen`` fails to be the top of ``values`` among ``candidates``.
 
     Args:
         values: (B, N) decision values (higher is chosen first); non-finite entries are never candidates.
         chosen: (B, N) bool, the set whose margin is measured (a subset of the candidates).
         candidates: (B, N) bool, the tokens the decision chose among (default: every finite entry).
+        scale: (B,) the values' scale (default: their range over the candidates). A decision late in a
+            greedy sequence can be among candidates whose spread is itself rounding noise (duplicate
+            tokens), so sequences pass the scale of the whole decision.
 
     Returns:
         (B,) float64 >= 0; 0 when ``chosen`` is a top-|chosen| of ``values``.
     """
     v = values.double()
     cand = torch.isfinite(v) if candidates is None else candidates & torch.isfinite(v)
-    lo = torch.where(cand, v, math.inf).amin(dim=-1)
-    scale = (torch.where(cand, v, -math.inf).amax(dim=-1) - lo).clamp_min(1e-300)
+    if scale is None:
+        scale = value_range(v, cand)
+    scale = scale.double().clamp_min(1e-300)
     worst_kept = torch.where(chosen & cand, v, math.inf).amin(dim=-1)
     best_left = torch.where(cand & ~chosen, v, -math.inf).amax(dim=-1)
     gap = (best_left - worst_kept).nan_to_num(0.0, posinf=0.0, neginf=0.0)
     return (gap / scale).clamp_min(0.0)
+
+
+def value_range(values: Tensor, candidates: Tensor) -> Tensor:
+    """(B,) max - min of ``values`` (B, N) over ``candidates`` (B, N) bool (finite entries only)."""
+    v = values.double()
+    ok = candidates & torch.isfinite(v)
+    return torch.where(ok, v, -math.inf).amax(dim=-1) - torch.where(ok, v, math.inf).amin(dim=-1)
 
 
 def topk_margin(scores: Tensor, target: Tensor) -> Tensor:
@@ -81,12 +98,14 @@ def as_mask(idx: Tensor, n: int) -> Tensor:
     return torch.zeros(*idx.shape[:-1], n, dtype=torch.bool, device=idx.device).scatter(-1, idx, True)
 
 
-def follow_topk(values: Tensor, m: int, prefer: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor]:
+def follow_topk(
+    values: Tensor, m: int, prefer: Tensor, candidates: Tensor, scale: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """One top-``m`` decision replayed towards ``prefer``: the ``m`` best candidates in ``prefer``
     (then the best others, when ``prefer`` holds fewer), and the margin that choice needs.
 
     Args:
-        values: (B, N) decision values; prefer, candidates: (B, N) bool.
+        values: (B, N) decision values; prefer, candidates: (B, N) bool; scale: as for ``inversion``.
 
     Returns:
         (B, m) int64 chosen indices, (B,) float64 margin.
@@ -96,4 +115,4 @@ def follow_topk(values: Tensor, m: int, prefer: Tensor, candidates: Tensor) -> t
     lift = (torch.where(ok, v.abs(), 0.0).amax(dim=-1, keepdim=True) + 1) * 4  # preferred rank above the rest
     order = torch.where(ok, v + lift * (prefer & ok), -math.inf)
     picks = order.topk(m, dim=-1).indices
-    return picks, inversion(values, as_mask(picks, values.shape[-1]), candidates)
+    return picks, inversion(values, as_mask(picks, values.shape[-1]), candidates, scale)

@@ -29,7 +29,7 @@ from vtprune.errors import ConfigError, UnsupportedModelError
 from vtprune.flops import TextDims, layer_macs
 from vtprune.prune.alvts import LayerSelector, data_free_selector, lowrank_selector_macs, select_visual_rows
 from vtprune.prune.attention import QkWeights, visual_importance
-from vtprune.prune.ties import as_mask, follow_topk, topk_margin
+from vtprune.prune.ties import as_mask, follow_topk, topk_margin, value_range
 
 
 @dataclass
@@ -227,7 +227,9 @@ def _dart_steps(x: Tensor, key_norms: Tensor, k: int, pivots: int, prefer: Tenso
     def top(values: Tensor, m: int, candidates: Tensor | None) -> Tensor:
         if prefer is None:
             return (values if candidates is None else values.masked_fill(~candidates, float("-inf"))).topk(m).indices
-        chosen, tie = follow_topk(values, m, prefer, torch.ones_like(prefer) if candidates is None else candidates)
+        every = torch.ones_like(prefer)  # a claim's margin is relative to the spread over all tokens
+        chosen, tie = follow_topk(values, m, prefer, every if candidates is None else candidates,
+                                  value_range(values, every))  # fmt: skip
         margins.append(tie)
         return chosen
 

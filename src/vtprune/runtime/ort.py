@@ -80,6 +80,7 @@ class OrtVlm:
         self.step_graph = "decode" if self.routing else "decoder"
         self.decoder_io = self.manifest["graphs"][self.step_graph]
         self.dtype = self.manifest["export"].get("dtype", "fp32")
+        self.precision = self.manifest["export"].get("weights") or self.dtype  # of the language-model graphs
         self.sampling = sampling or SamplingConfig()
 
     def open_sessions(self, graphs: tuple[str, ...], provider: str, threads: int | None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ alone, not to what an upstream engine handed it.
 
 What is compared:
 - float outputs: Polygraphy's ``CosineSimilarityCompareFunc``, against the fp16 bounds of
-  ``vtprune.export.validate.MIN_COSINE`` (logits 0.99, everything else 0.999), since TensorRT may pick
+  ``vtprune.export.validate.MIN_COSINE["fp16"]`` (logits 0.99, everything else 0.999), since TensorRT may pick
   reduced-precision tactics. The max abs diff is reported beside it.
 - integer and bool outputs (kept indices, validity): must be identical. Where the kept sets differ
   (near-tied scores swapped by fp16), the row reports their IoU and leaves the float outputs of that
@@ -129,7 +129,7 @@ def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _min_cosine(name: str) -> float:
-    return MIN_COSINE["logits"] if "logits" in name else MIN_COSINE["embeds"]
+    return MIN_COSINE["fp16"]["logits" if "logits" in name else "embeds"]
 
 
 def compare_graph(graph: str, reference: Any, engine: Any, feeds: list[dict]) -> dict[str, Any]:
