@@ -216,10 +216,14 @@ def test_kept_rows_pass_only_inside_the_margin():
 def test_greedy_rows():
     from vtprune.export.validate import _greedy
 
-    row = _greedy("g", np.array([5, 6, 7, 8]), np.array([5, 6, 9, 8]), strict=False)
-    assert row["ok"] and row["agree_prefix"] == 2 and row["agreement"] == 0.75
-    assert not _greedy("g", np.array([5, 6]), np.array([5, 7]), strict=True)["ok"]
-    assert not _greedy("g", np.array([5, 6]), np.array([4, 6]), strict=False)["ok"]
+    logits = np.array([-1.0, 0, 0, 0, 3, 9, 5, 0, 0, 1])  # the reference ranks 5, 6, 4, 9, ..., 0 last
+    row = _greedy("g", np.array([5, 6, 7, 8]), np.array([5, 6, 9, 8]), "fp16", logits)
+    assert row["ok"] and row["agree_prefix"] == 2 and row["agreement"] == 0.75 and row["first_token_rank"] == 0
+    assert not _greedy("g", np.array([5, 6]), np.array([5, 7]), "fp32", logits)["ok"]
+    assert not _greedy("g", np.array([5, 6]), np.array([4, 6]), "fp16", logits)["ok"]
+    assert _greedy("g", np.array([5, 6]), np.array([4, 6]), "int4", logits)["first_token_rank"] == 2
+    assert _greedy("g", np.array([5, 6]), np.array([4, 6]), "int4", logits)["ok"]  # within the top 5
+    assert not _greedy("g", np.array([5, 6]), np.array([0, 6]), "int4", logits)["ok"]
 
 
 @pytest.mark.parametrize("positions", ["original", "contiguous"])

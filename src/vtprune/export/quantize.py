@@ -40,9 +40,10 @@ def quantize_graph(path: Path, weights: str) -> dict[str, Any]:
     """Rewrite ``path`` in place with ``weights`` (int4 / int8) MatMul and Gather weights; returns what the
     manifest records (format, block size, quantized node count, the MatMuls kept in fp32)."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     from vtprune.export.onnx_io import save_atomic
+
+    DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer = _import_quantizer()
 
     model = onnx.load(str(path))
     consts = {i.name for i in model.graph.initializer}
@@ -62,12 +63,29 @@ def quantize_graph(path: Path, weights: str) -> dict[str, Any]:
             "fp32_matmuls": islands}  # fmt: skip
 
 
+def _import_quantizer() -> tuple[Any, Any]:
+    """ONNX Runtime's quantizer classes; importing the module configures the root logger at INFO, which would
+    print every later library log line, so the root logger is restored."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+
 def _quiet(fn: Any) -> None:
-    """The quantizer logs every node at INFO; keep the export's own progress readable."""
+    """The quantizer logs every node at INFO, and warns that int4 tables need opset 21 when it raises the
+    graph's opset to 21 for them (ONNX Runtime loads the result; validation runs it); keep the export's
+    own progress readable."""
     import logging
 
     logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-    level, logger.level = logger.level, logging.WARNING
+    level, logger.level = logger.level, logging.ERROR
     try:
         fn()
     finally:

@@ -34,6 +34,9 @@ MIN_COSINE = {"fp16": {"embeds": 0.999, "logits": 0.99},
               "int8": {"embeds": 0.999, "logits": 0.99},
               "int4": {"embeds": 0.99, "logits": 0.95}}  # fmt: skip
 GREEDY_STEPS = 32
+# Reduced precision: the bundle's first greedy token must be among the reference's top-r (1: the same token).
+# int4 weights move near-flat logits (the tiny random test models) by more than their gaps.
+FIRST_TOKEN_RANK = {"fp16": 1, "int8": 1, "int4": 5}
 
 
 def thresholds(precision: str) -> dict[str, Any]:
@@ -42,8 +45,10 @@ def thresholds(precision: str) -> dict[str, Any]:
     if precision == "fp32":
         return {"kept": kept, "embeds_atol": ATOL["embeds"], "logits_atol": ATOL["logits"], "greedy": "all tokens"}
     cos = MIN_COSINE[precision]
+    rank = FIRST_TOKEN_RANK[precision]
+    first = "first token" if rank == 1 else f"first token in the reference's top {rank}"
     return {"kept": kept, "embeds_min_cosine": cos["embeds"], "logits_min_cosine": cos["logits"],
-            "greedy": "first token"}  # fmt: skip
+            "greedy": first}  # fmt: skip
 
 
 def compare_backends(
@@ -58,7 +63,6 @@ def compare_backends(
 
     bun = runner or OrtVlm(bundle, verify=False)
     precision = "fp16" if runner is not None else bun.precision
-    strict = precision == "fp32"
     vision_limit = margin_limit(bun.dtype if runner is None else "fp16")  # the vision graph is never quantized
     own = PrunedVlm(adapter, cfg)
     image = bun._fit_image(image)
@@ -87,7 +91,8 @@ def compare_backends(
     with torch.inference_mode():
         ref_tokens = ref.decode(ref_pre, steps, eos=set())
     bun_tokens = bun.decode(bun_pre, steps, StageTimer(), eos=set())
-    rows.append(_greedy(f"greedy tokens ({steps} steps)", np.array(ref_tokens), np.array(bun_tokens), strict))
+    greedy = f"greedy tokens ({steps} steps)"
+    rows.append(_greedy(greedy, np.array(ref_tokens), np.array(bun_tokens), precision, ref_logits))
     return rows
 
 
@@ -192,10 +197,16 @@ def _close(name: str, a: np.ndarray, b: np.ndarray, key: str, precision: str) ->
     return {"check": name, "ok": ok, "max_abs_diff": diff, "cosine": cos} | bounds
 
 
-def _greedy(name: str, ref: np.ndarray, got: np.ndarray, strict: bool) -> dict[str, Any]:
-    """Greedy tokens: all identical (strict) or the first; ``agree_prefix`` counts leading agreements."""
+def _greedy(name: str, ref: np.ndarray, got: np.ndarray, precision: str, ref_logits: np.ndarray) -> dict[str, Any]:
+    """Greedy tokens: all identical (fp32), or a first token the reference ranks within
+    ``FIRST_TOKEN_RANK[precision]`` of its own (``first_token_rank`` 0: the same token); ``agree_prefix``
+    counts leading agreements."""
     n = min(ref.size, got.size)
     same = ref[:n] == got[:n]
     prefix = int(n if same.all() else np.argmin(same))
     row = _exact(name, ref, got) | {"agreement": float(same.mean()) if n else 0.0, "agree_prefix": prefix}
-    return row if strict else row | {"ok": bool(n and same[0])}
+    if precision == "fp32" or not n:
+        return row
+    logits = np.asarray(ref_logits, dtype=np.float64).ravel()
+    rank = int((logits > logits[got[0]]).sum())  # reference tokens strictly more likely than the bundle's first
+    return row | {"ok": rank < FIRST_TOKEN_RANK[precision], "first_token_rank": rank}

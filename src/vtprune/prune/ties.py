@@ -32,7 +32,7 @@ FP16_MARGIN = 1e-2
 
 
 # int8 / int4 weights: the routed layers' selectors score hidden states the quantized layers computed.
-QUANT_MARGIN = {"int8": 1e-2, "int4": 5e-2}
+QUANT_MARGIN = {"int8": 2e-2, "int4": 1e-1}
 
 
 def margin_limit(precision: str) -> float:

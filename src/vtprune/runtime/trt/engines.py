@@ -60,6 +60,12 @@ def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, A
     missing = [g for g in graphs if g not in manifest["graphs"]]
     if missing:
         raise ConfigError(f"--graphs {','.join(missing)}: {bundle} has only {', '.join(manifest['graphs'])}")
+    quantized = [g for g in graphs if "quantization" in manifest["graphs"][g]]
+    if quantized:
+        weights = manifest["export"].get("weights")
+        raise ConfigError(f"{bundle}: {', '.join(quantized)} hold ONNX Runtime's {weights} MatMulNBits weights, which "
+                          "TensorRT cannot parse; build the vision graph alone (--graphs vision) or an fp32/fp16 "
+                          "bundle")  # fmt: skip
     existing = [g for g in graphs if (bundle / f"{g}.engine").exists()]
     if existing and not cfg.force:
         raise BundleError(f"{bundle} already has {', '.join(existing)} engine(s); pass --force to rebuild")

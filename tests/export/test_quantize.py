@@ -1,0 +1,135 @@
+"""Weight-only int8 / int4 bundles: ONNX Runtime's MatMulNBits in the language-model graphs, fp32 islands
+where tokens are chosen, validated against the fp32 reference with the precision's thresholds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vtprune.config import PruneConfig
+from vtprune.export.bundle import ExportConfig, export_bundle, read_manifest
+
+PROMPT = "what is in the image ?"
+
+
+@pytest.fixture(scope="session")
+def quantized(tmp_path_factory, cache_dir):
+    """Export once per session: (family, method, weights) -> bundle."""
+    root, made = tmp_path_factory.mktemp("quantized"), {}
+
+    def get(name: str, cfg: PruneConfig, weights: str) -> Path:
+        key = (name, cfg, weights)
+        if key not in made:
+            made[key] = root / f"{name}-{cfg.method}-{weights}"
+            export_bundle(name, cfg, ExportConfig(weights=weights), made[key], cache_dir)
+        return made[key]
+
+    return get
+
+
+def _ops(path: Path) -> list[str]:
+    import onnx
+
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def _weight_matmuls(path: Path) -> list[str]:
+    """MatMuls of ``path`` whose second input is a constant weight (attention's MatMuls multiply activations)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    consts = {i.name for i in graph.initializer}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in consts]
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantized_bundle_validates_and_records_what_it_holds(quantized, weights):
+    bundle = quantized("tiny-llava", PruneConfig(method="gprune", keep=16), weights)
+    m = read_manifest(bundle)
+    assert m["export"]["weights"] == weights and m["validation"]["precision"] == weights
+    assert all(r["ok"] for r in m["validation"]["checks"])
+    q = m["graphs"]["decoder"]["quantization"]
+    assert q["weights"] == weights and q["block_size"] == 32 and q["quantized_nodes"] > 0 and q["fp32_matmuls"] == []
+    assert "quantization" not in m["graphs"]["vision"]  # the vision graph and its pruning stage stay fp32
+    assert "MatMulNBits" in _ops(bundle / "decoder.onnx") and _weight_matmuls(bundle / "decoder.onnx") == []
+    assert "MatMulNBits" not in _ops(bundle / "vision.onnx")
+    kept = next(r for r in m["validation"]["checks"] if r["check"] == "kept visual indices")
+    assert kept["margin_limit"] == 1e-4  # judged as an fp32 graph
+
+
+def test_int4_shrinks_the_language_model(quantized, bundles):
+    from tests.conftest import BUNDLE_CFG  # noqa: F401  (the fp32 bundles are exported with keep 0.25)
+
+    int4 = quantized("tiny-llava", PruneConfig(method="gprune", keep=16), "int4")
+    fp32 = bundles["tiny-llava"]
+    for graph in ("decoder", "embed"):
+        assert (int4 / f"{graph}.onnx").stat().st_size < 0.6 * (fp32 / f"{graph}.onnx").stat().st_size
+    assert "GatherBlockQuantized" in _ops(int4 / "embed.onnx")
+
+
+def test_routed_bundle_keeps_its_selectors_fp32(quantized):
+    import onnx
+
+    bundle = quantized("tiny-llava", PruneConfig(method="alvts", keep=16, layer=0), "int4")
+    m = read_manifest(bundle)
+    q = m["graphs"]["prefill"]["quantization"]
+    assert q["quantized_nodes"] > 0 and len(q["fp32_matmuls"]) >= 2  # each routed layer's factors
+    graph = onnx.load(str(bundle / "prefill.onnx")).graph
+    factors = [i for i in graph.initializer if i.name.startswith("alvts_")]
+    assert factors and all(i.data_type == onnx.TensorProto.FLOAT for i in factors)
+    layers = next(r for r in m["validation"]["checks"] if r["check"] == "kept visual tokens per routed layer")
+    assert layers["ok"] and layers["margin_limit"] == 1e-1
+
+
+def test_quantized_bundle_answers_like_the_fp32_reference_starts(quantized, tiny_dirs, scene):
+    from vtprune.models import load_vlm
+    from vtprune.runtime.ort import OrtVlm
+    from vtprune.runtime.pipeline import PrunedVlm
+
+    cfg = PruneConfig(method="gprune", keep=16)
+    bundle = quantized("tiny-llava", cfg, "int8")
+    got = OrtVlm(bundle).generate(scene, PROMPT, max_new_tokens=4)
+    ref = PrunedVlm(load_vlm(str(tiny_dirs["tiny-llava"])), cfg).generate(scene, PROMPT, max_new_tokens=4)
+    assert got.visual_tokens_kept == ref.visual_tokens_kept == 16
+    assert got.token_ids[0] == ref.token_ids[0]  # int8's first token is the reference's (recorded gate)
+
+
+def test_weights_need_fp32_graphs_and_a_known_format(tmp_path, capsys):
+    from vtprune.cli import main
+
+    for flags, msg in ((["--weights", "int4", "--dtype", "fp16"], "drop --dtype fp16"),):
+        code = main(["export", "--model", "tiny-llava", "--out", str(tmp_path / "b"), *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and msg in err[0]
+    with pytest.raises(SystemExit):
+        main(["export", "--model", "tiny-llava", "--out", str(tmp_path / "b"), "--weights", "int3"])
+    assert not (tmp_path / "b").exists()
+
+
+def test_build_refuses_quantized_graphs_in_one_line(quantized, capsys, tmp_path):
+    import shutil
+
+    from vtprune.cli import main
+
+    bundle = tmp_path / "q"
+    shutil.copytree(quantized("tiny-llava", PruneConfig(method="gprune", keep=16), "int4"), bundle)
+    code = main(["build", str(bundle)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "MatMulNBits" in err[0] and "--graphs vision" in err[0]
+    assert not list(bundle.glob("*.engine"))
+
+
+def test_reuse_lm_from_needs_the_same_weights(quantized, cache_dir, tmp_path):
+    from vtprune.errors import BundleError
+
+    donor = quantized("tiny-llava", PruneConfig(method="gprune", keep=16), "int4")
+    with pytest.raises(BundleError, match="in int4, not tiny-llava at opset 18 in fp32"):
+        export_bundle("tiny-llava", PruneConfig(method="uniform", keep=16), ExportConfig(reuse_lm_from=str(donor)),
+                      tmp_path / "o", cache_dir)  # fmt: skip
+    reused = tmp_path / "r"
+    export_bundle("tiny-llava", PruneConfig(method="uniform", keep=16),
+                  ExportConfig(reuse_lm_from=str(donor), weights="int4"), reused, cache_dir)  # fmt: skip
+    assert (reused / "decoder.onnx").read_bytes() == (donor / "decoder.onnx").read_bytes()
+    assert np.isfinite(read_manifest(reused)["validation"]["checks"][-2]["cosine"])
