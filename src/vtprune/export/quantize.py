@@ -81,12 +81,15 @@ def _import_quantizer() -> tuple[Any, Any]:
 def _quiet(fn: Any) -> None:
     """The quantizer logs every node at INFO, and warns that int4 tables need opset 21 when it raises the
     graph's opset to 21 for them (ONNX Runtime loads the result; validation runs it); keep the export's
-    own progress readable."""
+    own progress readable. All-zero weight blocks divide 0 by a 0 scale before being masked to 0."""
     import logging
+
+    import numpy as np
 
     logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level, logger.level = logger.level, logging.ERROR
     try:
-        fn()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            fn()
     finally:
         logger.setLevel(level)

@@ -214,9 +214,6 @@ def export_vision(adapter: Any, cfg: PruneConfig, sample: dict[str, Tensor], pat
     if cfg.method == "gprune" and cfg.degree != "mask":
         raise ConfigError("export supports --degree mask only (the fp32 neighbour count)")
     adapter.check_prune(cfg)
-    if cfg.in_encoder and adapter.model.dtype != torch.float32:
-        # validate.py's fp16 tie handling re-scores projector outputs, which an encoder method does not use
-        raise ConfigError(f"--method {cfg.method} exports fp32 bundles only for now; drop --dtype fp16")
     spec = VISION_SPECS[adapter.family](adapter, cfg, sample)
     with spec.get("patch") or contextlib.nullcontext(), eager_attention(adapter.config.vision_config):
         io = export_module(spec["module"], spec["args"], path, spec["inputs"], spec.get("outputs", OUTPUTS),
