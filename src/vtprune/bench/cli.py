@@ -81,6 +81,8 @@ def add_bench(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing report directory at --out")
     p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--note", dest="notes", action="append", help="a note to print in the report (repeatable)")
+    p.add_argument("--background-load", type=int, default=0, metavar="N",
+                   help="N busy processes (one core each) run while measuring, as on a shared robot computer")
 
 
 def add_compare(sub: Any) -> None:

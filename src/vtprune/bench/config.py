@@ -6,6 +6,7 @@ No torch or onnxruntime import here. Paths stay ``Path`` objects; ``to_dict`` ma
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,7 @@ class BenchConfig(_Serializable):
     force: bool = False
     no_progress: bool = False
     notes: tuple[str, ...] = ()
+    background_load: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("backend", self.backend, BACKENDS)
@@ -145,6 +147,10 @@ class BenchConfig(_Serializable):
             _check_positive(name.replace("_", "-"), getattr(self, name))
         _check_positive("warmup", self.warmup, minimum=0)
         _check_positive("threads", self.threads, optional=True)
+        _check_positive("background-load", self.background_load, minimum=0)
+        if self.background_load > 4 * (os.cpu_count() or 1):
+            raise ConfigError(f"--background-load {self.background_load}: at most 4 busy processes per core "
+                              f"({4 * (os.cpu_count() or 1)} here)")  # fmt: skip
         if self.images is not None and self.dataset is not None:
             raise ConfigError("give --images DIR or --dataset, not both")
         self._check_subject()

@@ -65,7 +65,8 @@ def workload_lines(report: dict[str, Any]) -> list[str]:
             f"`{s.get('provider')}`, precision `{s.get('precision')}`, threads {s.get('threads') or 'default'}"
             + (f"; {s['method']} {prune}" if prune else ""),
             f"- **Workload:** {w.get('num_images', '?')} image(s) from {w.get('images', '?')} ({sizes}), prompt "
-            f"{prompt}, {w['new_tokens']} new tokens (EOS ignored); {runs}."]  # fmt: skip
+            f"{prompt}, {w['new_tokens']} new tokens (EOS ignored); {runs}"
+            + (f"; {w['background_load']} busy background processes." if w.get("background_load") else ".")]
 
 
 def summary_table(report: dict[str, Any]) -> list[str]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from vtprune import __version__
 from vtprune.bench.config import BenchConfig, Budget
+from vtprune.bench.load import background_load
 from vtprune.bench.schema import KIND, SCHEMA_VERSION, STAT_KEYS, validate_report
 from vtprune.bench.targets import RunInfo, Target, stage_metrics
 from vtprune.bench.workload import Sample, describe, load_samples
@@ -212,19 +213,20 @@ def run_bench(cfg: BenchConfig, log: Log | None = None, argv: list[str] | None =
     plan = list(targets(cfg, log))  # exports (if any) happen here, before timing starts
     entries, subject = [], None
     bar = _progress(len(plan) * (cfg.warmup + cfg.iters), not cfg.no_progress)
-    try:
-        for budget, build in plan:
-            gc.collect()
-            scope = "budget" if reset_peak_rss() else "process"
-            bar.set_description(f"budget {budget.label}")
-            target = build()
-            measured = bench_budget(target, samples, cfg, lambda: bar.update(1))
-            entries.append(budget_entry(budget, target, measured, scope))
-            subject = subject or target.subject() | {"method": _method(target.cfg, cfg)}
-            target.close()
-            del target
-    finally:
-        bar.close()
+    with background_load(cfg.background_load):
+        try:
+            for budget, build in plan:
+                gc.collect()
+                scope = "budget" if reset_peak_rss() else "process"
+                bar.set_description(f"budget {budget.label}")
+                target = build()
+                measured = bench_budget(target, samples, cfg, lambda: bar.update(1))
+                entries.append(budget_entry(budget, target, measured, scope))
+                subject = subject or target.subject() | {"method": _method(target.cfg, cfg)}
+                target.close()
+                del target
+        finally:
+            bar.close()
     return assemble(cfg, subject, entries, samples, argv)
 
 
@@ -258,6 +260,7 @@ def assemble(
                                                                      f"onnxruntime:{PROVIDERS[cfg.provider]}")
     workload = describe(samples, cfg.images, cfg.dataset) | {
         "new_tokens": cfg.new_tokens, "eos_ignored": True, "warmup": cfg.warmup, "iters": cfg.iters,
+        "background_load": cfg.background_load,
         "iteration_order": "runs cycle through the images; warm-up runs are discarded"}  # fmt: skip
     report = {
         "schema_version": SCHEMA_VERSION, "kind": KIND, "predicted": False,
