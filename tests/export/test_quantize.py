@@ -22,8 +22,9 @@ def quantized(tmp_path_factory, cache_dir):
     def get(name: str, cfg: PruneConfig, weights: str) -> Path:
         key = (name, cfg, weights)
         if key not in made:
-            made[key] = root / f"{name}-{cfg.method}-{weights}"
-            export_bundle(name, cfg, ExportConfig(weights=weights), made[key], cache_dir)
+            out = root / f"{name}-{cfg.method}-{weights}"
+            export_bundle(name, cfg, ExportConfig(weights=weights), out, cache_dir)
+            made[key] = out
         return made[key]
 
     return get

@@ -30,9 +30,11 @@ from vtprune.prune.ties import margin_limit
 ATOL = {"embeds": 1e-4, "logits": 1e-3}  # fp32: max abs diff
 # Reduced precision vs the fp32 reference, by what the language-model graphs hold; measured figures are in
 # the README (`vtprune export`). int8/int4 embeddings are the quantized table's rows (text tokens only).
-MIN_COSINE = {"fp16": {"embeds": 0.999, "logits": 0.99},
-              "int8": {"embeds": 0.999, "logits": 0.99},
-              "int4": {"embeds": 0.99, "logits": 0.95}}  # fmt: skip
+MIN_COSINE = {"fp16": {"embeds": 0.999, "logits": 0.99}, "int8": {"embeds": 0.999}, "int4": {"embeds": 0.99}}
+# int8 / int4 weights shift the whole logit vector (its cosine to the reference fell to 0.74 on the pocket VLM
+# with identical greedy tokens), so their next-token distributions are compared: KL(reference || bundle) in
+# nats at the last prompt position, as llama.cpp judges its quantized formats.
+MAX_KL = {"int8": 0.05, "int4": 0.5}
 GREEDY_STEPS = 32
 # Reduced precision: the bundle's first greedy token must be among the reference's top-r (1: the same token).
 # int4 weights move near-flat logits (the tiny random test models) by more than their gaps.
@@ -47,8 +49,8 @@ def thresholds(precision: str) -> dict[str, Any]:
     cos = MIN_COSINE[precision]
     rank = FIRST_TOKEN_RANK[precision]
     first = "first token" if rank == 1 else f"first token in the reference's top {rank}"
-    return {"kept": kept, "embeds_min_cosine": cos["embeds"], "logits_min_cosine": cos["logits"],
-            "greedy": first}  # fmt: skip
+    logits = {"logits_max_kl": MAX_KL[precision]} if precision in MAX_KL else {"logits_min_cosine": cos["logits"]}
+    return {"kept": kept, "embeds_min_cosine": cos["embeds"], **logits, "greedy": first}
 
 
 def compare_backends(
@@ -87,7 +89,7 @@ def compare_backends(
             return rows
     else:
         ref_logits = ref.prompt_logits(ref_pre)[:, -1].numpy()
-    rows.append(_close("prefill logits", ref_logits, bun_logits, "logits", precision))
+    rows.append(_logits_row("prefill logits", ref_logits, bun_logits, precision))
     with torch.inference_mode():
         ref_tokens = ref.decode(ref_pre, steps, eos=set())
     bun_tokens = bun.decode(bun_pre, steps, StageTimer(), eos=set())
@@ -195,6 +197,27 @@ def _close(name: str, a: np.ndarray, b: np.ndarray, key: str, precision: str) ->
     diff, cos = float(np.abs(a - b).max()), cosine(a, b)
     ok = diff <= ATOL[key] if strict else cos >= floor
     return {"check": name, "ok": ok, "max_abs_diff": diff, "cosine": cos} | bounds
+
+
+def _logits_row(name: str, ref: np.ndarray, got: np.ndarray, precision: str) -> dict[str, Any]:
+    """``_close`` on the logits, plus the KL divergence of the next-token distributions, which judges
+    int8 / int4 bundles (``MAX_KL``)."""
+    if precision not in MAX_KL or ref.shape != got.shape:
+        return _close(name, ref, got, "logits", precision)
+    row = _close(name, ref, got, "logits", "fp16") | {"min_cosine": None}
+    kl = kl_divergence(ref, got)
+    return row | {"ok": kl <= MAX_KL[precision], "kl": kl, "max_kl": MAX_KL[precision]}
+
+
+def kl_divergence(ref: np.ndarray, got: np.ndarray) -> float:
+    """KL(softmax(ref) || softmax(got)) in nats over the last axis, the largest over leading rows."""
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    lp, lq = log_softmax(ref), log_softmax(got)
+    return float((np.exp(lp) * (lp - lq)).sum(axis=-1).max())
 
 
 def _greedy(name: str, ref: np.ndarray, got: np.ndarray, precision: str, ref_logits: np.ndarray) -> dict[str, Any]:
