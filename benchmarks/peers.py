@@ -1,0 +1,241 @@
+"""vtprune beside OpenVINO GenAI on the same pocket checkpoint, the same images and the same CPU.
+
+    python benchmarks/peers.py --openvino-python /path/to/ov-venv/bin/python [--rounds 5] [--background-load 2]
+
+OpenVINO GenAI runs in its own virtual environment (never a vtprune dependency); make one with
+``python -m venv V && V/bin/pip install openvino-genai "optimum-intel[openvino]"`` plus a CPU torch. The
+script copies the pocket checkpoint, adds the ``preprocessor_config.json`` OpenVINO reads (transformers 5
+writes ``processor_config.json``), converts it with ``optimum-cli export openvino`` (fp32 and int8 weights)
+and measures:
+
+- vtprune's ONNX Runtime bundles from ``benchmarks/quantized.py`` (fp32, int8, int4; unpruned and G-Prune 64);
+- OpenVINO GenAI's ``VLMPipeline``: fp32 weights computed in fp32 (``INFERENCE_PRECISION_HINT=f32``), fp32
+  weights with its default precision (bf16 on CPUs with AMX/AVX-512 BF16), and int8 weights.
+
+Each configuration lives in one worker process, loaded once; rounds alternate the workers (A, B, C, ...,
+A, B, C, ...), each round answering the same 4 easy-vqa images with 16 new tokens, EOS ignored, greedy; one
+warm-up round. Medians over rounds; ratios within this run. With ``--background-load N`` the rounds are then
+repeated with N busy processes and each configuration's slowdown is reported. Peak RSS per worker from
+/proc. Writes peers.json and peers.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PROMPT = "describe the image in detail."
+NEW_TOKENS = 16
+VTPRUNE = {"vtprune fp32, unpruned": "none-fp32", "vtprune fp32, G-Prune 64": "gprune-64-fp32",
+           "vtprune int8, unpruned": "none-int8", "vtprune int4, unpruned": "none-int4",
+           "vtprune int4, G-Prune 64": "gprune-64-int4"}  # fmt: skip
+OPENVINO = {"OpenVINO fp32 (f32 compute)": ("fp32", {"INFERENCE_PRECISION_HINT": "f32"}),
+            "OpenVINO fp32 (default compute)": ("fp32", {}),
+            "OpenVINO int8": ("int8", {})}  # fmt: skip
+
+
+# --- workers (one configuration each; one JSON line per request) ------------------------------------------
+def vtprune_worker(bundle: str, images: list[str]) -> None:
+    from PIL import Image
+
+    from vtprune.runtime.ort import OrtVlm
+    from vtprune.runtime.timing import StageTimer
+
+    vlm = OrtVlm(bundle)
+    pics = [Image.open(p).convert("RGB") for p in images]
+
+    def one(img: Any) -> dict[str, float]:
+        timer = StageTimer()
+        with timer.stage("preprocess"):
+            inputs = vlm.inputs(img, PROMPT)
+        prefill = vlm.prefill_inputs(inputs, timer)
+        tokens = vlm.decode(prefill, NEW_TOKENS, timer, eos=set())
+        ttft = sum(ms for stage, ms in timer.ms.items() if stage != "decode")
+        return {"ttft_ms": ttft, "decode_tok_s": (len(tokens) - 1) / timer.ms["decode"] * 1e3}
+
+    serve(lambda: [one(img) for img in pics])
+
+
+def openvino_worker(model: str, props: str, images: list[str]) -> None:
+    import numpy as np
+    import openvino as ov
+    import openvino_genai as ov_genai
+    from PIL import Image
+
+    pipe = ov_genai.VLMPipeline(model, "CPU", **json.loads(props))
+    config = ov_genai.GenerationConfig()
+    config.max_new_tokens, config.ignore_eos = NEW_TOKENS, True
+    pics = [ov.Tensor(np.array(Image.open(p).convert("RGB"))[None]) for p in images]
+
+    def one(img: Any) -> dict[str, float]:
+        metrics = pipe.generate(PROMPT, images=[img], generation_config=config).perf_metrics
+        return {"ttft_ms": metrics.get_ttft().mean, "decode_tok_s": 1e3 / metrics.get_tpot().mean}
+
+    serve(lambda: [one(img) for img in pics])
+
+
+def serve(run: Any) -> None:
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        print(json.dumps({"results": run()}), flush=True)
+
+
+# --- the driver --------------------------------------------------------------------------------------------
+class Worker:
+    def __init__(self, label: str, cmd: list[str]) -> None:
+        self.label = label
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.label}: the worker exited (code {self.proc.wait()})")
+        return json.loads(line)
+
+    def run(self) -> list[dict[str, float]]:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return self._read()["results"]
+
+    def peak_rss_mb(self) -> float:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def convert_openvino(ov_python: str, work: Path, fmt: str, log: Any) -> Path:
+    """The pocket checkpoint as an OpenVINO model with ``fmt`` weights (converted once)."""
+    out = work / f"openvino-{fmt}"
+    if (out / "openvino_language_model.xml").is_file():
+        return out
+    src = work / "pocket-hf"
+    if not src.is_dir():
+        from vtprune.models import pocket
+
+        shutil.copytree(pocket.materialize(None, log=lambda _: None), src)
+        processor = json.loads((src / "processor_config.json").read_text())
+        (src / "preprocessor_config.json").write_text(json.dumps(processor["image_processor"], indent=2))
+    log(f"converting the pocket checkpoint to OpenVINO ({fmt} weights)")
+    cmd = [ov_python, "-m", "optimum.commands.optimum_cli", "export", "openvino", "-m", str(src),
+           "--task", "image-text-to-text", "--weight-format", fmt, str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return out
+
+
+def rounds(workers: list[Worker], count: int, log: Any) -> dict[str, dict[str, list[float]]]:
+    out = {w.label: {"ttft_ms": [], "decode_tok_s": []} for w in workers}
+    for r in range(count + 1):
+        for w in workers:
+            results = w.run()
+            if r == 0:
+                continue  # warm-up
+            out[w.label]["ttft_ms"].append(statistics.median(x["ttft_ms"] for x in results))
+            out[w.label]["decode_tok_s"].append(statistics.median(x["decode_tok_s"] for x in results))
+        log(f"round {r}/{count}" + (" (warm-up)" if r == 0 else ""))
+    return out
+
+
+def summarize(measured: dict) -> dict[str, dict[str, float]]:
+    return {k: {"ttft_ms": statistics.median(v["ttft_ms"]), "decode_tok_s": statistics.median(v["decode_tok_s"])}
+            for k, v in measured.items()}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--openvino-python", help="python of a venv with openvino-genai and optimum-intel")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--background-load", type=int, default=2, help="busy processes for the loaded rounds (0: skip)")
+    ap.add_argument("--bundles", type=Path, default=Path(".bench/quantized"), help="benchmarks/quantized.py's work")
+    ap.add_argument("--work", type=Path, default=Path(".bench/peers"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/pocket/peers"))
+    ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)  # internal: KIND TARGET [PROPS] -- IMAGES
+    args = ap.parse_args()
+    if args.worker:
+        kind, target, *rest = args.worker
+        if kind == "vtprune":
+            return vtprune_worker(target, rest)
+        return openvino_worker(target, rest[0], rest[1:])
+    run_driver(args)
+
+
+def run_driver(args: argparse.Namespace) -> None:
+    from vtprune.bench.load import background_load
+    from vtprune.eval.data import load_questions
+    from vtprune.runtime.report import environment
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    images = list(dict.fromkeys(q.image_path for q in load_questions("test")))[:4]
+    me = os.path.abspath(__file__)
+    workers = [Worker(label, [sys.executable, me, "--worker", "vtprune", str(args.bundles / name), *images])
+               for label, name in VTPRUNE.items() if (args.bundles / name / "manifest.json").is_file()]  # fmt: skip
+    if args.openvino_python:
+        for label, (fmt, props) in OPENVINO.items():
+            model = convert_openvino(args.openvino_python, args.work, fmt, log)
+            cmd = [args.openvino_python, me, "--worker", "openvino", str(model), json.dumps(props), *images]
+            workers.append(Worker(label, cmd))
+    log(f"{len(workers)} workers loaded")
+    quiet = rounds(workers, args.rounds, log)
+    loaded = None
+    if args.background_load:
+        with background_load(args.background_load):
+            loaded = rounds(workers, args.rounds, log)
+    rss = {w.label: w.peak_rss_mb() for w in workers}
+    for w in workers:
+        w.close()
+    result = {"date": time.strftime("%Y-%m-%d"), "environment": environment(), "rounds": args.rounds,
+              "images": images, "prompt": PROMPT, "new_tokens": NEW_TOKENS, "background_load": args.background_load,
+              "quiet": {"rounds": quiet, "medians": summarize(quiet)},
+              "loaded": None if loaded is None else {"rounds": loaded, "medians": summarize(loaded)},
+              "peak_rss_mb": rss}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "peers.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "peers.md").write_text(to_markdown(result))
+    print(to_markdown(result))
+
+
+def to_markdown(result: dict) -> str:
+    env, quiet, loaded = result["environment"], result["quiet"]["medians"], result["loaded"]
+    ov = {k: v for k, v in quiet.items() if k.startswith("OpenVINO")}
+    best_ttft = min((v["ttft_ms"] for v in ov.values()), default=None)
+    best_decode = max((v["decode_tok_s"] for v in ov.values()), default=None)
+    busy_cols = f" TTFT, {result['background_load']} busy processes | slowdown |" if loaded else ""
+    lines = ["# vtprune beside OpenVINO GenAI: pocket VLM, CPU", "",
+             f"{result['date']}; {env['cpu']}, {env['cores']} cores, {env['memory_mb'] / 1024:.0f} GiB. Same 4 "
+             f"easy-vqa images, prompt \"{result['prompt']}\", {result['new_tokens']} new tokens (EOS ignored), "
+             f"greedy; medians of {result['rounds']} alternating rounds after one warm-up round, one process per "
+             "configuration. Ratios are against OpenVINO's best configuration in this run (TTFT: lower is "
+             "better, so < 1 favours the row; decode: > 1 favours the row).", "",
+             "| configuration | TTFT ms | TTFT vs best OpenVINO | decode tok/s | decode vs best OpenVINO "
+             "| peak RSS MB |" + busy_cols,
+             "|---|---|---|---|---|---|" + ("---|---|" if loaded else "")]  # fmt: skip
+    for label, m in quiet.items():
+        ttft_ratio = f"{m['ttft_ms'] / best_ttft:.2f}" if best_ttft else "-"
+        dec_ratio = f"{m['decode_tok_s'] / best_decode:.2f}" if best_decode else "-"
+        row = (f"| {label} | {m['ttft_ms']:.0f} | {ttft_ratio} | {m['decode_tok_s']:.1f} | {dec_ratio} | "
+               f"{result['peak_rss_mb'][label]:.0f} |")  # fmt: skip
+        if loaded:
+            busy = loaded["medians"][label]["ttft_ms"]
+            row += f" {busy:.0f} | {busy / m['ttft_ms']:.2f}x |"
+        lines.append(row)
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
