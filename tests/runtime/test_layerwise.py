@@ -222,3 +222,19 @@ def test_subset_rows_equal_transformers_on_the_gathered_sequence(tiny_adapter, s
     )
     ref = pipe.decoder_step(prefill.embeds[:, rows], prefill.position_ids[..., rows], pipe.new_cache())
     assert (ours[:, rows] - ref).abs().max().item() <= 1e-5
+
+
+def test_dart_margin_replays_pivots_and_claims_towards_another_set():
+    from vtprune.prune.ties import as_mask
+    from vtprune.runtime.layerwise import _dart_steps, dart_select
+
+    torch.manual_seed(3)
+    x, norms = torch.randn(12, 8), torch.rand(12) + 1.0
+    own = dart_select(x, norms, 6, 2)
+    kept, tie = _dart_steps(x[None], norms[None], 6, 2, as_mask(own[None], 12))
+    assert torch.equal(kept[0], own) and tie.item() == 0.0
+    weakest = int(norms.argmin())
+    assert weakest not in own.tolist()
+    other = torch.cat([own[1:], torch.tensor([weakest])]).sort().values  # the weakest key norm kept instead
+    _, far = _dart_steps(x[None], norms[None], 6, 2, as_mask(other[None], 12))
+    assert far.item() > 1e-2
