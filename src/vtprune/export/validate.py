@@ -45,12 +45,15 @@ FIRST_TOKEN_RANK = {"fp16": 1, "int8": 1, "int4": 5}
 
 def thresholds(precision: str) -> dict[str, Any]:
     """What a bundle whose language model holds ``precision`` weights must meet, as in its manifest."""
-    kept = f"identical up to ties: tie margin <= {margin_limit(precision):g} of the reference's score range"
+    vision = margin_limit("fp32" if margin_limit(precision) is None else precision)  # quantized: fp32 vision
+    kept = f"identical up to ties: tie margin <= {vision:g} of the reference's score range"
     if precision == "fp32":
         return {"kept": kept, "embeds_atol": ATOL["embeds"], "logits_atol": ATOL["logits"], "greedy": "all tokens"}
     cos = MIN_COSINE[precision]
     rank = FIRST_TOKEN_RANK[precision]
     first = "first token" if rank == 1 else f"first token in the reference's top {rank}"
+    if margin_limit(precision) is None:
+        kept += "; routed layers: margins reported, not gated"
     logits = {"logits_max_kl": MAX_KL[precision]} if precision in MAX_KL else {"logits_min_cosine": cos["logits"]}
     return {"kept": kept, "embeds_min_cosine": cos["embeds"], **logits, "greedy": first}
 
@@ -100,15 +103,17 @@ def compare_backends(
     return rows
 
 
-def kept_row(name: str, own: np.ndarray, got: np.ndarray, margins: list[float], limit: float) -> dict[str, Any]:
+def kept_row(name: str, own: np.ndarray, got: np.ndarray, margins: list[float], limit: float | None) -> dict:
     """A kept-set row: identical, or every difference a tie (largest margin within ``limit``)."""
     worst = max(margins, default=0.0)
     same = own.shape == got.shape and bool(np.array_equal(own, got))
-    return {"check": name, "ok": same or worst <= limit, "iou": iou(own, got),
+    return {"check": name, "ok": same or limit is None or worst <= limit, "iou": iou(own, got),
             "swapped": int(np.setdiff1d(got, own).size), "max_margin": worst, "margin_limit": limit}  # fmt: skip
 
 
-def _routed(adapter: Any, cfg: PruneConfig, ref: Any, prefill: Any, got: list[np.ndarray], limit: float) -> tuple:
+def _routed(
+    adapter: Any, cfg: PruneConfig, ref: Any, prefill: Any, got: list[np.ndarray], limit: float | None
+) -> tuple:
     """In-LLM bundles: the routed reference's own per-layer kept sets against the bundle's, judged by tie
     margin; then the reference that adopted the bundle's sets, and its last-position logits (1, V)."""
     import dataclasses
@@ -127,7 +132,7 @@ def _routed(adapter: Any, cfg: PruneConfig, ref: Any, prefill: Any, got: list[np
     pairs = list(zip(own, got, strict=True))
     worst = max(ref.last_trace.margins.values(), default=0.0)
     identical = sum(a.shape == b.shape and bool(np.array_equal(a, b)) for a, b in pairs)
-    row = {"check": name, "ok": identical == len(pairs) or worst <= limit, "layers": len(pairs),
+    row = {"check": name, "ok": identical == len(pairs) or limit is None or worst <= limit, "layers": len(pairs),
            "identical_layers": identical, "min_iou": min((iou(a, b) for a, b in pairs), default=1.0),
            "max_margin": worst, "margin_limit": limit}  # fmt: skip
     return row, ref, logits
