@@ -84,23 +84,23 @@ def main() -> None:
     images = [cache.get(q) for q in list({q.image_path: q for q in questions}.values())[:4]]
     log("latency rounds")
     lat = latency_rounds(vlms, images, args.rounds)
-    rows = {}
-    for key, vlm in vlms.items():
+    rows, result = {}, {"date": time.strftime("%Y-%m-%d"), "environment": environment(),
+                         "questions": args.questions, "rounds": args.rounds, "rows": {}}  # fmt: skip
+    for key, vlm in vlms.items():  # results are written after every bundle, so a long run can be cut short
         log(f"accuracy {key}")
         size = sum(p.stat().st_size for p in bundles[key].glob("*.onnx"))
         validation = read_manifest(bundles[key])["validation"]["checks"]
         rows[key] = {"bundle_mb": size / 2**20, "ttft_ms": statistics.median(lat[key]["ttft_ms"]),
                      "decode_tok_s": statistics.median(lat[key]["decode_tok_s"]), "rounds": lat[key],
                      **accuracy(vlm, questions, cache), "validation": validation}  # fmt: skip
-    for key, row in rows.items():
         base = rows[key.split("/")[0] + "/fp32"]
-        row |= {"size_vs_fp32": row["bundle_mb"] / base["bundle_mb"], "ttft_vs_fp32": row["ttft_ms"] / base["ttft_ms"],
-                "decode_vs_fp32": row["decode_tok_s"] / base["decode_tok_s"]}  # fmt: skip
-    result = {"date": time.strftime("%Y-%m-%d"), "environment": environment(), "questions": args.questions,
-              "rounds": args.rounds, "rows": rows}  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quantized.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "quantized.md").write_text(to_markdown(result))
+        rows[key] |= {"size_vs_fp32": rows[key]["bundle_mb"] / base["bundle_mb"],
+                      "ttft_vs_fp32": rows[key]["ttft_ms"] / base["ttft_ms"],
+                      "decode_vs_fp32": rows[key]["decode_tok_s"] / base["decode_tok_s"]}  # fmt: skip
+        result["rows"] = rows
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "quantized.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "quantized.md").write_text(to_markdown(result))
     print(to_markdown(result))
 
 
