@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     exp.add_argument("--reuse-lm-from", help="bundle of the same model whose embed/decoder graphs to reuse")
     exp.add_argument("--weights", choices=["int8", "int4"],
-                     help="weight-only quantized language model for ONNX Runtime (MatMulNBits, blocks of 32); "
+                     help="weight-only quantized language model for ONNX Runtime (MatMulNBits); "
                           "the vision graph, pruning and selectors stay fp32")  # fmt: skip
     _add_prune_args(exp)
 

@@ -45,7 +45,7 @@ FIRST_TOKEN_RANK = {"fp16": 1, "int8": 1, "int4": 5}
 
 def thresholds(precision: str) -> dict[str, Any]:
     """What a bundle whose language model holds ``precision`` weights must meet, as in its manifest."""
-    vision = margin_limit("fp32" if margin_limit(precision) is None else precision)  # quantized: fp32 vision
+    vision = margin_limit("fp16" if precision == "fp16" else "fp32")  # int8/int4 bundles keep an fp32 vision graph
     kept = f"identical up to ties: tie margin <= {vision:g} of the reference's score range"
     if precision == "fp32":
         return {"kept": kept, "embeds_atol": ATOL["embeds"], "logits_atol": ATOL["logits"], "greedy": "all tokens"}
@@ -71,17 +71,17 @@ def compare_backends(
     bun = runner or OrtVlm(bundle, verify=False)
     precision = "fp16" if runner is not None else bun.precision
     vision_limit = margin_limit(bun.dtype if runner is None else "fp16")  # the vision graph is never quantized
-    own = PrunedVlm(adapter, cfg)
     image = bun._fit_image(image)
-    ref_in, bun_in = own.inputs(image, prompt), bun.inputs(image, prompt)
-    own_keep = own.build_prefill(ref_in).visual_keep[0].numpy()
+    bun_in = bun.inputs(image, prompt)
     bun_pre = bun.prefill_inputs(bun_in, StageTimer())
     bun_keep = bun_pre["keep_idx"]
-    rows = [_exact("prompt token ids", ref_in["input_ids"].numpy(), bun_in["input_ids"].numpy())]
     # the reference adopts the bundle's kept set, so what follows measures the graphs, not tie-breaking
     ref = PrunedVlm(adapter, cfg, follow=Follow(visual=torch.from_numpy(np.asarray(bun_keep)).long()[None]))
+    ref_in = ref.inputs(image, prompt)
     ref_pre = ref.build_prefill(ref_in)
-    rows.append(kept_row("kept visual indices", own_keep, bun_keep, ref.last_margins, vision_limit))
+    own_keep = ref.last_own_keep[0].cpu().numpy()  # the reference's own choice on the same features
+    rows = [_exact("prompt token ids", ref_in["input_ids"].numpy(), bun_in["input_ids"].numpy()),
+            kept_row("kept visual indices", own_keep, bun_keep, ref.last_margins, vision_limit)]  # fmt: skip
     rows.append(_exact("position ids", ref_pre.position_ids.numpy(), bun_pre["positions"]))
     if not all(r["ok"] for r in rows):
         return rows

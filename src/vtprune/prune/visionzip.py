@@ -152,7 +152,7 @@ def merge(x: Tensor, ev: Tensor, valid: Tensor, k: int, follow: Tensor | None = 
     _, c = split_budget(k)
     if c == 0 or k >= x.shape[1]:  # static: nothing is merged
         return x
-    top = None if follow is None else _followed_dominant(ev, valid, k, follow)
+    top = None if follow is None else follow_dominant(ev, valid, k, follow)[0]
     _, target, member, slot = _roles(ev, valid, k, top)
     group = torch.where(target, slot, assign(ev, target, slot, c))  # (B, N) slot of each token
     slots = torch.arange(c, device=x.device)
@@ -176,13 +176,18 @@ def margin(ev: Tensor, valid: Tensor, k: int, target: Tensor) -> Tensor:
     """
     if k == 0 or k >= valid.shape[-1]:  # static: nothing to choose
         return exact_margin(scores(ev, valid, k).topk(k, dim=-1).indices, target)
-    return torch.stack([follow_dominant(ev[b : b + 1], valid[b : b + 1], k, target[b : b + 1])[1]
-                        for b in range(ev.shape[0])])  # fmt: skip
+    return follow_dominant(ev, valid, k, target)[1]
 
 
-def follow_dominant(ev: Tensor, valid: Tensor, k: int, target: Tensor) -> tuple[Tensor | None, Tensor]:
-    """The dominant tokens (1, d) that explain a kept set ``target`` (1, k) with the smallest margin, and that
-    margin (+inf, and None, when no dominant set does). Batch 1.
+def follow_dominant(ev: Tensor, valid: Tensor, k: int, target: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, d) the dominant tokens that explain each kept set ``target`` (B, k) with the smallest margin, and
+    (B,) that margin; where no dominant set does, the set's d highest CLS-attention tokens and +inf."""
+    found = [_dominant_one(ev[b : b + 1], valid[b : b + 1], k, target[b : b + 1]) for b in range(ev.shape[0])]
+    return torch.cat([top for top, _ in found]), torch.stack([tie for _, tie in found])
+
+
+def _dominant_one(ev: Tensor, valid: Tensor, k: int, target: Tensor) -> tuple[Tensor, Tensor]:
+    """``follow_dominant`` for batch 1.
 
     Tokens of ``target`` far above the reference's dominant cut are dominant, far below it contextual; the
     few within ``AMBIGUOUS`` of the attention range around the cut are tried both ways (``MAX_TRIES`` sets).
@@ -204,17 +209,6 @@ def follow_dominant(ev: Tensor, valid: Tensor, k: int, target: Tensor) -> tuple[
         tie = inversion(ev[..., 0], dominant[None], valid)[0]
         if top.shape[-1] == d and torch.equal(kept | targets, in_target) and tie < best:
             best, best_top = tie, top
+    if best_top is None:  # nothing explains it (margin +inf fails the check); merge around its top d anyway
+        best_top = follow_topk(ev[..., 0], d, in_target, valid)[0]
     return best_top, best
-
-
-def _followed_dominant(ev: Tensor, valid: Tensor, k: int, follow: Tensor) -> Tensor:
-    """(B, d) dominant tokens for a followed kept set (B, k); where none explains it (margin +inf, which fails
-    the check anyway), its d highest CLS-attention tokens."""
-    tops = []
-    for b in range(ev.shape[0]):
-        e, v, f = ev[b : b + 1], valid[b : b + 1], follow[b : b + 1]
-        top, _ = follow_dominant(e, v, k, f)
-        if top is None:
-            top = follow_topk(e[..., 0], split_budget(k)[0], as_mask(f, ev.shape[1]), v)[0]
-        tops.append(top)
-    return torch.cat(tops)

@@ -124,8 +124,9 @@ class AlvtsRouter(Router):
             scores = sel.scores_in(x, ctx)
         else:
             scores = sel.scores(x[ctx.query], x[ctx.visual])
-        keep = select_visual_rows(scores, k)  # into the visual rows
-        if self.follow is not None:
+        if self.follow is None:
+            keep = select_visual_rows(scores, k)  # into the visual rows
+        else:
             keep = self.follow[index]
             trace.margins[index] = float(topk_margin(scores[None], keep[None])[0])
         trace.selected[index] = keep

@@ -134,7 +134,10 @@ class PrunedVlm:
         self.sampling = sampling or SamplingConfig()
         self.device = next(adapter.model.parameters()).device
         self.follow = follow or Follow()
-        self.last_margins: list[float] = []  # per group, set by ``build_prefill`` when following a kept set
+        # set by ``build_prefill`` when following a kept set: the method's own choice (1, K) and, per group,
+        # the followed set's tie margin
+        self.last_own_keep: Tensor | None = None
+        self.last_margins: list[float] = []
 
     def timer(self) -> StageTimer:
         """A stage timer that waits for the GPU at stage edges when the model is on one."""
@@ -200,11 +203,13 @@ class PrunedVlm:
         return enc.layout, keep, kept
 
     def _choose(self, x: Tensor, layout: VisualLayout) -> Tensor:
-        """The method's kept set (1, K), or the followed one (its tie margins in ``last_margins``)."""
+        """The method's kept set (1, K), or the followed one (the method's own in ``last_own_keep``, the
+        followed set's tie margins in ``last_margins``)."""
+        own = select_visual(x, layout, self.cfg)
         if self.follow.visual is None:
-            return select_visual(x, layout, self.cfg)
+            return own
         keep = self.follow.visual.to(x.device)
-        self.last_margins = tie_margins(x, layout, self.cfg, keep)
+        self.last_own_keep, self.last_margins = own, tie_margins(x, layout, self.cfg, keep)
         return keep
 
     @staticmethod
