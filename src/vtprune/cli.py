@@ -15,6 +15,7 @@ from vtprune import __version__
 from vtprune.bench.cli import BENCH_COMMANDS
 from vtprune.bench.cli import add_commands as add_bench_commands
 from vtprune.calib.cli import add_calib_command, cmd_calib
+from vtprune.cliargs import count, new_tokens, seed, text, threads
 from vtprune.config import (
     BUDGET_MODES,
     DEGREE_MODES,
@@ -53,7 +54,7 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     d = PruneConfig()
     g.add_argument("--theta", type=float, default=d.theta, help="G-Prune cosine edge threshold")
     g.add_argument("--tau", type=float, default=d.tau, help="G-Prune softmax temperature")
-    g.add_argument("--iters", type=int, default=d.iters, help="G-Prune propagation steps")
+    g.add_argument("--iters", type=count(0, 1000), default=d.iters, help="G-Prune propagation steps")
     g.add_argument("--degree", choices=DEGREE_MODES, default=d.degree, help="G-Prune degree counting")
     g.add_argument("--positions", choices=POSITION_MODES, default=d.positions, help="position ids of kept tokens")
     g.add_argument("--layer", type=int, default=None, help="in-LLM methods: ALVTS's first selecting layer l0, "
@@ -67,7 +68,7 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--selector", choices=SELECTOR_KINDS, default=d.selector, help="ALVTS selector: lowrank "
                    "(RoPE-free proxy) or exact (recomputed attention rows) (default: %(default)s)")  # fmt: skip
     g.add_argument("--factors", type=Path, help="ALVTS calibrated selector factors ('vtprune calib alvts' output)")
-    g.add_argument("--prune-seed", type=int, default=d.seed, help="random: seed of the kept tokens (default: 0)")
+    g.add_argument("--prune-seed", type=seed, default=d.seed, help="random: seed of the kept tokens (default: 0)")
 
 
 def prune_config(args: argparse.Namespace) -> PruneConfig:
@@ -93,18 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", choices=("ort", "trt"), default="ort",
                      help="bundle only: ort = ONNX Runtime (default), trt = the bundle's TensorRT engines (GPU)")
     run.add_argument("--provider", default="cpu", help="bundle only: ONNX Runtime provider cpu | cuda | tensorrt")
-    run.add_argument("--threads", type=int, help="bundle only: ONNX Runtime intra-op threads (default: all cores)")
+    run.add_argument("--threads", type=threads, help="bundle only: ONNX Runtime intra-op threads (default: all cores)")
     run.add_argument("--device", help="--model only: where PyTorch runs, cpu | cuda | cuda:N (default: cpu)")
     run.add_argument("--image", required=True, type=Path, help="image file (PNG, JPEG, ...)")
-    run.add_argument("--prompt", required=True, help="the question; wrapped in the model's chat template")
+    run.add_argument("--prompt", required=True, type=text, help="the question; wrapped in the model's chat template")
     run.add_argument("--raw-prompt", action="store_true", help="use --prompt verbatim; it must hold the image slot")
-    run.add_argument("--max-new-tokens", type=int, default=32, help="greedy decoding length limit")
+    run.add_argument("--max-new-tokens", type=new_tokens, default=32, help="greedy decoding length limit")
     run.add_argument("--json", action="store_true", help="print the result as JSON instead of text")
     g = run.add_argument_group("sampling (default greedy)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    g.add_argument("--top-k", type=count(0), default=0, help="sample among the k most likely tokens (0 = all)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--seed", type=seed, default=0, help="sampling seed")
     _add_prune_args(run)
 
     exp = sub.add_parser("export", help="export vision+pruning, embedding and decoder ONNX graphs into a bundle")
@@ -141,17 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the bundle on ONNX Runtime (default) or its TensorRT engines (GPU; vtprune build); "
                             "trt also compares every engine with ONNX Runtime through Polygraphy")
     check.add_argument("--image", type=Path, help="image file (default: a generated scene)")
-    check.add_argument("--prompt", default="what is in the image ?", help="the question")
-    check.add_argument("--steps", type=int, default=32, help="greedy tokens compared")
+    check.add_argument("--prompt", type=text, default="what is in the image ?", help="the question")
+    check.add_argument("--steps", type=count(1, 4096), default=32, help="greedy tokens compared")
     check.add_argument("--cache-dir", type=Path, help="where built-in models are written")
     check.add_argument("--json", action="store_true", help="print the table as JSON")
 
     demo = sub.add_parser("demo", help="export unpruned, G-Prune and ALVTS bundles, run them in ONNX Runtime (CPU)")
     demo.add_argument("--model", default="pocket", help="model to demo (default: pocket, real weights)")
     demo.add_argument("--image", type=Path, help="image file (default: an easy-vqa test image and a photo)")
-    demo.add_argument("--prompt", help="the question (with --image)")
+    demo.add_argument("--prompt", type=text, help="the question (with --image)")
     demo.add_argument("--keep", default="64", help="G-Prune budget (count or ratio; default 64 of 256)")
-    demo.add_argument("--alvts-keep", type=int, help="ALVTS visual tokens per routed layer (default 28; tiny models 4)")
+    demo.add_argument("--alvts-keep", type=count(1),
+                      help="ALVTS visual tokens per routed layer (default 28; tiny models 4)")
     demo.add_argument("--cache-dir", type=Path, help="where built-in tiny models are written")
     add_bench_commands(sub)
     add_eval_command(sub)
@@ -262,8 +264,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from vtprune.demo import scene_image
-    from vtprune.export.bundle import read_manifest
     from vtprune.export.validate import compare_backends, format_rows
+    from vtprune.manifest import read_manifest
     from vtprune.models import load_vlm
     from vtprune.runtime.images import load_image
 
@@ -311,8 +313,22 @@ def _print_table(exc: VtpruneError) -> None:
         print(format_rows(exc.table), file=sys.stderr)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so every writer cleans up as for Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = build_parser().parse_args(argv)
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (an embedding application): its own handlers stay
+        previous = None
     try:
         if not args.debug:
             _quiet_libraries()
@@ -321,12 +337,45 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             _print_table(exc)
             raise
-        print(f"vtprune: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         _print_table(exc)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # stdout closed early (``| head``): stop quietly, without a traceback at exit
+        _silence_stdout()
+        _error("the output pipe was closed before vtprune finished writing")
+        return EXIT_USER_ERROR
+    except OSError as exc:  # the filesystem or the OS refused: disk full, read-only, permissions, ...
+        if args.debug:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        _error(f"{exc.strerror or exc}{where}")
+        return EXIT_USER_ERROR
+    except Terminated:
+        _error("terminated", prefix="vtprune: ")
+        return 143
     except KeyboardInterrupt:
-        print("vtprune: interrupted", file=sys.stderr)
+        _error("interrupted", prefix="vtprune: ")
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _error(msg: str, prefix: str = "vtprune: error: ") -> None:
+    try:
+        print(prefix + msg, file=sys.stderr, flush=True)
+    except (BrokenPipeError, ValueError):
+        pass
+
+
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -77,7 +77,8 @@ def demo_bundles(model: str, keep: int | float, cache_dir: Path | None, log: Any
                  alvts_keep: int | None = None) -> dict[str, Path]:  # fmt: skip
     """The ``demo_configs`` bundles of ``model``, exported once into the cache (the pre-LLM ones share LM
     graphs; the ALVTS bundle has its own routed prefill and decode graphs)."""
-    from vtprune.export.bundle import ExportConfig, export_bundle, read_manifest, tool_versions
+    from vtprune.export.bundle import ExportConfig, export_bundle, tool_versions
+    from vtprune.manifest import read_manifest
     from vtprune.models.tiny import default_cache_dir
 
     root = (cache_dir or default_cache_dir()) / "bundles"

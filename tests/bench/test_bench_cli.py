@@ -18,7 +18,7 @@ MEASURED = {"preprocess", "vision_prune", "embed", "prefill", "ttft", "decode", 
 def test_bench_exports_per_budget_and_reports_every_stage(bench_run):
     report = load_report(bench_run["report"])
     assert sorted(p.name for p in bench_run["report"].iterdir()) == [
-        "latency_vs_budget.png", "report.json", "report.md", "stage_breakdown.png"]  # fmt: skip
+        ".vtprune-output", "latency_vs_budget.png", "report.json", "report.md", "stage_breakdown.png"]  # fmt: skip
     assert sorted(p.name for p in bench_run["work"].iterdir()) == ["gprune-k8", "none-all"]
     assert report["workload"]["warmup"] == 1 and report["workload"]["iters"] == 2
     want = {"backend": "ort", "model": "tiny-llava", "method": "gprune", "precision": "fp32"}

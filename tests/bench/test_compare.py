@@ -93,7 +93,7 @@ def test_cli_compare_writes_tables_and_plot(tmp_path, capsys):
                    "--labels", "desktop,orin"])  # fmt: skip
     assert rc == 0
     assert "| prefill | 10.00 | 5.00 | 0.5 |" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.md", "compare.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".vtprune-output", "compare.json", "compare.md", "compare.png"]
     data = json.loads((out / "compare.json").read_text())
     assert data["kind"] == "vtprune-latency-compare" and data["budgets"][0]["stages"]["prefill"]["ratio"][1] == 0.5
     md = (out / "compare.md").read_text()

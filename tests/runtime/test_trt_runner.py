@@ -14,6 +14,7 @@ import torch
 from tests.runtime import fake_trt
 from vtprune.config import PruneConfig
 from vtprune.errors import BackendUnavailableError, BundleError, InputError
+from vtprune.manifest import Sealed, read_manifest, write_manifest
 from vtprune.runtime.trt.runner import EngineSession, TrtVlm, io_specs
 
 pytest.importorskip("onnxruntime")
@@ -109,6 +110,12 @@ def test_engines_are_checked_before_they_load(bundles, tmp_path, monkeypatch):
     shutil.copytree(bundles["tiny-llava"], bundle)
     runner = TrtVlm.__new__(TrtVlm)
     runner.bundle, runner.device = bundle, torch.device("cuda")
+
+    def reseal() -> None:  # engines are bundle files: listed in the manifest, read through its seal
+        write_manifest(bundle, read_manifest(bundle, verify=False))
+        runner.sealed = Sealed(bundle)
+
+    reseal()
     fake_module = type("T", (), {"__version__": "10.3.0", "Logger": type("L", (), {"WARNING": 0, "__init__":
                                  lambda self, s: None}), "Runtime": lambda logger: None})  # fmt: skip
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 7))
@@ -118,10 +125,17 @@ def test_engines_are_checked_before_they_load(bundles, tmp_path, monkeypatch):
     (bundle / "vision.engine").write_bytes(b"x")
     meta = {"flavour": "tensorrt", "trt_version": "10.7.0", "target": None}
     (bundle / "vision.engine.json").write_text(json.dumps(meta))
+    reseal()
     with pytest.raises(BundleError, match="built with tensorrt 10.7.0 cannot load in tensorrt 10.3.0"):
         load("vision")
     (bundle / "vision.engine.json").write_text(json.dumps(meta | {"trt_version": "10.3.0", "target": "sm89"}))
+    reseal()
     with pytest.raises(BundleError, match="built for sm89 cannot run on this sm87 GPU"):
+        load("vision")
+    (bundle / "vision.engine.json").write_text(json.dumps(meta | {"trt_version": "10.3.0", "target": "sm87"}))
+    reseal()
+    (bundle / "vision.engine").write_bytes(b"y")  # swapped after sealing: refused when read
+    with pytest.raises(BundleError, match="vision.engine does not match its sha256"):
         load("vision")
 
 

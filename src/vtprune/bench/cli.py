@@ -27,6 +27,7 @@ from vtprune.bench.config import (
     PredictConfig,
     parse_budgets,
 )
+from vtprune.cliargs import count, new_tokens, text, threads
 from vtprune.config import METHODS
 
 
@@ -64,16 +65,19 @@ def add_bench(sub: Any) -> None:
     p.add_argument("--budgets", help="visual tokens kept, e.g. all,256,128,64 or 0.25 (one bundle per budget)")
     p.add_argument("--method", choices=[m for m in METHODS if m != "none"], default="gprune", help="pruning method")
     p.add_argument("--provider", choices=PROVIDERS, default="cpu", help="ONNX Runtime execution provider")
-    p.add_argument("--threads", type=int, help="intra-op threads (default: the runtime's)")
+    p.add_argument("--threads", type=threads, help="intra-op threads (default: the runtime's)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="--backend torch: weights dtype")
     p.add_argument("--device", default="cpu", help="--backend torch: cpu | cuda | cuda:N (default: cpu)")
     p.add_argument("--images", type=Path, help="directory of images (name order; see --num-images)")
     p.add_argument("--dataset", choices=DATASETS, help="easy-vqa test questions (needs the easy-vqa package)")
-    p.add_argument("--num-images", dest="num_images", type=int, default=4, help="images taken from --images/--dataset")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="question asked about each image (not with --dataset)")
-    p.add_argument("--new-tokens", dest="new_tokens", type=int, default=16, help="tokens decoded per request (no EOS)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs per budget")
-    p.add_argument("--iters", type=int, default=10, help="timed runs per budget")
+    p.add_argument("--num-images", dest="num_images", type=count(1, 100000), default=4,
+                   help="images taken from --images/--dataset")
+    p.add_argument("--prompt", type=text, default=DEFAULT_PROMPT,
+                   help="question asked about each image (not with --dataset)")
+    p.add_argument("--new-tokens", dest="new_tokens", type=new_tokens, default=16,
+                   help="tokens decoded per request (no EOS)")
+    p.add_argument("--warmup", type=count(0, 100000), default=2, help="untimed runs per budget")
+    p.add_argument("--iters", type=count(1, 100000), default=10, help="timed runs per budget")
     p.add_argument("--work-dir", dest="work_dir", type=Path, help="where per-budget bundles are exported/reused")
     p.add_argument("--cache-dir", dest="cache_dir", type=Path, help="where built-in tiny models are written")
     p.add_argument("--no-validate", dest="no_validate", action="store_true", help="skip validation of new exports")
@@ -81,7 +85,7 @@ def add_bench(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing report directory at --out")
     p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--note", dest="notes", action="append", help="a note to print in the report (repeatable)")
-    p.add_argument("--background-load", type=int, default=0, metavar="N",
+    p.add_argument("--background-load", type=count(0, 1024), default=0, metavar="N",
                    help="N busy processes (one core each) run while measuring, as on a shared robot computer")
 
 
@@ -102,10 +106,11 @@ def add_predict(sub: Any) -> None:
     p.add_argument("--precision", choices=PRECISIONS, help="fp32 | fp16 | int8 (default: the device's)")
     p.add_argument("--budgets", help="predict these budgets from one bundle by substituting kept-token counts")
     p.add_argument("--calibrate", type=Path, help="a measured report.json: fit per-stage time scales on it")
-    p.add_argument("--prompt", help="question (default: the calibration report's, else bench's default)")
-    p.add_argument("--new-tokens", dest="new_tokens", type=int, help="decoded tokens (default: report's, else 16)")
+    p.add_argument("--prompt", type=text, help="question (default: the calibration report's, else bench's default)")
+    p.add_argument("--new-tokens", dest="new_tokens", type=new_tokens,
+                   help="decoded tokens (default: report's, else 16)")
     p.add_argument("--image", type=Path, help="image file (default: bench's generated scene)")
-    p.add_argument("--threads", type=int, help="cpu-host: threads of the peak microbenchmarks")
+    p.add_argument("--threads", type=threads, help="cpu-host: threads of the peak microbenchmarks")
     p.add_argument("--out", required=True, type=Path, help="report directory to create")
     p.add_argument("--force", action="store_true", help="replace an existing report directory at --out")
 
@@ -157,7 +162,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from vtprune.bench.schema import check_out_dir, load_report
 
     cfg = config_from_args(CompareConfig, args)
-    check_out_dir(cfg.out, cfg.force)
+    check_out_dir(cfg.out, cfg.force, kind="comparison")
     reports = [load_report(p) for p in cfg.reports]
     comparison = compare_reports(reports, [str(p) for p in cfg.reports], list(cfg.labels) or None, cfg.force)
     files = write_comparison(comparison, reports, cfg.out, cfg.force)

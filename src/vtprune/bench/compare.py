@@ -220,4 +220,4 @@ def write_comparison(comparison: dict[str, Any], reports: list[dict[str, Any]], 
                "compare.md": text_writer(compare_markdown(comparison, reports))}  # fmt: skip
     if plots.available():
         writers["compare.png"] = lambda path: plots.compare_stages(comparison, path)
-    return write_dir(out, writers, force)
+    return write_dir(out, writers, force, kind="comparison")

@@ -62,17 +62,19 @@ def text_dims(bundle: Path, manifest: dict[str, Any]) -> TextDims:
     """Decoder shape from the bundle's processor config (no weights needed)."""
     from transformers import AutoConfig
 
+    from vtprune.manifest import Sealed
     from vtprune.models import adapter_for
 
     proc = bundle / manifest["processor_dir"]
-    config = AutoConfig.from_pretrained(str(proc), local_files_only=True, trust_remote_code=False)
+    with Sealed(bundle).directory(manifest["processor_dir"]) as copy:  # only the files the manifest covers
+        config = AutoConfig.from_pretrained(str(copy), local_files_only=True, trust_remote_code=False)
     cls = adapter_for(manifest["model"]["model_type"])
     return cls(None, None, proc, config).text_dims()
 
 
 def bundle_facts(path: Path, device: Device, threads: int | None) -> BundleFacts:
     from vtprune.bench.run import budget_of
-    from vtprune.export.bundle import read_manifest
+    from vtprune.manifest import read_manifest
 
     manifest = read_manifest(path)
     graphs = manifest["graphs"]

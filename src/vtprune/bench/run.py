@@ -49,7 +49,8 @@ def model_slug(model: str) -> str:
 
 def ensure_bundle(model: str, prune: PruneConfig, path: Path, cfg: BenchConfig, log: Log) -> Path:
     """The bundle for ``prune`` at ``path``: reused when its settings match, else exported there."""
-    from vtprune.export.bundle import MANIFEST, ExportConfig, export_bundle, read_manifest
+    from vtprune.export.bundle import ExportConfig, export_bundle
+    from vtprune.manifest import MANIFEST, read_manifest
 
     if (path / MANIFEST).is_file():
         manifest = read_manifest(path)
@@ -65,7 +66,7 @@ def ensure_bundle(model: str, prune: PruneConfig, path: Path, cfg: BenchConfig, 
 
 def ort_bundles(cfg: BenchConfig, log: Log) -> list[tuple[Budget, Path]]:
     """(budget, bundle) pairs: the given bundles, or one exported per budget into the work dir."""
-    from vtprune.export.bundle import read_manifest
+    from vtprune.manifest import read_manifest
     from vtprune.models.tiny import default_cache_dir
 
     if cfg.bundles and not cfg.budgets:

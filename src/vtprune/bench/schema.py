@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vtprune import outputs
 from vtprune.errors import ComparisonError, ReportError  # noqa: F401  (re-exported for callers)
 from vtprune.files import read_json
 
@@ -104,44 +102,19 @@ def stage_p50(entry: dict[str, Any], stage: str) -> float | None:
 
 
 # --- writing ------------------------------------------------------------------------------------------
-MARKERS = (REPORT_FILE, COMPARE_FILE)
-
-
-def check_out_dir(out: Path, force: bool) -> None:
+def check_out_dir(out: Path, force: bool, kind: str = "report") -> None:
     """Refuse early (before any work) to overwrite ``out`` without ``force``, or ever to replace a
-    directory that is not a vtprune report directory."""
-    if not out.exists():
-        return
-    if not force:
-        raise ReportError(f"{out} already exists; pass --force to replace it")
-    if not out.is_dir() or (any(out.iterdir()) and not any((out / m).is_file() for m in MARKERS)):
-        raise ReportError(f"{out} exists and is not a vtprune report directory; refusing to replace it")
+    directory that is not a vtprune report (``kind="comparison"``: comparison) directory."""
+    outputs.check_target(out, kind, force, ReportError)
 
 
-def write_dir(out: Path, writers: dict[str, Callable[[Path], None]], force: bool) -> list[str]:
-    """Write each file with ``writers[name](path)`` into a temp dir next to ``out``, then rename it into
-    place (an old report directory is replaced only after every file was written)."""
-    from vtprune.export.bundle import commit_dir
-
-    out = Path(out)
-    check_out_dir(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+def write_dir(out: Path, writers: dict[str, Callable[[Path], None]], force: bool, kind: str = "report") -> list[str]:
+    """Write each file with ``writers[name](path)`` into a report directory at ``out``, atomically (an old
+    one is replaced only after every file was written)."""
+    with outputs.atomic_dir(Path(out), kind, force, ReportError) as tmp:
         for name, write in writers.items():
             write(tmp / name)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would make the report private
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return sorted(writers)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def text_writer(text: str) -> Callable[[Path], None]:

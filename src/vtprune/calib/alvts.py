@@ -13,11 +13,8 @@ MACs, and the factors' sha256, checked when loaded).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,10 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vtprune import outputs
 from vtprune.calib.config import CalibConfig
 from vtprune.config import PruneConfig
 from vtprune.errors import CheckpointError, ConfigError, InputError
-from vtprune.files import read_json
+from vtprune.files import read_json, sha256_file
 from vtprune.flops import layer_macs
 from vtprune.prune.alvts import (
     LayerSelector,
@@ -172,26 +170,15 @@ def save_factors(selectors: dict[int, LayerSelector], card: dict[str, Any], out:
     """Write ``factors.safetensors`` + ``card.json`` atomically into ``out`` (replaced only with ``force``)."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    if out.exists() and not force:
-        raise InputError(f"{out} exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with outputs.atomic_dir(Path(out), "factors", force, InputError) as tmp:
         tensors = {}
         for li, s in selectors.items():
             tensors |= {f"layer{li}.a": s.a.contiguous(), f"layer{li}.b": s.b.contiguous(), f"layer{li}.u": s.u}
         save_file(tensors, str(tmp / FACTORS_FILE))
         card = card | {"scales": {str(li): s.scale for li, s in selectors.items()},
-                       "sha256": hashlib.sha256((tmp / FACTORS_FILE).read_bytes()).hexdigest()}  # fmt: skip
+                       "sha256": sha256_file(tmp / FACTORS_FILE)}  # fmt: skip
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def load_factors(path: str | Path, adapter: Any) -> dict[int, LayerSelector]:
@@ -202,7 +189,7 @@ def load_factors(path: str | Path, adapter: Any) -> dict[int, LayerSelector]:
     if not (root / FACTORS_FILE).is_file() or not (root / CARD_FILE).is_file():
         raise InputError(f"--factors {root}: not a 'vtprune calib alvts' output ({FACTORS_FILE} + {CARD_FILE})")
     card = read_json(root / CARD_FILE, CheckpointError, "re-run vtprune calib alvts")
-    digest = hashlib.sha256((root / FACTORS_FILE).read_bytes()).hexdigest()
+    digest = sha256_file(root / FACTORS_FILE)
     if digest != card.get("sha256"):
         raise CheckpointError(f"--factors {root}: {FACTORS_FILE} does not match the sha256 in {CARD_FILE}")
     dims = adapter.text_dims()

@@ -12,6 +12,7 @@ from typing import Any
 def add_calib_command(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``calib`` (with its ``alvts`` subcommand) to the ``vtprune`` subparsers."""
     from vtprune.calib.config import CalibConfig
+    from vtprune.cliargs import count, seed
     from vtprune.config import QUERY_SETS
 
     d = CalibConfig()
@@ -22,13 +23,13 @@ def add_calib_command(subparsers: Any) -> argparse.ArgumentParser:
     a.add_argument("--cache-dir", type=Path, help="where built-in models are written (default ~/.cache/vtprune)")
     a.add_argument("--data", default="easy-vqa", help="easy-vqa (train split) or a DIR of images "
                    "[+ questions.json: file name -> question] (default: easy-vqa)")  # fmt: skip
-    a.add_argument("--n", type=int, default=d.n, help="calibration pairs (default: %(default)s)")
+    a.add_argument("--n", type=count(1, 1000000), default=d.n, help="calibration pairs (default: %(default)s)")
     a.add_argument("--heldout", type=float, default=d.heldout, help="fraction held out to pick ranks "
                    "(default: %(default)s)")  # fmt: skip
     a.add_argument("--keep", type=int, default=d.k, help="budget k that recall@k is measured at (default: %(default)s)")
     a.add_argument("--query", choices=QUERY_SETS, default=d.query, help="query set (default: %(default)s)")
     a.add_argument("--gamma", type=float, default=d.gamma, help="recall@k target per layer (default: %(default)s)")
-    a.add_argument("--seed", type=int, default=d.seed, help="pair sampling seed (default: %(default)s)")
+    a.add_argument("--seed", type=seed, default=d.seed, help="pair sampling seed (default: %(default)s)")
     a.add_argument("--out", required=True, type=Path, help="output directory (factors.safetensors + card.json)")
     a.add_argument("--force", action="store_true", help="replace an existing --out")
     a.add_argument("--json", action="store_true", help="print the card as JSON instead of the table")
@@ -38,14 +39,14 @@ def add_calib_command(subparsers: Any) -> argparse.ArgumentParser:
 def cmd_calib(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from vtprune import outputs
     from vtprune.calib.alvts import calibrate, calibration_pairs, format_card, save_factors
     from vtprune.calib.config import CalibConfig
     from vtprune.errors import InputError
     from vtprune.models import load_vlm
 
     cfg = CalibConfig(n=args.n, heldout=args.heldout, k=args.keep, query=args.query, gamma=args.gamma, seed=args.seed)
-    if args.out.exists() and not args.force:
-        raise InputError(f"{args.out} exists; pass --force to replace it")
+    outputs.check_target(args.out, "factors", args.force, InputError)  # before the model loads
     adapter = load_vlm(args.model, cache_dir=args.cache_dir)
     pairs = calibration_pairs(args.data, cfg.n, cfg.seed)
 

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
+from vtprune.cliargs import count, new_tokens, seed
 from vtprune.eval.data import SPLITS
 from vtprune.eval.harness import DEFAULT_MAX_NEW_TOKENS
+
+EVAL_FORMAT = "vtprune-eval"
 
 
 def add_eval_command(subparsers: Any) -> argparse.ArgumentParser:
@@ -25,27 +27,32 @@ def add_eval_command(subparsers: Any) -> argparse.ArgumentParser:
     _add_prune_args(p)
     d = p.add_argument_group("data")
     d.add_argument("--split", default="test", choices=SPLITS, help="easy-vqa split (default: test)")
-    d.add_argument("--limit", type=int, help="questions drawn at random with --seed (default: the whole split)")
-    d.add_argument("--seed", type=int, default=0, help="subsampling seed (default: 0)")
-    d.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="greedy answer length limit")
+    d.add_argument("--limit", type=count(1), help="questions drawn at random with --seed (default: the whole split)")
+    d.add_argument("--seed", type=seed, default=0, help="subsampling seed (default: 0)")
+    d.add_argument("--max-new-tokens", type=new_tokens, default=DEFAULT_MAX_NEW_TOKENS,
+                   help="greedy answer length limit")
     o = p.add_argument_group("output")
     o.add_argument("--json", type=Path, metavar="OUT", help="write the full result (with per-question records) here")
+    o.add_argument("--force", action="store_true", help="replace an existing --json result of vtprune eval")
     o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from vtprune import outputs
     from vtprune.cli import prune_config
+    from vtprune.errors import InputError
     from vtprune.eval.harness import run_eval
 
+    if args.json is not None:  # refused before the run, not after it
+        outputs.check_file_target(args.json, EVAL_FORMAT, args.force, InputError)
     result = run_eval(
         args.model, prune_config(args), args.split, args.limit, args.seed, args.cache_dir,
         progress=not args.no_progress, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
         device=args.device,
     )  # fmt: skip
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        outputs.write_json_atomic(args.json, {"format": EVAL_FORMAT} | result, InputError)
     print(format_summary(result))
     return 0
 

@@ -4,25 +4,26 @@ the sha256 of every file. Written in a temp dir next to the target, validated, t
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vtprune import __version__
+from vtprune import __version__, outputs
 from vtprune.config import PruneConfig
 from vtprune.errors import BundleError, ConfigError
-from vtprune.files import read_json
+from vtprune.manifest import (  # noqa: F401  (the bundle format, re-exported for callers)
+    FORMAT,
+    MANIFEST,
+    PROCESSOR_DIR,
+    SCHEMA_VERSION,
+    read_manifest,
+    verify_files,
+    write_manifest,
+)
 from vtprune.prune import group_budgets
-
-MANIFEST = "manifest.json"
-FORMAT = "vtprune-bundle"
-SCHEMA_VERSION = 1
-PROCESSOR_DIR = "processor"
 
 
 @dataclass(frozen=True)
@@ -52,14 +53,6 @@ class ExportConfig:
         return self.weights or self.dtype
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def tool_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -70,54 +63,6 @@ def tool_versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[pkg] = "absent"
     return out
-
-
-def prepare_target(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise BundleError(f"{out} already exists; pass --force to replace it")
-    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
-        raise BundleError(f"{out} exists and is not a vtprune bundle; refusing to replace it even with --force")
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-
-def commit_dir(tmp: Path, out: Path) -> None:
-    """Move a finished bundle into place; an old bundle at ``out`` is replaced only after success."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def write_manifest(bundle: Path, manifest: dict[str, Any]) -> None:
-    files = sorted(p for p in bundle.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest["files"] = {str(p.relative_to(bundle)): sha256(p) for p in files}
-    (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-
-
-def read_manifest(bundle: Path, verify: bool = True) -> dict[str, Any]:
-    """The bundle's manifest; with ``verify``, every listed file must exist with its recorded sha256."""
-    path = Path(bundle) / MANIFEST
-    if not path.is_file():
-        raise BundleError(f"{bundle} is not a vtprune bundle (no {MANIFEST}); create one with 'vtprune export'")
-    manifest = read_json(path, BundleError, "re-export the bundle")
-    if manifest.get("format") != FORMAT or manifest.get("schema_version") != SCHEMA_VERSION:
-        raise BundleError(f"{path} is not a {FORMAT} v{SCHEMA_VERSION} manifest; re-export with this vtprune")
-    if verify:
-        verify_files(Path(bundle), manifest.get("files", {}))
-    return manifest
-
-
-def verify_files(bundle: Path, files: dict[str, str]) -> None:
-    for rel, digest in files.items():
-        p = bundle / rel
-        if not p.is_file():
-            raise BundleError(f"bundle file {rel} is missing from {bundle}; re-export the bundle")
-        if sha256(p) != digest:
-            msg = f"bundle file {rel} does not match its sha256 in {MANIFEST}: it was modified or corrupted"
-            raise BundleError(msg)
 
 
 def save_processing_files(adapter: Any, dest: Path) -> None:
@@ -164,17 +109,10 @@ def export_bundle(
     log = log or (lambda msg: None)
     out = Path(out)
     check_exportable(prune)
-    prepare_target(out, export.force)
-    log(f"loading {model}")
-    adapter = load_vlm(model, cache_dir=cache_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        manifest = _write_bundle(adapter, model, prune, export, tmp, log)
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+    with outputs.atomic_dir(out, "bundle", export.force, BundleError) as tmp:
+        log(f"loading {model}")
+        adapter = load_vlm(model, cache_dir=cache_dir)
+        return _write_bundle(adapter, model, prune, export, tmp, log)
 
 
 def _lm_steps(traced: Any, prune: PruneConfig, sample: dict, export: ExportConfig, donor: Any) -> list:

@@ -63,3 +63,28 @@ def describe(model: Any) -> dict[str, Any]:
         return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims}
 
     return {"inputs": [entry(v) for v in model.graph.input], "outputs": [entry(v) for v in model.graph.output]}
+
+
+def external_locations(model: Any) -> list[str]:
+    """The external-data file of every tensor in ``model`` stored outside it (initializers, attribute
+    tensors, subgraphs and function bodies), in order of first use."""
+    import onnx
+
+    found: dict[str, None] = {}
+
+    def tensors(graph: Any) -> Any:
+        yield from graph.initializer
+        for node in graph.node:
+            yield from node_tensors(node)
+
+    def node_tensors(node: Any) -> Any:
+        for attr in node.attribute:
+            yield from ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
+            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from tensors(g)
+
+    every = [*tensors(model.graph), *(t for f in model.functions for n in f.node for t in node_tensors(n))]
+    for t in every:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            found.setdefault(next((e.value for e in t.external_data if e.key == "location"), ""), None)
+    return list(found)

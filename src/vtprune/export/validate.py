@@ -141,7 +141,7 @@ def _routed(
 def validate_bundle(adapter: Any, cfg: PruneConfig, bundle: Path, image: Any, prompt: str) -> dict[str, Any]:
     """The check run on every export (dtype-aware, see ``thresholds``); raises ``AccuracyError`` with
     the table on any failure."""
-    from vtprune.export.bundle import read_manifest
+    from vtprune.manifest import read_manifest
 
     export = read_manifest(bundle, verify=False)["export"]
     dtype, precision = export["dtype"], export.get("weights") or export["dtype"]

@@ -16,14 +16,10 @@ whether the projector is trained (a committed ``data/pocket_projector.safetensor
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -33,7 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vtprune import outputs
 from vtprune.errors import BackendUnavailableError, CheckpointError, InternalError
+from vtprune.files import sha256_file
 
 NAME = "pocket"
 ASSEMBLY_VERSION = 1  # bump when the assembled checkpoint changes; stale caches are rebuilt
@@ -138,14 +136,6 @@ def locate(pin: PinnedFile) -> Path:
     if not path.is_file():
         raise BackendUnavailableError(f"{pin.dist} has no {pin.relpath}; reinstall it: {INSTALL_HINT}")
     return path
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify(pin: PinnedFile, path: Path) -> None:
@@ -406,21 +396,9 @@ def materialize(cache_dir: Path | None = None, log: Callable[[str], None] | None
     log = log or (lambda msg: print(f"vtprune pocket: {msg}", file=sys.stderr, flush=True))
     log(f"assembling the pocket VLM into {final} (first use; about a minute) ...")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=final.parent))
-    try:
-        with torch.random.fork_rng():
+    with outputs.locked(final, CheckpointError, wait=True):  # a concurrent run may have assembled it meanwhile
+        if is_current(final):
+            return final
+        with outputs.atomic_dir(final, "model", True, CheckpointError, lock=False) as tmp, torch.random.fork_rng():
             assemble(tmp, log)
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-        _swap_in(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``, moving a stale ``final`` aside first (a directory rename is atomic)."""
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{NAME}-old-", dir=final.parent))
-        os.replace(final, old / NAME)
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(tmp, final)

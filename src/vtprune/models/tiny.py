@@ -7,14 +7,13 @@ tokenizer, processor files) and then loaded through exactly the code path a user
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from vtprune.errors import ConfigError
+from vtprune import outputs
+from vtprune.errors import CheckpointError, ConfigError
 
 SPECIALS = [
     "<unk>", "<pad>", "<s>", "</s>", "<image>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
@@ -143,12 +142,10 @@ def materialize(name: str, cache_dir: Path | None = None) -> Path:
     if (final / "config.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
-    try:
-        torch.manual_seed(SEED)
-        TINY_MODELS[name](tmp)
-        shutil.rmtree(final, ignore_errors=True)  # a half-written dir without config.json
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with outputs.locked(final, CheckpointError, wait=True):  # a concurrent run may have written it meanwhile
+        if (final / "config.json").is_file():
+            return final
+        with outputs.atomic_dir(final, "model", True, CheckpointError, lock=False) as tmp:
+            torch.manual_seed(SEED)
+            TINY_MODELS[name](tmp)
     return final

@@ -19,7 +19,7 @@ from vtprune.prune.alvts import lowrank_selector_macs
 from vtprune.runtime.images import check_image_size
 from vtprune.runtime.pipeline import Generation
 from vtprune.runtime.report import peak_rss_mb
-from vtprune.runtime.sampling import TokenChooser
+from vtprune.runtime.sampling import TokenChooser, new_token_room
 from vtprune.runtime.timing import StageTimer
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -33,8 +33,11 @@ def import_ort() -> Any:
     return onnxruntime
 
 
-def make_session(path: Path, provider: str = "cpu", threads: int | None = None) -> Any:
-    """An InferenceSession on ``provider``, with a clear error when that provider is not available."""
+def make_session(
+    model: Path | bytes, provider: str = "cpu", threads: int | None = None, external: dict[str, bytes] | None = None
+) -> Any:
+    """An InferenceSession on ``provider`` from a graph's path or bytes (``external``: its external-data
+    files' bytes by location), with a clear error when that provider is not available."""
     ort = import_ort()
     if provider not in PROVIDERS:
         raise ConfigError(f"--provider {provider!r} must be one of {', '.join(PROVIDERS)}")
@@ -51,7 +54,11 @@ def make_session(path: Path, provider: str = "cpu", threads: int | None = None) 
     opts.add_session_config_entry("session.force_spinning_stop", "1")
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=[PROVIDERS[provider]])
+    if external:
+        names, buffers = list(external), [np.frombuffer(b, np.uint8) for b in external.values()]
+        opts.add_external_initializers_from_files_in_memory(names, buffers, [len(b) for b in buffers])
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, opts, providers=[PROVIDERS[provider]])
 
 
 class OrtVlm:
@@ -63,15 +70,17 @@ class OrtVlm:
     ):  # fmt: skip
         from transformers import AutoConfig
 
-        from vtprune.export.bundle import read_manifest
+        from vtprune.manifest import Sealed
         from vtprune.models import adapter_for
 
         self.bundle = Path(bundle)
-        self.manifest = read_manifest(self.bundle, verify)
+        self.sealed = Sealed(self.bundle, verify)  # every file used below is hashed from the bytes used
+        self.manifest = self.sealed.manifest
         proc_dir = self.bundle / self.manifest["processor_dir"]
         cls = adapter_for(self.manifest["model"]["model_type"])
-        config = AutoConfig.from_pretrained(str(proc_dir), local_files_only=True, trust_remote_code=False)
-        self.adapter = cls(None, cls.load_processor(proc_dir), proc_dir, config)
+        with self.sealed.directory(self.manifest["processor_dir"]) as copy:
+            config = AutoConfig.from_pretrained(str(copy), local_files_only=True, trust_remote_code=False)
+            self.adapter = cls(None, cls.load_processor(copy), proc_dir, config)
         self.cfg = PruneConfig.from_dict(self.manifest["prune"])
         # In-LLM bundles (ALVTS, FastV) route tokens inside a prefill graph and decode with per-layer caches.
         self.routing = self.manifest["graphs"].get("prefill", {}).get("routing")
@@ -85,7 +94,23 @@ class OrtVlm:
 
     def open_sessions(self, graphs: tuple[str, ...], provider: str, threads: int | None) -> dict[str, Any]:
         """One session per graph; the TensorRT backend (``TrtVlm``) opens engines here instead."""
-        return {g: make_session(self.bundle / f"{g}.onnx", provider, threads) for g in graphs}
+        sessions = {}
+        for g in graphs:
+            model, external = self.graph_bytes(g)
+            sessions[g] = make_session(model, provider, threads, external)
+        return sessions
+
+    def graph_bytes(self, graph: str) -> tuple[bytes, dict[str, bytes]]:
+        """``graph.onnx`` and its external-data files, as sealed bytes (locations must be bundle files)."""
+        data = self.sealed.read(f"{graph}.onnx")
+        if b"location" not in data:  # no tensor stored outside the graph (a fast check before parsing)
+            return data, {}
+        import onnx
+
+        from vtprune.export.onnx_io import external_locations
+
+        locations = external_locations(onnx.load_model_from_string(data))
+        return data, {loc: self.sealed.read(loc) for loc in locations}
 
     # --- preprocessing ---------------------------------------------------------------------------
     def inputs(self, image: Any, prompt: str, raw_prompt: bool = False) -> dict[str, torch.Tensor]:
@@ -196,10 +221,11 @@ class OrtVlm:
 
     def decode(self, prefill: dict[str, Any], max_new_tokens: int, timer: StageTimer, eos: set[int]) -> list[int]:
         choose = TokenChooser(self.sampling)
+        next_pos = prefill["positions"].max(axis=-1, keepdims=True) + 1  # one past the unpruned prompt
+        max_new_tokens = new_token_room(self.adapter.config, int(next_pos.max()), max_new_tokens)
         with timer.stage("prefill"):
             logits, past = self.prefill(prefill)
             token = choose(logits[0])
-        next_pos = prefill["positions"].max(axis=-1, keepdims=True) + 1  # one past the unpruned prompt
         out: list[int] = []
         with timer.stage("decode"):
             for step in range(max_new_tokens):

@@ -25,7 +25,7 @@ from vtprune.prune.select import gather_positions, gather_tokens
 from vtprune.runtime.images import check_image_size
 from vtprune.runtime.layerwise import LayerwiseDecoder, build_router
 from vtprune.runtime.report import peak_rss_mb
-from vtprune.runtime.sampling import TokenChooser
+from vtprune.runtime.sampling import TokenChooser, new_token_room
 from vtprune.runtime.timing import StageTimer
 
 
@@ -250,6 +250,8 @@ class PrunedVlm:
         empty set to never stop early) or after ``max_new_tokens``."""
         timer, cache, choose = timer or self.timer(), self.new_cache(), TokenChooser(self.sampling)
         eos = self.adapter.eos_token_ids() if eos is None else eos
+        next_pos = prefill.position_ids.amax(dim=-1, keepdim=True) + 1  # one past the unpruned prompt
+        max_new_tokens = new_token_room(self.adapter.config, int(next_pos.max()), max_new_tokens)
         step = self.decoder_step
         with timer.stage("prefill"):
             if self.cfg.in_llm:
@@ -258,7 +260,6 @@ class PrunedVlm:
             else:
                 hidden = self.decoder_step(prefill.embeds, prefill.position_ids, cache)
             token = choose(self._last_logits(hidden))
-        next_pos = prefill.position_ids.amax(dim=-1, keepdim=True) + 1  # one past the unpruned prompt
         out: list[int] = []
         with timer.stage("decode"):
             for i in range(max_new_tokens):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import numpy as np
 
 from vtprune.config import SamplingConfig
+from vtprune.errors import InputError
 
 
 class TokenChooser:
@@ -28,3 +32,22 @@ class TokenChooser:
             cut = int(np.searchsorted(np.cumsum(p), self.cfg.top_p)) + 1  # smallest nucleus with mass >= top_p
             order, p = order[:cut], p[:cut] / p[:cut].sum()
         return int(self.rng.choice(order, p=p))
+
+
+def new_token_room(config: Any, next_position: int, max_new_tokens: int) -> int:
+    """How many tokens may be decoded after a prompt whose next position is ``next_position``: refuses a
+    prompt that already fills the model's context, and caps ``max_new_tokens`` (with a warning) at the
+    context's end, where position ids would leave what the model was trained on."""
+    text = getattr(config, "text_config", None) or config
+    limit = getattr(text, "max_position_embeddings", None)
+    if not limit:
+        return max_new_tokens
+    if next_position >= limit:
+        raise InputError(f"the prompt with its image spans {next_position} positions and the model's context is "
+                         f"{limit}; shorten the prompt")  # fmt: skip
+    room = limit - next_position
+    if max_new_tokens > room:
+        print(f"vtprune: warning: --max-new-tokens {max_new_tokens} runs past the model's {limit}-position context; "
+              f"decoding at most {room} tokens", file=sys.stderr, flush=True)  # fmt: skip
+        return room
+    return max_new_tokens

@@ -12,9 +12,7 @@ import hashlib
 import importlib
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +21,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from vtprune import outputs
 from vtprune.errors import BackendUnavailableError, ConfigError, EngineBuildError, OnnxParseError
 
 _LOG = logging.getLogger("vtprune.trt")
@@ -515,14 +514,7 @@ class _TimingCache:
             warnings.simplefilter("ignore", DeprecationWarning)
             data = self.keep or bytes(self.cache.serialize())
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        outputs.write_file_atomic(self.path, data)
         return {"path": str(self.path), "sha256_before": self.sha256_before, "sha256_after": _sha256(data),
                 "used_by_builder": self.used_by_builder}  # fmt: skip
 

@@ -11,13 +11,11 @@ error or a Ctrl-C (the progress monitor cancels TensorRT's build) leaves no part
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from vtprune import outputs
 from vtprune.errors import BundleError, ConfigError
 
 GRAPHS = ("vision", "embed", "decoder", "prefill", "decode")  # in-LLM bundles: prefill + decode
@@ -49,7 +47,8 @@ class BuildConfig:
 
 def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, Any]:
     """Build engines for ``bundle``'s graphs; returns the manifest's new ``engines`` section."""
-    from vtprune.export.bundle import read_manifest, sha256, write_manifest
+    from vtprune.files import sha256_file as sha256
+    from vtprune.manifest import Sealed, read_manifest, write_manifest
     from vtprune.runtime.trt.build import build_engine, import_tensorrt, require_plugins
     from vtprune.runtime.trt.profiles import ProfileLimits, profiles_from_onnx
 
@@ -69,7 +68,7 @@ def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, A
     existing = [g for g in graphs if (bundle / f"{g}.engine").exists()]
     if existing and not cfg.force:
         raise BundleError(f"{bundle} already has {', '.join(existing)} engine(s); pass --force to rebuild")
-    max_seq = cfg.max_seq or _model_max_positions(bundle / manifest["processor_dir"])
+    max_seq = cfg.max_seq or _model_max_positions(Sealed(bundle).read_json(f"{manifest['processor_dir']}/config.json"))
     precision = bundle_precision(cfg.precision, manifest["export"].get("dtype", "fp32"), log)
     routing = manifest["graphs"].get("prefill", {}).get("routing")
     visual = (routing["min_visual_tokens"], routing["visual_tokens"], max(routing["visual_tokens"], max_seq)) \
@@ -81,9 +80,10 @@ def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, A
         raise ConfigError(f"--plugins: no graph of {', '.join(graphs)} has a vtprune op (GraphPropagate, TopKRoute)")
     if cfg.plugins:
         require_plugins(*import_tensorrt())  # refused before any graph is built
-    tmp = Path(tempfile.mkdtemp(prefix=".engines-", dir=bundle))
     engines = dict(manifest.get("engines", {}))
-    try:
+    # The bundle is rebuilt beside itself from hard links, then swapped in: engines and manifest change
+    # together or not at all (files in it are replaced, never written in place: they share the old inodes).
+    with outputs.atomic_dir(bundle, "bundle", True, BundleError, seed=True) as tmp:
         for i, graph in enumerate(graphs, 1):
             onnx_path = bundle / f"{graph}.onnx"
             log(f"[{i}/{len(graphs)}] building {graph}.engine ...")
@@ -92,17 +92,14 @@ def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, A
                                   graph in plugin_graphs)  # fmt: skip
             settings = asdict(cfg) | {"max_seq": max_seq, "timing_cache": cfg.timing_cache and str(cfg.timing_cache)}
             meta = result.to_dict() | {"onnx_sha256": sha256(onnx_path), "build": settings}
-            (tmp / f"{graph}.engine").write_bytes(result.engine)
-            (tmp / f"{graph}.engine.json").write_text(json.dumps(meta, indent=2, default=list) + "\n")
+            outputs.write_file_atomic(tmp / f"{graph}.engine", result.engine)
+            outputs.write_file_atomic(tmp / f"{graph}.engine.json",
+                                      (json.dumps(meta, indent=2, default=list) + "\n").encode())  # fmt: skip
             engines[graph] = {k: meta[k] for k in ("flavour", "trt_version", "target", "precision", "engine_size",
                                                    "plugins")}  # fmt: skip
             log(f"      {result.engine_size / 1e6:.1f} MB in {result.build_seconds:.1f} s ({result.flavour})")
-        for f in tmp.iterdir():
-            os.replace(f, bundle / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    manifest["engines"] = engines
-    write_manifest(bundle, manifest)
+        manifest["engines"] = engines
+        write_manifest(tmp, manifest)
     return engines
 
 
@@ -124,8 +121,7 @@ def bundle_precision(requested: str, dtype: str, log: Any) -> str:
     return "typed"
 
 
-def _model_max_positions(processor_dir: Path) -> int:
-    cfg = json.loads((processor_dir / "config.json").read_text())
+def _model_max_positions(cfg: dict[str, Any]) -> int:
     text = cfg.get("text_config") or cfg
     return int(min(text.get("max_position_embeddings") or 4096, 4096))
 

@@ -19,7 +19,6 @@ run on a GPU with TensorRT yet.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,15 +174,16 @@ class TrtVlm(OrtVlm):
 
         def load(graph: str) -> Any:
             path = self.bundle / f"{graph}.engine"
-            if not path.is_file():
+            if path.name not in self.sealed.files:
                 raise BundleError(f"{self.bundle} has no {path.name}; build the engines: vtprune build {self.bundle}")
-            meta = json.loads(path.with_name(path.name + ".json").read_text())
+            meta = self.sealed.read_json(f"{path.name}.json")
             check_engine_compat(meta, flavour, trt.__version__, f"sm{major}{minor}")
             if meta.get("plugins"):
                 from vtprune.runtime.trt.build import require_plugins
 
                 require_plugins(trt, flavour)
-            engine = runtime.deserialize_cuda_engine(path.read_bytes())
+            data = self.sealed.read(path.name)  # hashed from the bytes deserialized
+            engine = runtime.deserialize_cuda_engine(data)
             if engine is None:
                 raise BundleError(f"TensorRT could not load {path}; rebuild it on this machine with --force")
             return engine
