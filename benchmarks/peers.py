@@ -46,20 +46,15 @@ OPENVINO = {"OpenVINO fp32 (f32 compute)": ("fp32", {"INFERENCE_PRECISION_HINT":
 def vtprune_worker(bundle: str, images: list[str]) -> None:
     from PIL import Image
 
+    from vtprune.runtime.generate import generate
     from vtprune.runtime.ort import OrtVlm
-    from vtprune.runtime.timing import StageTimer
 
     vlm = OrtVlm(bundle)
     pics = [Image.open(p).convert("RGB") for p in images]
 
     def one(img: Any) -> dict[str, float]:
-        timer = StageTimer()
-        with timer.stage("preprocess"):
-            inputs = vlm.inputs(img, PROMPT)
-        prefill = vlm.prefill_inputs(inputs, timer)
-        tokens = vlm.decode(prefill, NEW_TOKENS, timer, eos=set())
-        ttft = sum(ms for stage, ms in timer.ms.items() if stage != "decode")
-        return {"ttft_ms": ttft, "decode_tok_s": (len(tokens) - 1) / timer.ms["decode"] * 1e3}
+        gen = generate(vlm, img, PROMPT, NEW_TOKENS, eos=set())
+        return {"ttft_ms": gen.ttft_ms, "decode_tok_s": gen.decode_tokens_per_s}
 
     serve(lambda: [one(img) for img in pics])
 

@@ -16,6 +16,7 @@ from vtprune.config import PruneConfig
 from vtprune.errors import ExportError
 from vtprune.export import decoder as export_mod
 from vtprune.export.decoder import decoder_names, export_decoder, export_embed
+from vtprune.runtime.generate import decode
 from vtprune.runtime.pipeline import Prefill, PrunedVlm
 
 ort = pytest.importorskip("onnxruntime")
@@ -131,7 +132,7 @@ def test_pruned_prefill_and_greedy_decode_match_pytorch(tiny_adapter, scene, exp
     ref_logits = pipe.prompt_logits(prefill)[:, -1].numpy()
     assert np.abs(first - ref_logits).max() <= ATOL
     monkeypatch.setattr(tiny_adapter, "eos_token_ids", lambda: set())
-    assert tokens[0].tolist() == pipe.decode(prefill, STEPS)
+    assert tokens[0].tolist() == decode(pipe, prefill, STEPS)
 
 
 def test_batch_of_two_prompts(tiny_adapter, scene, exported, monkeypatch):
@@ -143,7 +144,7 @@ def test_batch_of_two_prompts(tiny_adapter, scene, exported, monkeypatch):
     monkeypatch.setattr(tiny_adapter, "eos_token_ids", lambda: set())
     for row, prefill in enumerate((a, b)):
         assert np.abs(first[row] - pipe.prompt_logits(prefill)[0, -1].numpy()).max() <= ATOL
-        assert tokens[row].tolist() == pipe.decode(prefill, 8)
+        assert tokens[row].tolist() == decode(pipe, prefill, 8)
 
 
 class _FakeProgram:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vtprune.config import PruneConfig
+from vtprune.runtime.generate import decode
 from vtprune.runtime.pipeline import PrunedVlm
 
 QUESTION = "what color is the shape ?"
@@ -82,7 +83,7 @@ def test_decoding_continues_from_the_unpruned_length(tiny_adapter, scene, monkey
     tiny_adapter_eos = tiny_adapter.eos_token_ids()
     monkeypatch.setattr(tiny_adapter, "eos_token_ids", lambda: set())  # force several decode steps
     try:
-        pipe.decode(pipe.build_prefill(inputs), max_new_tokens=4)
+        decode(pipe, pipe.build_prefill(inputs), 4)
     finally:
         monkeypatch.setattr(tiny_adapter, "eos_token_ids", lambda: tiny_adapter_eos)
     decode_positions = [p.flatten().unique().tolist() for p in seen[1:]]

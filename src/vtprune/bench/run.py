@@ -15,10 +15,11 @@ from vtprune import __version__
 from vtprune.bench.config import BenchConfig, Budget
 from vtprune.bench.load import background_load
 from vtprune.bench.schema import KIND, SCHEMA_VERSION, STAT_KEYS, validate_report
-from vtprune.bench.targets import RunInfo, Target, stage_metrics
+from vtprune.bench.targets import Target, stage_metrics
 from vtprune.bench.workload import Sample, describe, load_samples
 from vtprune.config import PruneConfig
 from vtprune.errors import BundleError, ConfigError
+from vtprune.runtime.generate import Generation
 from vtprune.runtime.report import Timing, environment, measure_stages, peak_rss_mb, reset_peak_rss
 
 Log = Callable[[str], None]
@@ -149,7 +150,7 @@ def _cuda_torch() -> Any:
 
 def bench_budget(target: Target, samples: list[Sample], cfg: BenchConfig, tick: Callable[[], None]) -> dict:
     """Warm-up and timed runs of one target, cycling through ``samples``; stats per stage plus run info."""
-    infos: list[RunInfo] = []
+    infos: list[Generation] = []
     gpu = GpuMemory(target.backend)
     state = {"i": 0}
 
@@ -168,25 +169,29 @@ def bench_budget(target: Target, samples: list[Sample], cfg: BenchConfig, tick: 
     return {"stats": stats, "infos": infos[cfg.warmup:], "memory": gpu.result()}
 
 
+# report token key -> ``Generation`` field
+TOKEN_FIELDS = {"visual_total": "visual_tokens_total", "visual_kept": "visual_tokens_kept", "prompt": "prompt_tokens",
+                "prefill": "prefill_tokens", "decode_steps": "decode_steps"}  # fmt: skip
+
+
 def _median_int(values: list[int]) -> int:
     return int(statistics.median_low(values))
 
 
 def budget_entry(budget: Budget, target: Target, measured: dict, rss_scope: str) -> dict[str, Any]:
     """The report's entry for one budget (see docs/report_schema.md)."""
-    infos: list[RunInfo] = measured["infos"]
+    infos: list[Generation] = measured["infos"]
     stats: dict[str, Timing] = measured["stats"]
-    tokens = {k: _median_int([getattr(i, k) for i in infos]) for k in
-              ("visual_total", "visual_kept", "prompt", "prefill", "decode_steps")}  # fmt: skip
+    tokens = {k: _median_int([getattr(i, field) for i in infos]) for k, field in TOKEN_FIELDS.items()}
     tokens["visual_pruned"] = tokens["visual_total"] - tokens["visual_kept"]
-    flops = min(infos, key=lambda i: abs(i.prefill - tokens["prefill"])).flops.to_dict()
+    flops = min(infos, key=lambda i: abs(i.prefill_tokens - tokens["prefill"])).flops.to_dict()
     flops["prefill_flops"] = 2 * flops["prefill_macs_pruned"]
     stages = {k: {s: getattr(t, s) for s in STAT_KEYS} for k, t in stats.items()}
     return {"label": budget.label, "keep": budget.keep, "prune": target.cfg.to_dict(),
             "bundle": target.subject()["bundle"], "bundle_fingerprint": target.subject()["bundle_fingerprint"],
             "tokens": tokens, "flops": flops, "stages": stages, "throughput": throughput(stages, tokens),
             "memory": {"peak_rss_mb": peak_rss_mb(), "rss_scope": rss_scope, **measured["memory"]},
-            "varies_across_images": len({(i.visual_total, i.prefill) for i in infos}) > 1}  # fmt: skip
+            "varies_across_images": len({(i.visual_tokens_total, i.prefill_tokens) for i in infos}) > 1}  # fmt: skip
 
 
 def throughput(stages: dict[str, dict], tokens: dict[str, int]) -> dict[str, float | None]:

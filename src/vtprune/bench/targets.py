@@ -1,51 +1,32 @@
 """Benchmark targets: one loaded runner (``OrtVlm`` or ``PrunedVlm``) at one budget, run once per call.
 
-Each run is timed by the runner's own ``StageTimer`` (plus an outer ``e2e`` stage); decoding runs exactly
-``new_tokens`` tokens with EOS ignored, as ``llm_bench``-style benchmarks do, so every budget decodes the
-same length. ``stage_metrics`` turns one run's stage times into the report's stages.
+Each run is ``runtime.generate``, timed by the runner's own ``StageTimer`` (plus an outer ``e2e`` stage);
+decoding runs exactly ``new_tokens`` tokens with EOS ignored, as ``llm_bench``-style benchmarks do, so
+every budget decodes the same length. ``stage_metrics`` turns one run's stage times into the report's stages.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from vtprune.bench.schema import STAGES
 from vtprune.bench.workload import Sample
 from vtprune.config import PruneConfig
-from vtprune.flops import FlopsReport
-from vtprune.runtime.timing import StageTimer
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """Token counts and FLOPs of one run."""
-
-    visual_total: int
-    visual_kept: int
-    prompt: int
-    prefill: int
-    decode_steps: int
-    flops: FlopsReport
+from vtprune.runtime.generate import Generation, generate
 
 
 class Target(Protocol):
     backend: str
     cfg: PruneConfig
 
-    def run(self, sample: Sample, new_tokens: int) -> tuple[dict[str, float], RunInfo]: ...
+    def run(self, sample: Sample, new_tokens: int) -> tuple[dict[str, float], Generation]: ...
 
     def subject(self) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
-
-
-def _cuda_sync_needed(provider: str) -> bool:
-    # ONNX Runtime's run() returns host numpy arrays, so it is synchronous on every provider.
-    return False
 
 
 class OrtTarget:
@@ -60,16 +41,8 @@ class OrtTarget:
         self.vlm = OrtVlm(bundle, provider, threads)
         self.cfg = self.vlm.cfg
 
-    def run(self, sample: Sample, new_tokens: int) -> tuple[dict[str, float], RunInfo]:
-        vlm, timer = self.vlm, StageTimer(_cuda_sync_needed(self.provider))
-        with timer.stage("e2e"):
-            with timer.stage("preprocess"):
-                inputs = vlm.inputs(sample.image, sample.prompt)
-            prefill = vlm.prefill_inputs(inputs, timer)
-            tokens = vlm.decode(prefill, new_tokens, timer, eos=set())
-        info = RunInfo(prefill["visual_total"], prefill["visual_kept"], prefill["prompt_len"],
-                       int(prefill["embeds"].shape[1]), len(tokens) - 1, vlm.flops(prefill))  # fmt: skip
-        return dict(timer.ms), info
+    def run(self, sample: Sample, new_tokens: int) -> tuple[dict[str, float], Generation]:
+        return timed_run(self.vlm, sample, new_tokens)
 
     def subject(self) -> dict[str, Any]:
         m = self.vlm.manifest
@@ -114,18 +87,8 @@ class TorchTarget:
         self.vlm = PrunedVlm(adapter, cfg)
         self.device = str(self.vlm.device)
 
-    def run(self, sample: Sample, new_tokens: int) -> tuple[dict[str, float], RunInfo]:
-        import torch
-
-        vlm, timer = self.vlm, self.vlm.timer()
-        with torch.inference_mode(), timer.stage("e2e"):
-            with timer.stage("preprocess"):
-                inputs = vlm.inputs(sample.image, sample.prompt)
-            prefill = vlm.build_prefill(inputs, timer)
-            tokens = vlm.decode(prefill, new_tokens, timer, eos=set())
-        info = RunInfo(prefill.layout.num_tokens, vlm.visual_kept(prefill), prefill.prompt_len,
-                       int(prefill.seq_keep.shape[1]), len(tokens) - 1, vlm.flops(prefill))  # fmt: skip
-        return dict(timer.ms), info
+    def run(self, sample: Sample, new_tokens: int) -> tuple[dict[str, float], Generation]:
+        return timed_run(self.vlm, sample, new_tokens)
 
     def subject(self) -> dict[str, Any]:
         return {"backend": "torch", "model": self.model, "family": self.adapter.family,
@@ -137,12 +100,20 @@ class TorchTarget:
         self.vlm = None  # type: ignore[assignment]
 
 
+def timed_run(runner: Any, sample: Sample, new_tokens: int) -> tuple[dict[str, float], Generation]:
+    """One request through ``runner`` inside an ``e2e`` stage, decoding exactly ``new_tokens`` (no EOS)."""
+    timer = runner.timer()
+    with timer.stage("e2e"):
+        gen = generate(runner, sample.image, sample.prompt, new_tokens, eos=set(), timer=timer)
+    return dict(timer.ms), gen
+
+
 def bundle_fingerprint(manifest: dict[str, Any]) -> str:
     """sha256 over the manifest's file digests: equal for copies of one bundle, whatever their path."""
     return hashlib.sha256(json.dumps(manifest.get("files", {}), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def stage_metrics(ms: dict[str, float], info: RunInfo) -> dict[str, float]:
+def stage_metrics(ms: dict[str, float], info: Generation) -> dict[str, float]:
     """One run's stage times -> the report's stages (``vision_prune``, ``ttft``, ``decode_per_token``)."""
     out = {k: v for k, v in ms.items() if k in ("preprocess", "vision", "prune", "embed", "prefill", "decode")}
     out["vision_prune"] = ms.get("vision", 0.0) + ms.get("prune", 0.0)

@@ -64,6 +64,7 @@ def compare_backends(
     """Rows of metrics comparing PyTorch (``adapter`` + ``cfg``) with ONNX Runtime (``bundle``), or with
     ``runner``: a loaded bundle runner such as ``TrtVlm``, judged like an fp16 bundle (kept sets within the
     fp16 tie margin, logits within the fp16 tolerances) since TensorRT may pick reduced-precision tactics."""
+    from vtprune.runtime.generate import decode
     from vtprune.runtime.ort import OrtVlm
     from vtprune.runtime.pipeline import Follow, PrunedVlm
     from vtprune.runtime.timing import StageTimer
@@ -95,9 +96,8 @@ def compare_backends(
     else:
         ref_logits = ref.prompt_logits(ref_pre)[:, -1].numpy()
     rows.append(_logits_row("prefill logits", ref_logits, bun_logits, precision))
-    with torch.inference_mode():
-        ref_tokens = ref.decode(ref_pre, steps, eos=set())
-    bun_tokens = bun.decode(bun_pre, steps, StageTimer(), eos=set())
+    ref_tokens = decode(ref, ref_pre, steps, eos=set())
+    bun_tokens = decode(bun, bun_pre, steps, eos=set())
     greedy = f"greedy tokens ({steps} steps)"
     rows.append(_greedy(greedy, np.array(ref_tokens), np.array(bun_tokens), precision, ref_logits))
     return rows

@@ -6,6 +6,7 @@ uses the bundle's own processor files; nothing of the original checkpoint is rea
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,8 @@ from vtprune.config import PruneConfig, SamplingConfig
 from vtprune.errors import BackendUnavailableError, ConfigError, InputError
 from vtprune.flops import FlopsReport, layer_macs, layerwise_prefill_macs, prefill_macs, prune_stage_macs
 from vtprune.prune.alvts import lowrank_selector_macs
+from vtprune.runtime.generate import Generation, PromptFacts, generate
 from vtprune.runtime.images import check_image_size
-from vtprune.runtime.pipeline import Generation
-from vtprune.runtime.report import peak_rss_mb
-from vtprune.runtime.sampling import TokenChooser, new_token_room
 from vtprune.runtime.timing import StageTimer
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -219,40 +218,30 @@ class OrtVlm:
             pre["selected"] = [result[n][0] for n in names if n.startswith("selected.")]
         return result["logits"][:, -1].astype(np.float32, copy=False), presents
 
-    def decode(self, prefill: dict[str, Any], max_new_tokens: int, timer: StageTimer, eos: set[int]) -> list[int]:
-        choose = TokenChooser(self.sampling)
-        next_pos = prefill["positions"].max(axis=-1, keepdims=True) + 1  # one past the unpruned prompt
-        max_new_tokens = new_token_room(self.adapter.config, int(next_pos.max()), max_new_tokens)
-        with timer.stage("prefill"):
-            logits, past = self.prefill(prefill)
-            token = choose(logits[0])
-        out: list[int] = []
-        with timer.stage("decode"):
-            for step in range(max_new_tokens):
-                out.append(token)
-                if token in eos or step == max_new_tokens - 1:
-                    break
-                emb = self.sessions["embed"].run(None, {"input_ids": np.array([[token]], np.int64)})[0]
-                logits, past = self.decoder_step(emb, next_pos + step, past)
-                token = choose(logits[0])
-        return out
+    # --- the runner contract (``runtime.generate``) ---------------------------------------------------
+    def timer(self) -> StageTimer:
+        return StageTimer()  # ONNX Runtime's run() returns host arrays: synchronous on every provider
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def next_position(self, pre: dict[str, Any]) -> np.ndarray:
+        return pre["positions"].max(axis=-1, keepdims=True) + 1
+
+    def facts(self, pre: dict[str, Any]) -> PromptFacts:
+        return PromptFacts(pre["visual_total"], pre["visual_kept"], pre["prompt_len"], int(pre["embeds"].shape[1]))
+
+    def first_logits(self, pre: dict[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        logits, past = self.prefill(pre)
+        return logits[0], past
+
+    def next_logits(self, token: int, position: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, Any]:
+        emb = self.sessions["embed"].run(None, {"input_ids": np.array([[token]], np.int64)})[0]
+        logits, past = self.decoder_step(emb, position, past)
+        return logits[0], past
 
     def generate(self, image: Any, prompt: str, max_new_tokens: int = 32, raw_prompt: bool = False) -> Generation:
-        timer = StageTimer()
-        with timer.stage("preprocess"):
-            inputs = self.inputs(image, prompt, raw_prompt)
-        prefill = self.prefill_inputs(inputs, timer)
-        eos = self.adapter.eos_token_ids()
-        tokens = self.decode(prefill, max_new_tokens, timer, eos)
-        answer = self.adapter.decode([t for t in tokens if t not in eos])
-        costs = self.layer_costs(prefill)
-        return Generation(
-            answer=answer, token_ids=tokens, method=self.cfg.method, keep=self.cfg.keep,
-            visual_tokens_total=prefill["visual_total"], visual_tokens_kept=prefill["visual_kept"],
-            prompt_tokens=prefill["prompt_len"], prefill_tokens=int(prefill["embeds"].shape[1]),
-            flops=self.flops(prefill), timings_ms=dict(timer.ms), peak_rss_mb=peak_rss_mb(),
-            layer_visual_tokens=costs[0] if costs else None, layer_macs=costs[1] if costs else None,
-        )  # fmt: skip
+        return generate(self, image, prompt, max_new_tokens, raw_prompt)
 
     def routed_rows(self, prefill: dict[str, Any]) -> dict[str, list[int]]:
         """In-LLM bundles: per decoder layer, the visual tokens, rows and key/value rows it processes and

@@ -8,8 +8,9 @@ the unpruned model would continue.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -22,10 +23,9 @@ from vtprune.flops import FlopsReport, layerwise_prefill_macs, prefill_macs, pru
 from vtprune.models.base import VlmAdapter
 from vtprune.prune import VisualLayout, merge_visual, select_visual, tie_margins
 from vtprune.prune.select import gather_positions, gather_tokens
+from vtprune.runtime.generate import Generation, PromptFacts, generate
 from vtprune.runtime.images import check_image_size
 from vtprune.runtime.layerwise import LayerwiseDecoder, build_router
-from vtprune.runtime.report import peak_rss_mb
-from vtprune.runtime.sampling import TokenChooser, new_token_room
 from vtprune.runtime.timing import StageTimer
 
 
@@ -57,43 +57,6 @@ class Follow:
 
     visual: Tensor | None = None
     layers: dict[int, Tensor] | None = None
-
-
-@dataclass
-class Generation:
-    """What ``PrunedVlm.generate`` returns; ``to_dict`` is the CLI's ``--json`` output."""
-
-    answer: str
-    token_ids: list[int]
-    method: str
-    keep: int | float | None
-    visual_tokens_total: int
-    visual_tokens_kept: int
-    prompt_tokens: int
-    prefill_tokens: int
-    flops: FlopsReport
-    timings_ms: dict[str, float] = field(default_factory=dict)
-    peak_rss_mb: float = 0.0
-    layer_visual_tokens: list[int] | None = None  # in-LLM methods: visual tokens each decoder layer processed
-    layer_macs: list[int] | None = None  # in-LLM methods: prefill MACs of each decoder layer (selector included)
-
-    @property
-    def ttft_ms(self) -> float:
-        """Time to first token: every stage up to and including prefill (which yields token 1)."""
-        return sum(v for k, v in self.timings_ms.items() if k != "decode")
-
-    @property
-    def decode_tokens_per_s(self) -> float | None:
-        steps = len(self.token_ids) - 1  # the first token comes from prefill
-        ms = self.timings_ms.get("decode", 0.0)
-        return steps / (ms / 1e3) if steps > 0 and ms > 0 else None
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["flops"] = self.flops.to_dict()
-        out["ttft_ms"], out["decode_tokens_per_s"] = self.ttft_ms, self.decode_tokens_per_s
-        return out
-
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -241,34 +204,47 @@ class PrunedVlm:
         hidden = self.decoder_step(prefill.embeds, prefill.position_ids, self.new_cache())
         return self.adapter.lm_head(hidden)
 
-    @torch.inference_mode()
-    @on_model_device
-    def decode(
-        self, prefill: Prefill, max_new_tokens: int, timer: StageTimer | None = None, eos: set[int] | None = None
-    ) -> list[int]:
-        """Greedy decoding after a prefill; stops at an EOS token (``eos``, default the model's; pass an
-        empty set to never stop early) or after ``max_new_tokens``."""
-        timer, cache, choose = timer or self.timer(), self.new_cache(), TokenChooser(self.sampling)
-        eos = self.adapter.eos_token_ids() if eos is None else eos
-        next_pos = prefill.position_ids.amax(dim=-1, keepdim=True) + 1  # one past the unpruned prompt
-        max_new_tokens = new_token_room(self.adapter.config, int(next_pos.max()), max_new_tokens)
-        step = self.decoder_step
-        with timer.stage("prefill"):
-            if self.cfg.in_llm:
-                layerwise, hidden = self.layerwise_prefill(prefill, cache)
-                step = layerwise.step
-            else:
-                hidden = self.decoder_step(prefill.embeds, prefill.position_ids, cache)
-            token = choose(self._last_logits(hidden))
-        out: list[int] = []
-        with timer.stage("decode"):
-            for i in range(max_new_tokens):
-                out.append(token)
-                if token in eos or i == max_new_tokens - 1:
-                    break
-                embeds = self.adapter.embed_tokens(torch.tensor([[token]]))
-                token = choose(self._last_logits(step(embeds, next_pos + i, cache)))
-        return out
+    # --- the runner contract (``runtime.generate``) ---------------------------------------------------
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """Inference mode, with the model's device as the default for new tensors."""
+        with torch.inference_mode(), self.device:
+            yield
+
+    def prefill_inputs(self, inputs: dict[str, Tensor], timer: StageTimer) -> Prefill:
+        return self.build_prefill(inputs, timer)
+
+    def next_position(self, prefill: Prefill) -> Tensor:
+        return prefill.position_ids.amax(dim=-1, keepdim=True) + 1
+
+    def facts(self, prefill: Prefill) -> PromptFacts:
+        return PromptFacts(prefill.layout.num_tokens, self.visual_kept(prefill), prefill.prompt_len,
+                           int(prefill.seq_keep.shape[1]))  # fmt: skip
+
+    def first_logits(self, prefill: Prefill) -> tuple[Any, tuple[Callable, Any]]:
+        """The prompt through the decoder (routed layer by layer for in-LLM methods): last logits and the
+        decoding state (the step function and its cache)."""
+        cache = self.new_cache()
+        if self.cfg.in_llm:
+            layerwise, hidden = self.layerwise_prefill(prefill, cache)
+            return self._last_logits(hidden), (layerwise.step, cache)
+        hidden = self.decoder_step(prefill.embeds, prefill.position_ids, cache)
+        return self._last_logits(hidden), (self.decoder_step, cache)
+
+    def next_logits(self, token: int, position: Tensor, state: tuple[Callable, Any]) -> tuple[Any, Any]:
+        step, cache = state
+        embeds = self.adapter.embed_tokens(torch.tensor([[token]]))
+        return self._last_logits(step(embeds, position, cache)), state
+
+    def layer_costs(self, prefill: Prefill) -> tuple[list[int], list[int]] | None:
+        """In-LLM methods, after a prefill: visual tokens and prefill MACs of each decoder layer."""
+        if not self.cfg.in_llm:
+            return None
+        return list(self.last_trace.visual), self.last_trace.layer_macs(self.adapter.text_dims())
+
+    def generate(self, image: Any, prompt: str, max_new_tokens: int = 32, raw_prompt: bool = False) -> Generation:
+        """Answer ``prompt`` about ``image`` with pruned visual tokens; per-stage wall times included."""
+        return generate(self, image, prompt, max_new_tokens, raw_prompt)
 
     def layerwise_prefill(self, prefill: Prefill, cache: Any) -> tuple[LayerwiseDecoder, Tensor]:
         """In-LLM methods: the routed layer-by-layer prefill; the trace is kept in ``self.last_trace``."""
@@ -282,24 +258,6 @@ class PrunedVlm:
 
     def _last_logits(self, hidden: Tensor) -> Any:
         return self.adapter.lm_head(hidden[:, -1])[0].float().cpu().numpy()  # (V,)
-
-    @on_model_device
-    def generate(self, image: Any, prompt: str, max_new_tokens: int = 32, raw_prompt: bool = False) -> Generation:
-        """Answer ``prompt`` about ``image`` with pruned visual tokens; per-stage wall times included."""
-        timer = self.timer()
-        with timer.stage("preprocess"):
-            inputs = self.inputs(image, prompt, raw_prompt)
-        prefill = self.build_prefill(inputs, timer)
-        tokens = self.decode(prefill, max_new_tokens, timer)
-        answer = self.adapter.decode([t for t in tokens if t not in self.adapter.eos_token_ids()])
-        return Generation(
-            answer=answer, token_ids=tokens, method=self.cfg.method, keep=self.cfg.keep,
-            visual_tokens_total=prefill.layout.num_tokens, visual_tokens_kept=self.visual_kept(prefill),
-            prompt_tokens=prefill.prompt_len, prefill_tokens=int(prefill.seq_keep.shape[1]),
-            flops=self.flops(prefill), timings_ms=dict(timer.ms), peak_rss_mb=peak_rss_mb(),
-            layer_visual_tokens=list(self.last_trace.visual) if self.cfg.in_llm else None,
-            layer_macs=self.last_trace.layer_macs(self.adapter.text_dims()) if self.cfg.in_llm else None,
-        )  # fmt: skip
 
     def visual_kept(self, prefill: Prefill) -> int:
         """Visual tokens kept: after the pruning stage, or the fewest any decoder layer processed (in-LLM)."""

@@ -73,6 +73,7 @@ class _Recorder:
 
 def record_feeds(bundle: Path, image: Any, prompt: str, steps: int) -> tuple[Any, dict[str, list[dict]]]:
     """Run the bundle in ONNX Runtime (prefill + ``steps`` greedy tokens); return it and each graph's feeds."""
+    from vtprune.runtime.generate import decode
     from vtprune.runtime.ort import OrtVlm
     from vtprune.runtime.timing import StageTimer
 
@@ -80,7 +81,7 @@ def record_feeds(bundle: Path, image: Any, prompt: str, steps: int) -> tuple[Any
     recorders = {g: _Recorder(s, 1 + steps) for g, s in ort_vlm.sessions.items()}
     ort_vlm.sessions = recorders
     pre = ort_vlm.prefill_inputs(ort_vlm.inputs(ort_vlm._fit_image(image), prompt), StageTimer())
-    ort_vlm.decode(pre, steps, StageTimer(), eos=set())
+    decode(ort_vlm, pre, steps, eos=set())
     ort_vlm.sessions = {g: r.session for g, r in recorders.items()}
     return ort_vlm, {g: r.feeds for g, r in recorders.items()}
 
