@@ -18,12 +18,14 @@ import json
 import sys
 from pathlib import Path
 
+from vtprune.api import export_bundle
 from vtprune.bench.config import BenchConfig, Budget
 from vtprune.bench.run import bench_budget, budget_entry, ensure_bundle
 from vtprune.bench.targets import OrtTarget
 from vtprune.bench.workload import load_samples
 from vtprune.config import PruneConfig
-from vtprune.export.bundle import MANIFEST, ExportConfig, export_bundle
+from vtprune.export.bundle import ExportConfig
+from vtprune.manifest import MANIFEST
 from vtprune.runtime.report import environment
 
 SWEEP = Path("benchmarks/results/pocket/sweep/sweep.json")

@@ -46,8 +46,8 @@ OPENVINO = {"OpenVINO fp32 (f32 compute)": ("fp32", {"INFERENCE_PRECISION_HINT":
 def vtprune_worker(bundle: str, images: list[str]) -> None:
     from PIL import Image
 
+    from vtprune.backends.ort import OrtVlm
     from vtprune.runtime.generate import generate
-    from vtprune.runtime.ort import OrtVlm
 
     vlm = OrtVlm(bundle)
     pics = [Image.open(p).convert("RGB") for p in images]

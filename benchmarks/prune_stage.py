@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 import vtprune.export.ops  # noqa: F401
+from vtprune.backends.ort import make_session
+from vtprune.check.validate import iou
 from vtprune.config import PruneConfig
 from vtprune.export.onnx_io import export_module
-from vtprune.export.validate import iou
 from vtprune.export.vision import prune_tokens
-from vtprune.runtime.ort import make_session
 from vtprune.runtime.report import environment, measure
 
 CASES = [(256, 576, 64), (576, 4096, 192), (576, 4096, 128), (576, 4096, 64), (2304, 4096, 640), (2304, 4096, 320)]

@@ -26,8 +26,9 @@ METHODS = {"none": {"method": "none"}, "gprune-64": {"method": "gprune", "keep":
 
 def bundle_for(work: Path, fmt: str, name: str, log: Any) -> Path:
     """The pocket bundle of ``fmt`` and method ``name`` (exported once into ``work``, reused after)."""
+    from vtprune.api import export_bundle
     from vtprune.config import PruneConfig
-    from vtprune.export.bundle import ExportConfig, export_bundle
+    from vtprune.export.bundle import ExportConfig
 
     out = work / f"{name}-{fmt}"
     if not (out / "manifest.json").is_file():
@@ -60,10 +61,10 @@ def latency_rounds(vlms: dict[str, Any], images: list, rounds: int) -> dict[str,
 def main() -> None:
     import sys
 
+    from vtprune.backends.ort import OrtVlm
     from vtprune.eval.data import load_questions, subsample
     from vtprune.eval.harness import _ImageCache
-    from vtprune.export.bundle import read_manifest
-    from vtprune.runtime.ort import OrtVlm
+    from vtprune.manifest import read_manifest
     from vtprune.runtime.report import environment
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

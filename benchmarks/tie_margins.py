@@ -44,8 +44,8 @@ class Stage(torch.nn.Module):
 def ort_kept(feats: torch.Tensor, method: str, k: int, tmp: Path) -> np.ndarray:
     """(images, k) ONNX Runtime's kept indices, image by image (batch 1, as the bundles run)."""
     import vtprune.export.ops  # noqa: F401
+    from vtprune.backends.ort import make_session
     from vtprune.export.onnx_io import export_module
-    from vtprune.runtime.ort import make_session
 
     path = tmp / f"{method}_{k}.onnx"
     export_module(Stage(method, k), (feats[:2],), path, ["x"], ["tokens", "indices"],
@@ -56,8 +56,8 @@ def ort_kept(feats: torch.Tensor, method: str, k: int, tmp: Path) -> np.ndarray:
 
 def judge(feats: torch.Tensor, kept: dict[str, np.ndarray]) -> dict:
     """In this process's kernels: per method and budget, PyTorch's set vs ONNX Runtime's, and its margin."""
+    from vtprune.check.validate import iou
     from vtprune.config import PruneConfig
-    from vtprune.export.validate import iou
     from vtprune.prune import SELECTORS
 
     out = {}

@@ -44,7 +44,7 @@ def main() -> int:
     p.add_argument("--pocket", action="store_true", help="also the pocket VLM (needs its wheels)")
     p.add_argument("--cache-dir", type=Path)
     args = p.parse_args()
-    from vtprune.demo import scene_image
+    from vtprune.images import scene_image
 
     image, failures = scene_image(), 0
     models = sorted(TINY_MODELS) + (["pocket"] if args.pocket else [])

@@ -117,7 +117,7 @@ class FeatureStore:
 
     @torch.no_grad()
     def _compute(self, image_ids: list[int]) -> None:
-        from vtprune.runtime.images import load_image
+        from vtprune.images import load_image
 
         images = [load_image(self.paths[i]) for i in image_ids]
         pixels = self.adapter.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
@@ -140,7 +140,7 @@ class FeatureStore:
 
 def check_features(adapter: Any, store: FeatureStore, image_id: int) -> float:
     """Max abs diff of projector(store features) vs the adapter's own vision path; must be ~0."""
-    from vtprune.runtime.images import load_image
+    from vtprune.images import load_image
 
     image = load_image(store.paths[image_id])
     pixels = adapter.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]

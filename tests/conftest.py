@@ -53,7 +53,7 @@ def tiny_adapter(request: pytest.FixtureRequest, tiny_dirs: dict[str, Path]):
 @pytest.fixture(scope="session")
 def scene():
     """A synthetic 320x240 RGB scene with two shapes."""
-    from vtprune.demo import scene_image
+    from vtprune.images import scene_image
 
     return scene_image()
 
@@ -72,7 +72,8 @@ BUNDLE_CFG = PruneConfig(method="gprune", keep=0.25)  # every test bundle is exp
 @pytest.fixture(scope="session")
 def bundles(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str, Path]:
     """A validated bundle (with --inline) per tiny family, exported once per session."""
-    from vtprune.export.bundle import ExportConfig, export_bundle
+    from vtprune.api import export_bundle
+    from vtprune.export.bundle import ExportConfig
 
     root = tmp_path_factory.mktemp("bundles")
     out = {}

@@ -189,7 +189,7 @@ CASES: dict[str, Case] = {
     "raw-prompt-two-slots-qwen": lambda t, d, p: (
         _model("tiny-qwen2.5-vl", p, "--raw-prompt", prompt=QWEN_PROMPT.replace("<|image_pad|>", "<|image_pad|>" * 2)),
         ("'<|image_pad|>'", "found 2")),
-    "max-new-tokens-zero": lambda t, d, p: (_model("tiny-llava", p, "--max-new-tokens", "0"), ("--max-new-tokens 0",)),
+    "max-new-tokens-zero": lambda t, d, p: (_model("tiny-llava", p, "--max-new-tokens", "0"), ("--max-new-tokens: 0",)),
     "max-new-tokens-not-int": lambda t, d, p: (_model("tiny-llava", p, "--max-new-tokens", "x"), ("--max-new-tokens",)),
     # arguments
     "dtype-unknown": lambda t, d, p: (_model("tiny-llava", p, "--dtype", "fp8"), ("--dtype",)),

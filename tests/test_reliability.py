@@ -335,7 +335,7 @@ def test_unlisted_processor_files_are_not_read(bundle_copy):
 def test_external_data_must_be_a_listed_bundle_file(bundle_copy, tmp_path):
     import onnx
 
-    from vtprune.runtime.ort import OrtVlm
+    from vtprune.backends.ort import OrtVlm
 
     model = onnx.load(str(bundle_copy / "embed.onnx"))
     onnx.save(model, str(tmp_path / "e.onnx"), save_as_external_data=True, location="embed.data",
@@ -373,7 +373,7 @@ def test_huge_images_are_refused_before_decoding(tmp_path, capsys, side):
 def test_the_pixel_cap_is_configurable(tmp_path, monkeypatch):
     from PIL import Image
 
-    from vtprune.runtime.images import load_image
+    from vtprune.images import load_image
 
     Image.new("RGB", (100, 100)).save(tmp_path / "a.png")
     monkeypatch.setenv("VTPRUNE_MAX_IMAGE_PIXELS", "5000")
@@ -387,7 +387,7 @@ def test_the_pixel_cap_is_configurable(tmp_path, monkeypatch):
 def test_16_bit_grey_images_keep_their_tones(tmp_path):
     from PIL import Image
 
-    from vtprune.runtime.images import load_image
+    from vtprune.images import load_image
 
     ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "g16.png")

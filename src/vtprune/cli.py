@@ -15,15 +15,8 @@ from vtprune import __version__
 from vtprune.bench.cli import BENCH_COMMANDS
 from vtprune.bench.cli import add_commands as add_bench_commands
 from vtprune.calib.cli import add_calib_command, cmd_calib
-from vtprune.cliargs import count, new_tokens, seed, text, threads
+from vtprune.cliargs import add_model_args, add_prune_args, count, new_tokens, prune_config, seed, text, threads
 from vtprune.config import (
-    BUDGET_MODES,
-    DEGREE_MODES,
-    METHODS,
-    POSITION_MODES,
-    QUERY_SETS,
-    SELECTOR_KINDS,
-    SKIP_MODES,
     PruneConfig,
     SamplingConfig,
     parse_keep,
@@ -39,49 +32,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", required=required, help="pocket | tiny-llava | tiny-llava-next | tiny-qwen2.5-vl | DIR")
-    g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="model weights dtype")
-    g.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights; only if you trust them")
-    g.add_argument("--cache-dir", type=Path, help="where built-in tiny models are written (default ~/.cache/vtprune)")
-
-
-def _add_prune_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("pruning")
-    g.add_argument("--method", choices=METHODS, help="pruning method (default: gprune if --keep is given, else none)")
-    g.add_argument("--keep", type=str, help="visual tokens kept: a count K (e.g. 64) or a ratio (0.25 or 25%%)")
-    d = PruneConfig()
-    g.add_argument("--theta", type=float, default=d.theta, help="G-Prune cosine edge threshold")
-    g.add_argument("--tau", type=float, default=d.tau, help="G-Prune softmax temperature")
-    g.add_argument("--iters", type=count(0, 1000), default=d.iters, help="G-Prune propagation steps")
-    g.add_argument("--degree", choices=DEGREE_MODES, default=d.degree, help="G-Prune degree counting")
-    g.add_argument("--positions", choices=POSITION_MODES, default=d.positions, help="position ids of kept tokens")
-    g.add_argument("--layer", type=int, default=None, help="in-LLM methods: ALVTS's first selecting layer l0, "
-                   "FastV/DART's pruning layer K (default: 12 for alvts, 2 for fastv/dart)")  # fmt: skip
-    g.add_argument("--rank", type=int, default=d.rank, help="ALVTS data-free selector rank (default: %(default)s)")
-    g.add_argument("--query", choices=QUERY_SETS, default=d.query, help="ALVTS query set (default: %(default)s)")
-    g.add_argument("--skip", choices=SKIP_MODES, default=d.skip, help="ALVTS skipped tokens: full, or kv "
-                   "(still give keys/values) (default: %(default)s)")  # fmt: skip
-    g.add_argument("--budget", choices=BUDGET_MODES, default=d.budget, help="ALVTS per-layer budget: constant "
-                   "k, or flops (matched to keeping --keep tokens in every layer) (default: %(default)s)")  # fmt: skip
-    g.add_argument("--selector", choices=SELECTOR_KINDS, default=d.selector, help="ALVTS selector: lowrank "
-                   "(RoPE-free proxy) or exact (recomputed attention rows) (default: %(default)s)")  # fmt: skip
-    g.add_argument("--factors", type=Path, help="ALVTS calibrated selector factors ('vtprune calib alvts' output)")
-    g.add_argument("--prune-seed", type=seed, default=d.seed, help="random: seed of the kept tokens (default: 0)")
-
-
-def prune_config(args: argparse.Namespace) -> PruneConfig:
-    keep = parse_keep(args.keep) if args.keep is not None else None
-    method = args.method or ("gprune" if keep is not None else "none")
-    factors = str(args.factors) if args.factors is not None else None
-    return PruneConfig(
-        method=method, keep=keep, theta=args.theta, tau=args.tau, iters=args.iters, degree=args.degree,
-        positions=args.positions, layer=args.layer, rank=args.rank, query=args.query, skip=args.skip,
-        budget=args.budget, selector=args.selector, factors=factors, seed=args.prune_seed,
-    )  # fmt: skip
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vtprune", description="Export and run vision-language models with visual-token pruning.")
     parser.add_argument("--version", action="version", version=f"vtprune {__version__}")
@@ -90,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="answer a prompt about an image: a bundle (ONNX Runtime) or --model (PyTorch)")
     run.add_argument("bundle", nargs="?", type=Path, help="bundle directory from 'vtprune export' (ONNX Runtime)")
-    _add_model_args(run, required=False)
+    add_model_args(run, required=False)
     run.add_argument("--backend", choices=("ort", "trt"), default="ort",
                      help="bundle only: ort = ONNX Runtime (default), trt = the bundle's TensorRT engines (GPU)")
     run.add_argument("--provider", default="cpu", help="bundle only: ONNX Runtime provider cpu | cuda | tensorrt")
@@ -106,10 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=count(0), default=0, help="sample among the k most likely tokens (0 = all)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     g.add_argument("--seed", type=seed, default=0, help="sampling seed")
-    _add_prune_args(run)
+    add_prune_args(run)
 
     exp = sub.add_parser("export", help="export vision+pruning, embedding and decoder ONNX graphs into a bundle")
-    _add_model_args(exp)
+    add_model_args(exp)
     exp.add_argument("--out", required=True, type=Path, help="bundle directory to create")
     exp.add_argument("--opset", type=int, default=18, help="ONNX opset (18..23)")
     exp.add_argument("--inline", action="store_true", help="also write vision.inlined.onnx without local functions")
@@ -119,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--weights", choices=["int8", "int4"],
                      help="weight-only quantized language model for ONNX Runtime (MatMulNBits); "
                           "the vision graph, pruning and selectors stay fp32")  # fmt: skip
-    _add_prune_args(exp)
+    add_prune_args(exp)
 
     build = sub.add_parser("build", help="build TensorRT engines for a bundle (TensorRT, or TensorRT for RTX)")
     build.add_argument("bundle", type=Path, help="bundle directory from 'vtprune export'")
@@ -162,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from vtprune.runtime.images import load_image
+    from vtprune.images import load_image
 
     if args.max_new_tokens < 1:
         raise VtpruneError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
@@ -179,11 +129,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.backend == "trt":
             if args.provider != "cpu" or args.threads:
                 raise VtpruneError("--provider and --threads are ONNX Runtime settings; --backend trt takes neither")
-            from vtprune.runtime.trt.runner import TrtVlm
+            from vtprune.backends.trt.runner import TrtVlm
 
             runner, label = TrtVlm(args.bundle, sampling=sampling), f"{args.bundle} (tensorrt)"
         else:
-            from vtprune.runtime.ort import OrtVlm
+            from vtprune.backends.ort import OrtVlm
 
             runner = OrtVlm(args.bundle, args.provider, args.threads, sampling=sampling)
             label = f"{args.bundle} (onnxruntime {args.provider})"
@@ -205,7 +155,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from vtprune.export.bundle import ExportConfig, export_bundle
+    from vtprune.api import export_bundle
+    from vtprune.export.bundle import ExportConfig
 
     export = ExportConfig(opset=args.opset, dtype=args.dtype, inline=args.inline, validate=not args.no_validate,
                           force=args.force, reuse_lm_from=args.reuse_lm_from, weights=args.weights)  # fmt: skip
@@ -213,7 +164,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     def log(msg: str) -> None:
         print(f"vtprune export: {msg}", file=sys.stderr, flush=True)
 
-    from vtprune.export.validate import format_rows
+    from vtprune.check.validate import format_rows
 
     manifest = export_bundle(args.model, prune_config(args), export, args.out, args.cache_dir, log)
     checks = manifest.get("validation", {}).get("checks", [])
@@ -249,7 +200,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from vtprune.runtime.trt.engines import BuildConfig, build_bundle
+    from vtprune.backends.trt.engines import BuildConfig, build_bundle
 
     cfg = BuildConfig(args.precision, args.target, args.workspace_mb, args.max_batch, args.max_seq,
                       None if args.graphs is None else tuple(g.strip() for g in args.graphs.split(",") if g.strip()),
@@ -263,16 +214,15 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from vtprune.demo import scene_image
-    from vtprune.export.validate import compare_backends, format_rows
+    from vtprune.check.validate import compare_backends, format_rows
+    from vtprune.images import load_image, scene_image
     from vtprune.manifest import read_manifest
     from vtprune.models import load_vlm
-    from vtprune.runtime.images import load_image
 
     manifest = read_manifest(args.bundle)
     runner = None
     if args.backend == "trt":  # loaded first: a machine without a GPU is told before the model loads
-        from vtprune.runtime.trt.runner import TrtVlm
+        from vtprune.backends.trt.runner import TrtVlm
 
         runner = TrtVlm(args.bundle, verify=False)
     adapter = load_vlm(args.model or manifest["model"]["source"], cache_dir=args.cache_dir)
@@ -280,7 +230,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = PruneConfig.from_dict(manifest["prune"])
     rows = compare_backends(adapter, cfg, args.bundle, image, args.prompt, args.steps, runner)
     if runner is not None:  # and every engine against ONNX Runtime on ONNX Runtime's own feeds
-        from vtprune.runtime.trt.parity import engine_parity
+        from vtprune.check.parity import engine_parity
 
         rows += engine_parity(args.bundle, runner, image, args.prompt)
     print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
@@ -308,7 +258,7 @@ def _quiet_libraries() -> None:
 def _print_table(exc: VtpruneError) -> None:
     """A failed validation's per-check table, after its one-line error."""
     if isinstance(exc, AccuracyError) and exc.table:
-        from vtprune.export.validate import format_rows
+        from vtprune.check.validate import format_rows
 
         print(format_rows(exc.table), file=sys.stderr)
 

@@ -14,25 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from vtprune.config import PruneConfig
+from vtprune.images import scene_image  # noqa: F401  (the demo scene, re-exported)
 
 REPEATS = 3
 DEMO_ALVTS_KEEP = 28  # the ALVTS headline budget: k = 28 of 256 visual tokens per layer from l0 on
 
 
-def scene_image(width: int = 320, height: int = 240) -> Any:
-    """A synthetic scene: a red circle and a blue rectangle on a gray background."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (width, height), (128, 128, 128))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((40, 60, 140, 160), fill=(220, 30, 30))
-    draw.rectangle((190, 40, 290, 200), fill=(30, 60, 220))
-    return image
-
-
 def demo_inputs(model: str, image_path: Path | None, prompt: str | None) -> list[tuple[str, Any, str, str | None]]:
     """(label, image, question, gold answer) items: the user's, or an easy-vqa image plus a photo."""
-    from vtprune.runtime.images import load_image
+    from vtprune.images import load_image
 
     if image_path is not None:
         return [(str(image_path), load_image(image_path), prompt or "what is in the image ?", None)]
@@ -54,7 +44,7 @@ def _photo() -> Any:
     try:
         import matplotlib
 
-        from vtprune.runtime.images import load_image
+        from vtprune.images import load_image
 
         return load_image(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg")
     except (ImportError, Exception):  # noqa: BLE001
@@ -77,7 +67,8 @@ def demo_bundles(model: str, keep: int | float, cache_dir: Path | None, log: Any
                  alvts_keep: int | None = None) -> dict[str, Path]:  # fmt: skip
     """The ``demo_configs`` bundles of ``model``, exported once into the cache (the pre-LLM ones share LM
     graphs; the ALVTS bundle has its own routed prefill and decode graphs)."""
-    from vtprune.export.bundle import ExportConfig, export_bundle, tool_versions
+    from vtprune.api import export_bundle
+    from vtprune.export.bundle import ExportConfig, tool_versions
     from vtprune.manifest import read_manifest
     from vtprune.models.tiny import default_cache_dir
 
@@ -120,7 +111,7 @@ def run_demo(model: str, image_path: Path | None, prompt: str | None, keep: int 
              alvts_keep: int | None = None) -> int:  # fmt: skip
     import sys
 
-    from vtprune.runtime.ort import OrtVlm
+    from vtprune.backends.ort import OrtVlm
 
     def log(msg: str) -> None:
         print(f"  {msg}", file=sys.stderr, flush=True)

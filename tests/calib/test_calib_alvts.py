@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from vtprune.calib.alvts import calibrate, load_factors, save_factors
+from vtprune.calib.alvts import calibrate
 from vtprune.calib.config import CalibConfig
 from vtprune.config import PruneConfig
 from vtprune.errors import CheckpointError, ConfigError, InputError
+from vtprune.prune.factors import load_factors, save_factors
 from vtprune.runtime.pipeline import PrunedVlm
 
 

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import FAMILIES
+from vtprune.api import export_bundle
 from vtprune.config import PRE_LLM_METHODS, PruneConfig
-from vtprune.export.bundle import ExportConfig, export_bundle, read_manifest
+from vtprune.export.bundle import ExportConfig
+from vtprune.manifest import read_manifest
 
 # G-Prune: tests/export/test_bundle.py; VisionZip (tiny-llava only, refused elsewhere): test_visionzip_export.py
 BASELINES = [m for m in PRE_LLM_METHODS if m not in ("gprune", "visionzip")]
@@ -44,13 +46,13 @@ def test_export_is_validated_and_the_vision_graph_is_standard_ops_plus_topk_rout
 
 
 def _other_image():
-    from vtprune.demo import scene_image
+    from vtprune.images import scene_image
 
     return scene_image().resize((280, 120))  # not the export sample; LLaVA-NeXT picks a smaller grid
 
 
 def test_kept_indices_match_pytorch_on_another_image(baseline_bundle, tiny_dirs):
-    from vtprune.export.validate import compare_backends
+    from vtprune.check.validate import compare_backends
     from vtprune.models import load_vlm
 
     cfg = PruneConfig.from_dict(read_manifest(baseline_bundle)["prune"])
@@ -61,7 +63,7 @@ def test_kept_indices_match_pytorch_on_another_image(baseline_bundle, tiny_dirs)
 
 
 def _vision_outputs(bundle: Path) -> list[np.ndarray]:
-    from vtprune.runtime.ort import OrtVlm
+    from vtprune.backends.ort import OrtVlm
 
     vlm = OrtVlm(bundle)
     inputs = vlm.inputs(vlm._fit_image(_other_image()), PROMPT)
@@ -82,8 +84,8 @@ def test_vision_graph_outputs_follow_the_method(baseline_bundle):
 
 def test_vision_graph_builds_with_tensorrt_rtx(baseline_bundle):
     pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX (pip install 'vtprune[trt]') is not installed")
-    from vtprune.runtime.trt.build import build_engine
-    from vtprune.runtime.trt.profiles import ProfileLimits, profiles_from_onnx
+    from vtprune.backends.trt.build import build_engine
+    from vtprune.backends.trt.profiles import ProfileLimits, profiles_from_onnx
 
     path = baseline_bundle / "vision.onnx"
     result = build_engine(path, profiles_from_onnx(path, ProfileLimits(batch=(1, 1, 2))), target="sm89")

@@ -11,9 +11,11 @@ import pytest
 
 from tests.conftest import BUNDLE_CFG as CFG
 from tests.conftest import FAMILIES
+from vtprune.api import export_bundle
 from vtprune.config import PruneConfig
 from vtprune.errors import AccuracyError, BundleError
-from vtprune.export.bundle import ExportConfig, export_bundle, read_manifest
+from vtprune.export.bundle import ExportConfig
+from vtprune.manifest import read_manifest
 from vtprune.runtime.pipeline import PrunedVlm
 
 PROMPT = "what color is the shape ?"
@@ -48,7 +50,7 @@ def test_vision_graph_holds_the_pruning_ops_with_function_bodies(bundle):
 
 
 def test_inlined_vision_graph_gives_identical_outputs(bundle):
-    from vtprune.runtime.ort import OrtVlm, make_session
+    from vtprune.backends.ort import OrtVlm, make_session
 
     vlm = OrtVlm(bundle)
     inputs = vlm.inputs(vlm._fit_image(_image()), PROMPT)
@@ -60,14 +62,14 @@ def test_inlined_vision_graph_gives_identical_outputs(bundle):
 
 
 def _image():
-    from vtprune.demo import scene_image
+    from vtprune.images import scene_image
 
     return scene_image().resize((200, 300))  # not the export sample
 
 
 def test_ort_generation_matches_pytorch(bundle, tiny_dirs):
+    from vtprune.backends.ort import OrtVlm
     from vtprune.models import load_vlm
-    from vtprune.runtime.ort import OrtVlm
 
     vlm = OrtVlm(bundle)
     image = vlm._fit_image(_image())
@@ -122,7 +124,7 @@ def test_existing_output_needs_force_and_non_bundles_are_never_replaced(tmp_path
 
 
 def test_failed_validation_leaves_nothing_behind(tmp_path, cache_dir, monkeypatch):
-    import vtprune.export.validate as validate
+    import vtprune.check.validate as validate
 
     monkeypatch.setitem(validate.ATOL, "logits", -1.0)  # no difference can pass
     with pytest.raises(AccuracyError) as info:
@@ -133,8 +135,8 @@ def test_failed_validation_leaves_nothing_behind(tmp_path, cache_dir, monkeypatc
 
 def test_every_graph_parses_and_builds_with_tensorrt(bundle):
     pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX (pip install 'vtprune[trt]') is not installed")
-    from vtprune.runtime.trt.build import build_engine
-    from vtprune.runtime.trt.profiles import ProfileLimits, profiles_from_onnx
+    from vtprune.backends.trt.build import build_engine
+    from vtprune.backends.trt.profiles import ProfileLimits, profiles_from_onnx
 
     limits = ProfileLimits(batch=(1, 1, 2), sequence=(1, 32, 128), past=(0, 32, 128))
     for graph in ("vision", "embed", "decoder"):
@@ -144,9 +146,9 @@ def test_every_graph_parses_and_builds_with_tensorrt(bundle):
 
 
 def test_seeded_sampling_matches_between_runtimes(bundles, tiny_dirs):
+    from vtprune.backends.ort import OrtVlm
     from vtprune.config import SamplingConfig
     from vtprune.models import load_vlm
-    from vtprune.runtime.ort import OrtVlm
 
     sampling = SamplingConfig(temperature=1.0, top_p=0.95, seed=5)
     vlm = OrtVlm(bundles["tiny-llava"], sampling=sampling)
@@ -166,7 +168,7 @@ def test_check_command_reports_parity_metrics(bundles, cache_dir, capsys):
 
 
 def test_iou_and_cosine():
-    from vtprune.export.validate import cosine, iou
+    from vtprune.check.validate import cosine, iou
 
     assert iou(np.array([1, 2, 3]), np.array([2, 3, 4])) == 0.5 and iou(np.array([]), np.array([])) == 1.0
     assert cosine(np.array([1.0, 0.0]), np.array([0.0, 2.0])) == 0.0
@@ -187,7 +189,7 @@ def test_lm_graphs_reused_from_a_bundle_of_the_same_model(bundles, tmp_path, cac
 def test_sessions_spin_only_while_a_run_is_in_flight(bundles):
     """Three sessions share the cores: each pool spins during its own run (13% faster vision graph than
     no spinning) and stops when the run returns (idle spinning pools slowed generation 2.7-3.3x)."""
-    from vtprune.runtime.ort import make_session
+    from vtprune.backends.ort import make_session
 
     opts = make_session(bundles["tiny-llava"] / "embed.onnx").get_session_options()
     assert opts.get_session_config_entry("session.force_spinning_stop") == "1"

@@ -14,8 +14,10 @@ import pytest
 
 from tests.conftest import BUNDLE_CFG as CFG
 from tests.conftest import FAMILIES
+from vtprune.api import export_bundle
 from vtprune.errors import AccuracyError, BundleError, ConfigError
-from vtprune.export.bundle import ExportConfig, export_bundle, read_manifest
+from vtprune.export.bundle import ExportConfig
+from vtprune.manifest import read_manifest
 
 PROMPT = "what color is the shape ?"
 _FP16: dict[str, Path] = {}
@@ -49,7 +51,7 @@ def _onnx_io(path: Path) -> dict[str, str]:
 
 
 def test_validation_is_dtype_aware_and_recorded(fp16_bundle):
-    from vtprune.export.validate import MIN_COSINE
+    from vtprune.check.validate import MIN_COSINE
     from vtprune.prune.ties import FP16_MARGIN
 
     validation = read_manifest(fp16_bundle)["validation"]
@@ -146,7 +148,7 @@ def test_export_copy_leaves_the_reference_fp32(tiny_dirs):
 
 
 def test_ort_runner_feeds_the_manifest_dtypes(fp16_bundle_of):
-    from vtprune.runtime.ort import OrtVlm
+    from vtprune.backends.ort import OrtVlm
 
     vlm = OrtVlm(fp16_bundle_of("tiny-llava"))
     past = vlm._empty_past()
@@ -192,7 +194,7 @@ def test_lm_graphs_are_reused_only_from_the_same_dtype(fp16_bundle_of, tmp_path,
 
 
 def test_failed_fp16_validation_leaves_nothing_behind(fp16_bundle_of, tmp_path, cache_dir, monkeypatch):
-    import vtprune.export.validate as validate
+    import vtprune.check.validate as validate
 
     monkeypatch.setitem(validate.MIN_COSINE, "fp16", {"embeds": 0.999, "logits": 1.1})  # no logits cosine passes
     export = ExportConfig(dtype="fp16", reuse_lm_from=str(fp16_bundle_of("tiny-llava")))
@@ -203,7 +205,7 @@ def test_failed_fp16_validation_leaves_nothing_behind(fp16_bundle_of, tmp_path, 
 
 
 def test_kept_rows_pass_only_inside_the_margin():
-    from vtprune.export.validate import kept_row
+    from vtprune.check.validate import kept_row
 
     own = np.array([0, 1])
     assert kept_row("k", own, own, [0.0], 1e-4)["ok"]
@@ -214,7 +216,7 @@ def test_kept_rows_pass_only_inside_the_margin():
 
 
 def test_greedy_rows():
-    from vtprune.export.validate import _greedy
+    from vtprune.check.validate import _greedy
 
     logits = np.array([-1.0, 0, 0, 0, 3, 9, 5, 0, 0, 1])  # the reference ranks 5, 6, 4, 9, ..., 0 last
     row = _greedy("g", np.array([5, 6, 7, 8]), np.array([5, 6, 9, 8]), "fp16", logits)
@@ -245,7 +247,7 @@ def test_reference_following_its_own_kept_tokens_is_itself(tiny_adapter, scene, 
 
 def test_tensorrt_rtx_builds_an_fp16_bundle(fp16_bundle_of, tmp_path):
     pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX (pip install 'vtprune[trt]') is not installed")
-    from vtprune.runtime.trt.engines import BuildConfig, build_bundle
+    from vtprune.backends.trt.engines import BuildConfig, build_bundle
 
     bundle = tmp_path / "b"
     shutil.copytree(fp16_bundle_of("tiny-qwen2.5-vl"), bundle)

@@ -11,10 +11,12 @@ import onnx
 import pytest
 import torch
 
+from vtprune.api import export_bundle
 from vtprune.config import PruneConfig
 from vtprune.errors import ConfigError, InputError
-from vtprune.export.bundle import ExportConfig, export_bundle, read_manifest
+from vtprune.export.bundle import ExportConfig
 from vtprune.export.layerwise import EXPORTABLE
+from vtprune.manifest import read_manifest
 from vtprune.runtime.pipeline import PrunedVlm
 
 ort = pytest.importorskip("onnxruntime")
@@ -70,7 +72,7 @@ def test_routed_bundle_passes_its_validation_layer_by_layer(routed):
 
 
 def _ort_prefill(bundle: Path, scene):
-    from vtprune.runtime.ort import OrtVlm
+    from vtprune.backends.ort import OrtVlm
     from vtprune.runtime.timing import StageTimer
 
     vlm = OrtVlm(bundle)
@@ -148,7 +150,7 @@ def test_run_and_check_an_alvts_bundle_from_the_cli(bundle_of, png, capsys):
 
 
 def test_too_few_visual_tokens_for_the_graph_is_an_input_error(bundle_of):
-    from vtprune.runtime.ort import OrtVlm
+    from vtprune.backends.ort import OrtVlm
 
     vlm = OrtVlm(bundle_of("llava-alvts"))
     with pytest.raises(InputError, match="visual tokens"):
@@ -167,7 +169,7 @@ def test_routed_graphs_build_with_tensorrt_rtx(bundle_of, name, tmp_path):
     pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX (pip install 'vtprune[trt]') is not installed")
     import shutil
 
-    from vtprune.runtime.trt.engines import BuildConfig, build_bundle
+    from vtprune.backends.trt.engines import BuildConfig, build_bundle
 
     copy = tmp_path / "b"
     shutil.copytree(bundle_of(name), copy)

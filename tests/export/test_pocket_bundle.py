@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from vtprune.api import export_bundle
 from vtprune.config import PruneConfig
-from vtprune.export.bundle import ExportConfig, export_bundle, read_manifest
+from vtprune.export.bundle import ExportConfig
+from vtprune.manifest import read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +27,8 @@ def test_pocket_bundle_matches_pytorch(pocket_bundle):
 
 def test_pocket_vision_engine_builds_with_tensorrt(pocket_bundle):
     pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX (pip install 'vtprune[trt]') is not installed")
-    from vtprune.runtime.trt.build import build_engine
-    from vtprune.runtime.trt.profiles import ProfileLimits, profiles_from_onnx
+    from vtprune.backends.trt.build import build_engine
+    from vtprune.backends.trt.profiles import ProfileLimits, profiles_from_onnx
 
     path = pocket_bundle / "vision.onnx"
     result = build_engine(path, profiles_from_onnx(path, ProfileLimits(batch=(1, 1, 2))), target="sm89")

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vtprune.api import export_bundle
 from vtprune.config import PruneConfig
-from vtprune.export.bundle import ExportConfig, export_bundle, read_manifest
+from vtprune.export.bundle import ExportConfig
+from vtprune.manifest import read_manifest
 
 PROMPT = "what is in the image ?"
 
@@ -86,8 +88,8 @@ def test_routed_bundle_keeps_its_selectors_fp32(quantized):
 
 
 def test_quantized_bundle_answers_like_the_fp32_reference_starts(quantized, tiny_dirs, scene):
+    from vtprune.backends.ort import OrtVlm
     from vtprune.models import load_vlm
-    from vtprune.runtime.ort import OrtVlm
     from vtprune.runtime.pipeline import PrunedVlm
 
     cfg = PruneConfig(method="gprune", keep=16)

@@ -39,7 +39,7 @@ def adapter(tiny_dirs):
 
 
 def _rows(adapter, bundles, scene, lift, monkeypatch):
-    from vtprune.export.validate import compare_backends
+    from vtprune.check.validate import compare_backends
 
     monkeypatch.setitem(SELECTORS, "gprune", _lift_first_left_out(lift))
     return {r["check"]: r for r in compare_backends(adapter, BUNDLE_CFG, bundles["tiny-llava"], scene, PROMPT, 4)}

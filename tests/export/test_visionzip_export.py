@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from vtprune.api import export_bundle
 from vtprune.config import PruneConfig
-from vtprune.export.bundle import ExportConfig, export_bundle, read_manifest
+from vtprune.export.bundle import ExportConfig
+from vtprune.manifest import read_manifest
 
 PROMPT = "what color is the shape ?"
 KEEP = 16  # of 64: 14 dominant + 2 contextual
@@ -29,7 +31,7 @@ def zip_bundle(bundles, cache_dir, tmp_path_factory) -> Path:
 def _other_image():
     from PIL import ImageOps
 
-    from vtprune.demo import scene_image
+    from vtprune.images import scene_image
 
     return ImageOps.mirror(scene_image()).rotate(20)  # not the export sample
 
@@ -49,7 +51,7 @@ def test_visionzip_export_is_validated_and_standard_ops_plus_topk_route(zip_bund
 
 
 def test_visionzip_bundle_matches_pytorch_on_another_image(zip_bundle, tiny_dirs):
-    from vtprune.export.validate import compare_backends
+    from vtprune.check.validate import compare_backends
     from vtprune.models import load_vlm
 
     adapter = load_vlm(tiny_dirs["tiny-llava"])
@@ -60,8 +62,8 @@ def test_visionzip_bundle_matches_pytorch_on_another_image(zip_bundle, tiny_dirs
 
 
 def test_visionzip_graph_keeps_the_towers_dominant_tokens(zip_bundle, tiny_dirs):
+    from vtprune.backends.ort import OrtVlm
     from vtprune.models import load_vlm
-    from vtprune.runtime.ort import OrtVlm
 
     vlm = OrtVlm(zip_bundle)
     inputs = vlm.inputs(_other_image(), PROMPT)
@@ -95,8 +97,8 @@ def test_visionzip_fp16_export_validates_with_its_own_tie_margin(cache_dir, tmp_
 
 def test_visionzip_vision_graph_builds_with_tensorrt_rtx(zip_bundle):
     pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX (pip install 'vtprune[trt]') is not installed")
-    from vtprune.runtime.trt.build import build_engine
-    from vtprune.runtime.trt.profiles import ProfileLimits, profiles_from_onnx
+    from vtprune.backends.trt.build import build_engine
+    from vtprune.backends.trt.profiles import ProfileLimits, profiles_from_onnx
 
     path = zip_bundle / "vision.onnx"
     result = build_engine(path, profiles_from_onnx(path, ProfileLimits(batch=(1, 1, 2))), target="sm89")

@@ -58,7 +58,7 @@ def write(ptr: int, array: np.ndarray, device: str = "cpu") -> None:
 
 class FakeEngine:
     def __init__(self, onnx_path: Path, profile_max: dict[str, int] | None = None, device: str = "cpu") -> None:
-        from vtprune.runtime.ort import make_session
+        from vtprune.backends.ort import make_session
 
         self.session, self.device = make_session(onnx_path, "cpu", 1), device
         self.profile_max = profile_max or {}  # input name -> largest total size accepted

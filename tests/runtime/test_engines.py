@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 
+from vtprune.backends.trt.engines import BuildConfig, build_bundle, check_engine_compat
 from vtprune.errors import BundleError, ConfigError
-from vtprune.export.bundle import read_manifest
-from vtprune.runtime.trt.engines import BuildConfig, build_bundle, check_engine_compat
+from vtprune.manifest import read_manifest
 
 
 def _meta(**kw):

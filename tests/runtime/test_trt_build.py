@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vtprune.backends.trt import EngineBuildError, OnnxParseError, build_engine, import_tensorrt, resolve_target
 from vtprune.errors import BackendUnavailableError, ConfigError
-from vtprune.runtime.trt import EngineBuildError, OnnxParseError, build_engine, import_tensorrt, resolve_target
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto as TP  # noqa: E402
@@ -140,7 +140,7 @@ def _pruner(k: int):
 # --- import --------------------------------------------------------------------------------------------------
 def test_importing_vtprune_loads_no_tensorrt():
     code = (
-        "import sys, vtprune, vtprune.runtime, vtprune.runtime.trt\n"
+        "import sys, vtprune, vtprune.runtime, vtprune.backends.trt\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'tensorrt_rtx', 'onnx', 'torch')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -70,8 +70,8 @@ def test_tensorrt_rtx_has_no_plugin_layers_so_loading_is_refused():
 
 
 def test_the_parser_gets_the_vtprune_nodes_without_their_bodies(bundles, tmp_path):
+    from vtprune.backends.trt.build import _capturing_logger, _parse_onnx, onnx_without_functions
     from vtprune.errors import OnnxParseError
-    from vtprune.runtime.trt.build import _capturing_logger, _parse_onnx, onnx_without_functions
 
     path = bundles["tiny-llava"] / "vision.onnx"
     original = onnx.load(str(path), load_external_data=False)
@@ -102,6 +102,6 @@ def test_build_with_plugins_is_one_line_and_exit_2_on_tensorrt_rtx(bundles, tmp_
 
 def test_build_refuses_plugins_before_touching_the_bundle():
     with pytest.raises(ConfigError, match="cannot add plugin layers"):
-        from vtprune.runtime.trt.build import require_plugins
+        from vtprune.backends.trt.build import require_plugins
 
         require_plugins(trt, "tensorrt-rtx")

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from tests.runtime import fake_trt
+from vtprune.backends.trt.runner import EngineSession, TrtVlm, io_specs
 from vtprune.config import PruneConfig
 from vtprune.errors import BackendUnavailableError, BundleError, InputError
 from vtprune.manifest import Sealed, read_manifest, write_manifest
-from vtprune.runtime.trt.runner import EngineSession, TrtVlm, io_specs
 
 pytest.importorskip("onnxruntime")
 
@@ -28,7 +28,8 @@ def fake_runner(bundle, device="cpu", **engine_kw) -> TrtVlm:
 
 @pytest.fixture(scope="module")
 def alvts_bundle(tmp_path_factory, cache_dir):
-    from vtprune.export.bundle import ExportConfig, export_bundle
+    from vtprune.api import export_bundle
+    from vtprune.export.bundle import ExportConfig
 
     out = tmp_path_factory.mktemp("trt-runner") / "alvts"
     export_bundle("tiny-llava", PruneConfig("alvts", 8, layer=1), ExportConfig(), out, cache_dir)
@@ -37,7 +38,7 @@ def alvts_bundle(tmp_path_factory, cache_dir):
 
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-llava-next", "tiny-qwen2.5-vl"])
 def test_generation_through_engine_sessions_equals_onnx_runtime(bundles, scene, name):
-    from vtprune.runtime.ort import OrtVlm
+    from vtprune.backends.ort import OrtVlm
 
     ref = OrtVlm(bundles[name]).generate(scene, "what is in the image ?", max_new_tokens=6)
     runner = fake_runner(bundles[name])
@@ -50,7 +51,7 @@ def test_generation_through_engine_sessions_equals_onnx_runtime(bundles, scene, 
                     "writes device buffers)")  # fmt: skip
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2.5-vl"])
 def test_engine_sessions_on_a_gpu_use_device_buffers_a_stream_and_cuda_events(bundles, scene, name):
-    from vtprune.runtime.ort import OrtVlm
+    from vtprune.backends.ort import OrtVlm
 
     ref = OrtVlm(bundles[name]).generate(scene, "what is in the image ?", max_new_tokens=6)
     runner = fake_runner(bundles[name], device="cuda")
@@ -61,7 +62,7 @@ def test_engine_sessions_on_a_gpu_use_device_buffers_a_stream_and_cuda_events(bu
 
 
 def test_routed_bundle_runs_its_prefill_and_decode_engines(alvts_bundle, scene):
-    from vtprune.runtime.ort import OrtVlm
+    from vtprune.backends.ort import OrtVlm
 
     ref = OrtVlm(alvts_bundle).generate(scene, "what is in the image ?", max_new_tokens=5)
     runner = fake_runner(alvts_bundle)
@@ -165,7 +166,7 @@ def test_bench_target_reports_the_engines(bundles, scene, monkeypatch):
     from vtprune.bench.targets import TrtTarget
     from vtprune.bench.workload import Sample
 
-    monkeypatch.setattr("vtprune.runtime.trt.runner.TrtVlm",
+    monkeypatch.setattr("vtprune.backends.trt.runner.TrtVlm",
                         lambda bundle: fake_runner(bundle))  # fmt: skip
     target = TrtTarget(bundles["tiny-llava"])
     times, info = target.run(Sample(scene, "what is in the image ?", "scene"), 3)
@@ -176,7 +177,7 @@ def test_bench_target_reports_the_engines(bundles, scene, monkeypatch):
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2.5-vl"])
 def test_check_compares_the_engines_with_pytorch(bundles, tiny_dirs, scene, name):
     from tests.conftest import BUNDLE_CFG
-    from vtprune.export.validate import compare_backends
+    from vtprune.check.validate import compare_backends
     from vtprune.models import load_vlm
     from vtprune.prune.ties import FP16_MARGIN
 
@@ -215,7 +216,7 @@ def _perturb(session, output: str, change) -> None:
 
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2.5-vl"])
 def test_every_engine_is_compared_with_onnx_runtime_through_polygraphy(bundles, scene, name):
-    from vtprune.runtime.trt.parity import engine_parity
+    from vtprune.check.parity import engine_parity
 
     rows = engine_parity(bundles[name], fake_runner(bundles[name]), scene, "what is in the image ?", steps=2)
     by_graph = {r["check"].split()[0]: r for r in rows}
@@ -226,7 +227,7 @@ def test_every_engine_is_compared_with_onnx_runtime_through_polygraphy(bundles, 
 
 
 def test_a_drifting_engine_fails_its_row(bundles, scene):
-    from vtprune.runtime.trt.parity import engine_parity
+    from vtprune.check.parity import engine_parity
 
     runner = fake_runner(bundles["tiny-llava"])
     rng = np.random.default_rng(0)
@@ -238,7 +239,7 @@ def test_a_drifting_engine_fails_its_row(bundles, scene):
 
 
 def test_swapped_kept_tokens_are_reported_and_left_to_the_tie_rule(bundles, scene):
-    from vtprune.runtime.trt.parity import engine_parity
+    from vtprune.check.parity import engine_parity
 
     runner = fake_runner(bundles["tiny-llava"])
 
@@ -254,7 +255,7 @@ def test_swapped_kept_tokens_are_reported_and_left_to_the_tie_rule(bundles, scen
 
 
 def test_check_with_the_trt_backend_adds_the_engine_rows(bundles, cache_dir, monkeypatch, capsys):
-    import vtprune.runtime.trt.runner as trt_runner
+    import vtprune.backends.trt.runner as trt_runner
     from vtprune.cli import main
 
     monkeypatch.setattr(trt_runner, "TrtVlm", lambda bundle, verify: fake_runner(bundle))
@@ -267,7 +268,7 @@ def test_check_with_the_trt_backend_adds_the_engine_rows(bundles, cache_dir, mon
 
 
 def test_routed_bundles_compare_their_prefill_and_decode_engines(alvts_bundle, scene):
-    from vtprune.runtime.trt.parity import engine_parity
+    from vtprune.check.parity import engine_parity
 
     rows = engine_parity(alvts_bundle, fake_runner(alvts_bundle), scene, "what is in the image ?", steps=2)
     by_graph = {r["check"].split()[0]: r for r in rows}
@@ -276,7 +277,7 @@ def test_routed_bundles_compare_their_prefill_and_decode_engines(alvts_bundle, s
 
 
 def test_an_engine_output_of_another_shape_fails_its_row(bundles, scene):
-    from vtprune.runtime.trt.parity import engine_parity
+    from vtprune.check.parity import engine_parity
 
     runner = fake_runner(bundles["tiny-llava"])
     _perturb(runner.sessions["embed"], "inputs_embeds", lambda a: a[..., :-1])

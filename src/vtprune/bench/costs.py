@@ -120,7 +120,7 @@ def ort_op_count(path: Path, threads: int | None = None) -> int | None:
 
     import onnx
 
-    from vtprune.runtime.ort import import_ort
+    from vtprune.backends.ort import import_ort
 
     ort = import_ort()
     with tempfile.TemporaryDirectory() as tmp:

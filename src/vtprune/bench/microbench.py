@@ -23,7 +23,7 @@ CHAIN = 200
 def _session(graph: Any, threads: int | None) -> Any:
     import onnx
 
-    from vtprune.runtime.ort import make_session
+    from vtprune.backends.ort import make_session
 
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)], ir_version=9)
     with tempfile.TemporaryDirectory() as tmp:

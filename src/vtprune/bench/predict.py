@@ -95,7 +95,7 @@ def bundle_facts(path: Path, device: Device, threads: int | None) -> BundleFacts
 # --- token counts ------------------------------------------------------------------------------------
 def measured_tokens(facts: BundleFacts, image: Any, prompt: str) -> tuple[dict[str, int], dict[str, float]]:
     """Token counts and FLOPs of one request, from the bundle's own preprocessing and vision graph (CPU)."""
-    from vtprune.runtime.ort import OrtVlm
+    from vtprune.backends.ort import OrtVlm
     from vtprune.runtime.timing import StageTimer
 
     vlm = OrtVlm(facts.path, "cpu")
@@ -264,7 +264,7 @@ def _sample(cfg: PredictConfig, calib: dict | None) -> tuple[Any, str, int, dict
     ``bench``'s defaults (generated scene, its prompt, 16 tokens)."""
     from vtprune.bench.config import DEFAULT_PROMPT
     from vtprune.bench.workload import describe, generated_scene
-    from vtprune.runtime.images import load_image
+    from vtprune.images import load_image
 
     w = calib["workload"] if calib else {}
     prompt = cfg.prompt or w.get("prompt") or DEFAULT_PROMPT

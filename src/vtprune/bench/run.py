@@ -50,7 +50,8 @@ def model_slug(model: str) -> str:
 
 def ensure_bundle(model: str, prune: PruneConfig, path: Path, cfg: BenchConfig, log: Log) -> Path:
     """The bundle for ``prune`` at ``path``: reused when its settings match, else exported there."""
-    from vtprune.export.bundle import ExportConfig, export_bundle
+    from vtprune.api import export_bundle
+    from vtprune.export.bundle import ExportConfig
     from vtprune.manifest import MANIFEST, read_manifest
 
     if (path / MANIFEST).is_file():
@@ -260,7 +261,7 @@ def assemble(
     """The report dict: header, subject, workload, environment, budgets."""
     subject = {k: v for k, v in subject.items() if k not in ("bundle", "bundle_fingerprint")}
     subject["prune"] = common_prune(entries)
-    from vtprune.runtime.ort import PROVIDERS
+    from vtprune.backends.ort import PROVIDERS
 
     provider = {"torch": f"torch-{cfg.device}", "trt": "tensorrt"}.get(cfg.backend,
                                                                      f"onnxruntime:{PROVIDERS[cfg.provider]}")

@@ -35,7 +35,7 @@ class OrtTarget:
     backend = "ort"
 
     def __init__(self, bundle: Path, provider: str = "cpu", threads: int | None = None) -> None:
-        from vtprune.runtime.ort import OrtVlm
+        from vtprune.backends.ort import OrtVlm
 
         self.bundle, self.provider, self.threads = Path(bundle), provider, threads
         self.vlm = OrtVlm(bundle, provider, threads)
@@ -61,7 +61,7 @@ class TrtTarget(OrtTarget):
     backend = "trt"
 
     def __init__(self, bundle: Path) -> None:
-        from vtprune.runtime.trt.runner import TrtVlm
+        from vtprune.backends.trt.runner import TrtVlm
 
         self.bundle, self.provider, self.threads = Path(bundle), "tensorrt", None
         self.vlm = TrtVlm(bundle)

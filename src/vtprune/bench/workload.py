@@ -22,7 +22,7 @@ class Sample:
 
 def images_from_dir(directory: Path, prompt: str, limit: int) -> list[Sample]:
     """The first ``limit`` images of ``directory`` in name order, each asked ``prompt``."""
-    from vtprune.runtime.images import load_image
+    from vtprune.images import load_image
 
     if not directory.is_dir():
         raise InputError(f"--images {directory} is not a directory")
@@ -39,7 +39,7 @@ def easy_vqa_samples(limit: int) -> list[Sample]:
     except ImportError:
         msg = "--dataset easy-vqa needs the easy-vqa package: pip install easy-vqa==1.0"
         raise BackendUnavailableError(msg) from None
-    from vtprune.runtime.images import load_image
+    from vtprune.images import load_image
 
     questions, _, image_ids = easy_vqa.get_test_questions()
     paths = easy_vqa.get_test_image_paths()
@@ -54,7 +54,7 @@ def easy_vqa_samples(limit: int) -> list[Sample]:
 
 
 def generated_scene(prompt: str) -> list[Sample]:
-    from vtprune.demo import scene_image
+    from vtprune.images import scene_image
 
     return [Sample(scene_image(), prompt, "generated-scene")]
 

@@ -13,7 +13,6 @@ MACs, and the factors' sha256, checked when loaded).
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -23,11 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vtprune import outputs
 from vtprune.calib.config import CalibConfig
 from vtprune.config import PruneConfig
-from vtprune.errors import CheckpointError, ConfigError, InputError
-from vtprune.files import read_json, sha256_file
+from vtprune.errors import ConfigError, InputError
+from vtprune.files import read_json
 from vtprune.flops import layer_macs
 from vtprune.prune.alvts import (
     LayerSelector,
@@ -40,7 +38,6 @@ from vtprune.prune.alvts import (
 from vtprune.prune.alvts import recall_at_k as _recall
 from vtprune.prune.attention import QkWeights, visual_importance
 
-FACTORS_FILE, CARD_FILE = "factors.safetensors", "card.json"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DEFAULT_QUESTION = "Describe the image."
 
@@ -164,44 +161,6 @@ def _mean(values: Sequence[int]) -> int:
 
 def _mean_recall(sel: LayerSelector, held: Sequence[_Heldout], k: int) -> float:
     return sum(_recall(sel.scores(h.x_q, h.x_v), h.exact, k) for h in held) / len(held)
-
-
-def save_factors(selectors: dict[int, LayerSelector], card: dict[str, Any], out: Path, force: bool = False) -> Path:
-    """Write ``factors.safetensors`` + ``card.json`` atomically into ``out`` (replaced only with ``force``)."""
-    from safetensors.torch import save_file
-
-    with outputs.atomic_dir(Path(out), "factors", force, InputError) as tmp:
-        tensors = {}
-        for li, s in selectors.items():
-            tensors |= {f"layer{li}.a": s.a.contiguous(), f"layer{li}.b": s.b.contiguous(), f"layer{li}.u": s.u}
-        save_file(tensors, str(tmp / FACTORS_FILE))
-        card = card | {"scales": {str(li): s.scale for li, s in selectors.items()},
-                       "sha256": sha256_file(tmp / FACTORS_FILE)}  # fmt: skip
-        (tmp / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
-    return Path(out)
-
-
-def load_factors(path: str | Path, adapter: Any) -> dict[int, LayerSelector]:
-    """Selectors from a ``save_factors`` directory, checked against its sha256 and the model's shape."""
-    from safetensors.torch import load_file
-
-    root = Path(path)
-    if not (root / FACTORS_FILE).is_file() or not (root / CARD_FILE).is_file():
-        raise InputError(f"--factors {root}: not a 'vtprune calib alvts' output ({FACTORS_FILE} + {CARD_FILE})")
-    card = read_json(root / CARD_FILE, CheckpointError, "re-run vtprune calib alvts")
-    digest = sha256_file(root / FACTORS_FILE)
-    if digest != card.get("sha256"):
-        raise CheckpointError(f"--factors {root}: {FACTORS_FILE} does not match the sha256 in {CARD_FILE}")
-    dims = adapter.text_dims()
-    model = card.get("model", {})
-    if (model.get("hidden"), model.get("layers")) != (dims.hidden, dims.layers):
-        raise ConfigError(
-            f"--factors {root} were calibrated for hidden={model.get('hidden')} layers={model.get('layers')}, "
-            f"this model has hidden={dims.hidden} layers={dims.layers}"
-        )
-    tensors = load_file(str(root / FACTORS_FILE))
-    return {int(li): LayerSelector(tensors[f"layer{li}.a"], tensors[f"layer{li}.b"], tensors[f"layer{li}.u"], scale)
-            for li, scale in card["scales"].items()}  # fmt: skip
 
 
 def format_card(card: dict[str, Any]) -> str:

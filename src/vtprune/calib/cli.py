@@ -40,10 +40,11 @@ def cmd_calib(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from vtprune import outputs
-    from vtprune.calib.alvts import calibrate, calibration_pairs, format_card, save_factors
+    from vtprune.calib.alvts import calibrate, calibration_pairs, format_card
     from vtprune.calib.config import CalibConfig
     from vtprune.errors import InputError
     from vtprune.models import load_vlm
+    from vtprune.prune.factors import save_factors
 
     cfg = CalibConfig(n=args.n, heldout=args.heldout, k=args.keep, query=args.query, gamma=args.gamma, seed=args.seed)
     outputs.check_target(args.out, "factors", args.force, InputError)  # before the model loads

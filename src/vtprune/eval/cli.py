@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from vtprune.cliargs import count, new_tokens, seed
+from vtprune.cliargs import add_prune_args, count, new_tokens, prune_config, seed
 from vtprune.eval.data import SPLITS
 from vtprune.eval.harness import DEFAULT_MAX_NEW_TOKENS
 
@@ -16,15 +16,13 @@ EVAL_FORMAT = "vtprune-eval"
 
 def add_eval_command(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``eval`` subcommand (model, pruning and data flags) to the ``vtprune`` subparsers."""
-    from vtprune.cli import _add_prune_args  # lazy: vtprune.cli imports this module
-
     p = subparsers.add_parser("eval", help="easy-vqa exact-match accuracy with greedy decoding, under pruning")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="pocket", help="pocket | tiny-llava | ... | checkpoint DIR (default: pocket)")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="model weights dtype")
     g.add_argument("--cache-dir", type=Path, help="where built-in models are written (default ~/.cache/vtprune)")
     g.add_argument("--device", default="cpu", help="where PyTorch runs: cpu | cuda | cuda:N (default: cpu)")
-    _add_prune_args(p)
+    add_prune_args(p)
     d = p.add_argument_group("data")
     d.add_argument("--split", default="test", choices=SPLITS, help="easy-vqa split (default: test)")
     d.add_argument("--limit", type=count(1), help="questions drawn at random with --seed (default: the whole split)")
@@ -40,7 +38,6 @@ def add_eval_command(subparsers: Any) -> argparse.ArgumentParser:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from vtprune import outputs
-    from vtprune.cli import prune_config
     from vtprune.errors import InputError
     from vtprune.eval.harness import run_eval
 

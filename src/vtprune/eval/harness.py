@@ -108,7 +108,7 @@ class _ImageCache:
         self._min_side, self._images = min_side, {}
 
     def get(self, q: Question) -> Any:
-        from vtprune.runtime.images import load_image
+        from vtprune.images import load_image
 
         if q.image_path not in self._images:
             self._images[q.image_path] = load_image(q.image_path, self._min_side)

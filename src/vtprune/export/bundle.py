@@ -1,5 +1,6 @@
-"""The bundle: vision/embed/decoder ONNX graphs, processor files and a manifest with every setting and
-the sha256 of every file. Written in a temp dir next to the target, validated, then renamed into place."""
+"""The bundle's contents: vision/embed/decoder ONNX graphs, processor files and a manifest with every
+setting and the sha256 of every file (``write_bundle``). ``api.export_bundle`` writes them into a temp dir
+next to the target, validates them and swaps them into place."""
 
 from __future__ import annotations
 
@@ -11,18 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vtprune import __version__, outputs
+from vtprune import __version__
 from vtprune.config import PruneConfig
 from vtprune.errors import BundleError, ConfigError
-from vtprune.manifest import (  # noqa: F401  (the bundle format, re-exported for callers)
-    FORMAT,
-    MANIFEST,
-    PROCESSOR_DIR,
-    SCHEMA_VERSION,
-    read_manifest,
-    verify_files,
-    write_manifest,
-)
+from vtprune.manifest import FORMAT, PROCESSOR_DIR, SCHEMA_VERSION, read_manifest, write_manifest
 from vtprune.prune import group_budgets
 
 
@@ -99,22 +92,6 @@ def new_manifest(adapter: Any, source: str, prune: PruneConfig, export: ExportCo
 SAMPLE_PROMPT = "what shape is in the image ?"
 
 
-def export_bundle(
-    model: str, prune: PruneConfig, export: ExportConfig, out: Path, cache_dir: Path | None = None, log: Any = None
-) -> dict[str, Any]:
-    """Export ``model`` with ``prune`` into a validated bundle directory ``out`` (atomic)."""
-    from vtprune.export.layerwise import check_exportable
-    from vtprune.models import load_vlm
-
-    log = log or (lambda msg: None)
-    out = Path(out)
-    check_exportable(prune)
-    with outputs.atomic_dir(out, "bundle", export.force, BundleError) as tmp:
-        log(f"loading {model}")
-        adapter = load_vlm(model, cache_dir=cache_dir)
-        return _write_bundle(adapter, model, prune, export, tmp, log)
-
-
 def _lm_steps(traced: Any, prune: PruneConfig, sample: dict, export: ExportConfig, donor: Any) -> list:
     """The language-model graphs: embed + decoder (pre-LLM), or embed + routed prefill + decode (in-LLM)."""
     from vtprune.export.decoder import export_decoder, export_embed
@@ -134,14 +111,18 @@ def _lm_steps(traced: Any, prune: PruneConfig, sample: dict, export: ExportConfi
             ("decode", lambda p: export_decode(traced, p, export.opset))]  # fmt: skip
 
 
-def _write_bundle(adapter: Any, model: str, prune: PruneConfig, export: ExportConfig, tmp: Path, log: Any) -> dict:
+def write_bundle(
+    adapter: Any, model: str, prune: PruneConfig, export: ExportConfig, tmp: Path, log: Any
+) -> tuple[dict[str, Any], PruneConfig, Any]:
+    """Every graph, the processor files and the manifest of a bundle, into the directory ``tmp``; returns
+    the manifest, the pruning config as exported (a ratio turned into its static count) and the sample
+    image the graphs were traced with. Validation is ``api.export_bundle``'s next step."""
     import time
 
-    from vtprune.demo import scene_image
     from vtprune.export.precision import export_copy, fp32_parts
     from vtprune.export.quantize import QUANTIZED_GRAPHS, quantize_graph
-    from vtprune.export.validate import validate_bundle
     from vtprune.export.vision import export_vision
+    from vtprune.images import scene_image
     from vtprune.runtime.pipeline import PrunedVlm
 
     image = export_sample_image(adapter, scene_image())
@@ -160,18 +141,13 @@ def _write_bundle(adapter: Any, model: str, prune: PruneConfig, export: ExportCo
         manifest["graphs"][name] = fn(tmp / f"{name}.onnx") | precision
         if export.weights and name in QUANTIZED_GRAPHS and "reused_from" not in manifest["graphs"][name]:
             manifest["graphs"][name]["quantization"] = quantize_graph(tmp / f"{name}.onnx", export.weights)
-        log(f"[{i}/{len(steps) + 1}] {name}.onnx exported in {time.perf_counter() - start:.1f} s")
+        log(f"[{i}/{len(steps) + int(export.validate)}] {name}.onnx exported in {time.perf_counter() - start:.1f} s")
     save_processing_files(adapter, tmp / PROCESSOR_DIR)
     if export.inline:  # the graphs holding vtprune functions
         for name in ("vision", "prefill") if prune.in_llm else ("vision",):
             inline_copy(tmp / f"{name}.onnx", tmp / f"{name}.inlined.onnx")
     write_manifest(tmp, manifest)
-    if export.validate:
-        start = time.perf_counter()
-        manifest["validation"] = validate_bundle(adapter, prune, tmp, image, SAMPLE_PROMPT)
-        log(f"[{len(steps) + 1}/{len(steps) + 1}] validated against PyTorch in {time.perf_counter() - start:.1f} s")
-        write_manifest(tmp, manifest)
-    return manifest
+    return manifest, prune, image
 
 
 def lm_donor(export: ExportConfig, model: str) -> dict[str, Any]:

@@ -431,7 +431,7 @@ def selectors_for(adapter: Any, cfg: PruneConfig) -> dict[int, LayerSelector]:
     key = ("factors", str(cfg.factors)) if cfg.factors is not None else ("rank", cfg.rank)
     if key not in memo:  # once per adapter, not once per prompt
         if cfg.factors is not None:
-            from vtprune.calib.alvts import load_factors
+            from vtprune.prune.factors import load_factors
 
             memo[key] = load_factors(cfg.factors, adapter)
         else:

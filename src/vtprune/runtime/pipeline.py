@@ -20,11 +20,11 @@ from torch import Tensor
 from vtprune.config import PruneConfig, SamplingConfig
 from vtprune.errors import InputError, InternalError
 from vtprune.flops import FlopsReport, layerwise_prefill_macs, prefill_macs, prune_stage_macs
+from vtprune.images import check_image_size
 from vtprune.models.base import VlmAdapter
 from vtprune.prune import VisualLayout, merge_visual, select_visual, tie_margins
 from vtprune.prune.select import gather_positions, gather_tokens
 from vtprune.runtime.generate import Generation, PromptFacts, generate
-from vtprune.runtime.images import check_image_size
 from vtprune.runtime.layerwise import LayerwiseDecoder, build_router
 from vtprune.runtime.timing import StageTimer
 

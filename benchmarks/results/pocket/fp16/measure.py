@@ -16,9 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+from vtprune.api import export_bundle
 from vtprune.cli import main
 from vtprune.config import PruneConfig
-from vtprune.export.bundle import ExportConfig, export_bundle, read_manifest
+from vtprune.export.bundle import ExportConfig
+from vtprune.manifest import read_manifest
 from vtprune.runtime.report import environment
 
 OUT = Path(__file__).resolve().parent
@@ -41,7 +43,7 @@ def sizes(bundle: Path) -> dict[str, int]:
 def parity(bundle: Path, num_images: int) -> list[dict]:
     """The validation rows of the fp16 bundle on easy-vqa images (not only the export sample)."""
     from vtprune.bench.workload import easy_vqa_samples
-    from vtprune.export.validate import compare_backends
+    from vtprune.check.validate import compare_backends
     from vtprune.models import load_vlm
 
     adapter, cfg = load_vlm("pocket"), PruneConfig.from_dict(read_manifest(bundle, verify=False)["prune"])
@@ -64,7 +66,7 @@ def bench(bundle: Path, dtype: str) -> dict:
 
 
 def engines(bundle: Path) -> dict:
-    from vtprune.runtime.trt.engines import BuildConfig, build_bundle
+    from vtprune.backends.trt.engines import BuildConfig, build_bundle
 
     start = time.perf_counter()
     built = build_bundle(bundle, BuildConfig(target="sm89", force=True))

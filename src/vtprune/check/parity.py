@@ -10,7 +10,7 @@ alone, not to what an upstream engine handed it.
 
 What is compared:
 - float outputs: Polygraphy's ``CosineSimilarityCompareFunc``, against the fp16 bounds of
-  ``vtprune.export.validate.MIN_COSINE["fp16"]`` (logits 0.99, everything else 0.999), since TensorRT may pick
+  ``vtprune.check.validate.MIN_COSINE["fp16"]`` (logits 0.99, everything else 0.999), since TensorRT may pick
   reduced-precision tactics. The max abs diff is reported beside it.
 - integer and bool outputs (kept indices, validity): must be identical. Where the kept sets differ
   (near-tied scores swapped by fp16), the row reports their IoU and leaves the float outputs of that
@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from vtprune.check.validate import MIN_COSINE, iou
 from vtprune.errors import BackendUnavailableError
-from vtprune.export.validate import MIN_COSINE, iou
 
 POLYGRAPHY_HINT = "pip install 'vtprune[trt]'"
 
@@ -73,8 +73,8 @@ class _Recorder:
 
 def record_feeds(bundle: Path, image: Any, prompt: str, steps: int) -> tuple[Any, dict[str, list[dict]]]:
     """Run the bundle in ONNX Runtime (prefill + ``steps`` greedy tokens); return it and each graph's feeds."""
+    from vtprune.backends.ort import OrtVlm
     from vtprune.runtime.generate import decode
-    from vtprune.runtime.ort import OrtVlm
     from vtprune.runtime.timing import StageTimer
 
     ort_vlm = OrtVlm(bundle, verify=False)

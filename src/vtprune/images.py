@@ -1,4 +1,4 @@
-"""Reading user images with errors a user can act on."""
+"""Images: reading the user's with errors they can act on, and the generated scene used by default."""
 
 from __future__ import annotations
 
@@ -82,3 +82,14 @@ def check_image_size(image: Any, min_side: int, label: str = "image") -> None:
         raise InputError(f"{label} is {w}x{h} px; this model needs at least {min_side} px on each side")
     if w * h > max_pixels():
         raise _too_large(Path(label), w, h, max_pixels())
+
+
+def scene_image(width: int = 320, height: int = 240) -> Any:
+    """A synthetic scene: a red circle and a blue rectangle on a gray background."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), (128, 128, 128))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((40, 60, 140, 160), fill=(220, 30, 30))
+    draw.rectangle((190, 40, 290, 200), fill=(30, 60, 220))
+    return image

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from vtprune.backends.ort import OrtVlm
 from vtprune.config import SamplingConfig
 from vtprune.errors import BackendUnavailableError, BundleError, InputError, VtpruneError
-from vtprune.runtime.ort import OrtVlm
 
 TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT64": torch.int64,
                 "INT32": torch.int32, "INT8": torch.int8, "UINT8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
@@ -157,7 +157,7 @@ class TrtVlm(OrtVlm):
         return {g: EngineSession(self._load_engine(g), self._trt, self.device, keep) for g in graphs}
 
     def _import_tensorrt(self) -> tuple[ModuleType, str]:
-        from vtprune.runtime.trt.build import import_tensorrt
+        from vtprune.backends.trt.build import import_tensorrt
 
         if self.device.type != "cuda" or not torch.cuda.is_available():
             raise BackendUnavailableError(
@@ -167,7 +167,7 @@ class TrtVlm(OrtVlm):
         return import_tensorrt()
 
     def _engine_loader(self, trt: ModuleType, flavour: str) -> EngineLoader:
-        from vtprune.runtime.trt.engines import check_engine_compat
+        from vtprune.backends.trt.engines import check_engine_compat
 
         major, minor = torch.cuda.get_device_capability(self.device)
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -179,7 +179,7 @@ class TrtVlm(OrtVlm):
             meta = self.sealed.read_json(f"{path.name}.json")
             check_engine_compat(meta, flavour, trt.__version__, f"sm{major}{minor}")
             if meta.get("plugins"):
-                from vtprune.runtime.trt.build import require_plugins
+                from vtprune.backends.trt.build import require_plugins
 
                 require_plugins(trt, flavour)
             data = self.sealed.read(path.name)  # hashed from the bytes deserialized

@@ -47,10 +47,10 @@ class BuildConfig:
 
 def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, Any]:
     """Build engines for ``bundle``'s graphs; returns the manifest's new ``engines`` section."""
+    from vtprune.backends.trt.build import build_engine, import_tensorrt, require_plugins
+    from vtprune.backends.trt.profiles import ProfileLimits, profiles_from_onnx
     from vtprune.files import sha256_file as sha256
     from vtprune.manifest import Sealed, read_manifest, write_manifest
-    from vtprune.runtime.trt.build import build_engine, import_tensorrt, require_plugins
-    from vtprune.runtime.trt.profiles import ProfileLimits, profiles_from_onnx
 
     log = log or (lambda msg: None)
     bundle = Path(bundle)

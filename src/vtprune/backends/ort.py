@@ -16,9 +16,9 @@ import torch
 from vtprune.config import PruneConfig, SamplingConfig
 from vtprune.errors import BackendUnavailableError, ConfigError, InputError
 from vtprune.flops import FlopsReport, layer_macs, layerwise_prefill_macs, prefill_macs, prune_stage_macs
+from vtprune.images import check_image_size
 from vtprune.prune.alvts import lowrank_selector_macs
 from vtprune.runtime.generate import Generation, PromptFacts, generate
-from vtprune.runtime.images import check_image_size
 from vtprune.runtime.timing import StageTimer
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -90,6 +90,10 @@ class OrtVlm:
         self.dtype = self.manifest["export"].get("dtype", "fp32")
         self.precision = self.manifest["export"].get("weights") or self.dtype  # of the language-model graphs
         self.sampling = sampling or SamplingConfig()
+
+    def close(self) -> None:
+        """Release the sessions (and their thread pools and weights)."""
+        self.sessions = {}
 
     def open_sessions(self, graphs: tuple[str, ...], provider: str, threads: int | None) -> dict[str, Any]:
         """One session per graph; the TensorRT backend (``TrtVlm``) opens engines here instead."""

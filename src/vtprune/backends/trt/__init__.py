@@ -3,7 +3,7 @@
 Importing this package imports no TensorRT module; ``import_tensorrt`` does, when a build is asked for.
 """
 
-from vtprune.runtime.trt.build import (
+from vtprune.backends.trt.build import (
     PRECISIONS,
     BuildResult,
     EngineBuildError,

@@ -64,8 +64,8 @@ def compare_backends(
     """Rows of metrics comparing PyTorch (``adapter`` + ``cfg``) with ONNX Runtime (``bundle``), or with
     ``runner``: a loaded bundle runner such as ``TrtVlm``, judged like an fp16 bundle (kept sets within the
     fp16 tie margin, logits within the fp16 tolerances) since TensorRT may pick reduced-precision tactics."""
+    from vtprune.backends.ort import OrtVlm
     from vtprune.runtime.generate import decode
-    from vtprune.runtime.ort import OrtVlm
     from vtprune.runtime.pipeline import Follow, PrunedVlm
     from vtprune.runtime.timing import StageTimer
 
