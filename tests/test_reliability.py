@@ -403,7 +403,7 @@ def test_16_bit_grey_images_keep_their_tones(tmp_path):
      (["run", "b", "--image", "x.png", "--prompt", "x", "--threads", "100000"], "--threads: 100000 is out of range"),
      (["run", "--model", "tiny-llava", "--image", "x.png", "--prompt", "x", "--seed", "-5"], "--seed: -5"),
      (["run", "--model", "tiny-llava", "--image", "x.png", "--prompt", "x", "--seed", "99999999999"], "--seed"),
-     (["bench", "--model", "tiny-llava", "--budgets", "8", "--iters", "0"], "--iters 0"),
+     (["bench", "--model", "tiny-llava", "--budgets", "8", "--iters", "0", "--out", "r"], "--iters 0"),
      (["eval", "--limit", "-1"], "--limit: -1"),
      (["run", "--model", "tiny-llava", "--image", "x.png", "--prompt", "   "], "--prompt: is empty")],
 )  # fmt: skip
