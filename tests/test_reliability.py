@@ -167,7 +167,7 @@ def test_a_read_only_target_is_one_line(tmp_path, capsys):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        with pytest.raises(ReportError, match="cannot write next to"):
+        with pytest.raises(ReportError, match="cannot write in"):
             write_ok(ro / "r")
     finally:
         ro.chmod(0o755)
@@ -183,9 +183,44 @@ def test_a_read_only_filesystem_is_one_line(tmp_path, monkeypatch):
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(outputs.os, "open", read_only)
+    monkeypatch.setattr(outputs.os, "access", lambda path, mode: True)  # as if the check passed before a remount
     with pytest.raises(ReportError, match="cannot write next to .*Read-only file system"):
         write_ok(tmp_path / "r")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """Mount a tiny tmpfs (root only): ``small_fs(size, read_only)`` -> its mount point."""
+    mounted = []
+
+    def mount(size: str, read_only: bool = False) -> Path:
+        point = tmp_path / f"fs{len(mounted)}"
+        point.mkdir()
+        opts = f"size={size}" + (",ro" if read_only else "")
+        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(point)],
+                                               capture_output=True).returncode != 0:  # fmt: skip
+            pytest.skip("needs root and mount(8) for a real small filesystem (the patched-writer tests cover it)")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=False)
+
+
+def test_a_real_full_disk_during_export_is_one_line_and_leaves_nothing(small_fs, cache_dir):
+    fs = small_fs("600k")  # a tiny-llava bundle takes 1.8 MB
+    proc = _export(fs / "b", cache_dir, "--no-validate")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "no space left" in err.strip().splitlines()[-1].lower() and "Traceback" not in err
+    assert list(fs.iterdir()) == []
+
+
+def test_a_real_read_only_filesystem_is_one_line(small_fs, capsys):
+    fs = small_fs("1m", read_only=True)
+    rc, err = run_cli(capsys, "calib", "alvts", "--model", "tiny-llava", "--out", str(fs / "f"))
+    assert rc == 2 and "cannot write in" in one_line(err)  # before any calibration work
 
 
 def test_a_failed_single_file_write_keeps_the_old_file(tmp_path, monkeypatch):

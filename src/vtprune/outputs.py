@@ -79,12 +79,12 @@ def check_target(out: Path, kind: str, force: bool, error: type[VtpruneError]) -
     out = Path(out)
     if out.is_symlink():
         raise error(f"{out} is a symbolic link; give the real directory path for the output")
+    parent = next(p for p in out.parents if p.exists())  # where the first new directory goes
+    if not parent.is_dir():
+        raise error(f"{parent} is a file, so {out} cannot be created there; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):  # read-only filesystems refuse even root here
+        raise error(f"cannot write in {parent} (read-only or not permitted), so not {out}; choose another path")
     if not out.exists():
-        for parent in out.parents:
-            if parent.exists():
-                if not parent.is_dir():
-                    raise error(f"{parent} is a file, so {out} cannot be created there; choose another path")
-                break
         return
     if not out.is_dir():
         raise error(f"{out} is a file, not a directory; choose another path (vtprune never replaces files)")
