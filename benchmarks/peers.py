@@ -8,7 +8,8 @@ script copies the pocket checkpoint, adds the ``preprocessor_config.json`` OpenV
 writes ``processor_config.json``), converts it with ``optimum-cli export openvino`` (fp32 and int8 weights)
 and measures:
 
-- vtprune's ONNX Runtime bundles from ``benchmarks/quantized.py`` (fp32, int8, int4; unpruned and G-Prune 64);
+- vtprune's ONNX Runtime bundles from ``benchmarks/quantized.py`` (fp32, int8, int4, w8a8; unpruned and
+  G-Prune 64);
 - OpenVINO GenAI's ``VLMPipeline``: fp32 weights computed in fp32 (``INFERENCE_PRECISION_HINT=f32``), fp32
   weights with its default precision (bf16 on CPUs with AMX/AVX-512 BF16), and int8 weights.
 
@@ -36,7 +37,8 @@ PROMPT = "describe the image in detail."
 NEW_TOKENS = 16
 VTPRUNE = {"vtprune fp32, unpruned": "none-fp32", "vtprune fp32, G-Prune 64": "gprune-64-fp32",
            "vtprune int8, unpruned": "none-int8", "vtprune int4, unpruned": "none-int4",
-           "vtprune int4, G-Prune 64": "gprune-64-int4"}  # fmt: skip
+           "vtprune int4, G-Prune 64": "gprune-64-int4", "vtprune w8a8, unpruned": "none-w8a8",
+           "vtprune w8a8, G-Prune 64": "gprune-64-w8a8"}  # fmt: skip
 OPENVINO = {"OpenVINO fp32 (f32 compute)": ("fp32", {"INFERENCE_PRECISION_HINT": "f32"}),
             "OpenVINO fp32 (default compute)": ("fp32", {}),
             "OpenVINO int8": ("int8", {})}  # fmt: skip

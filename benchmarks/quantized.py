@@ -1,6 +1,6 @@
-"""Quantized bundles on the pocket VLM: fp32 vs int8 vs int4 language-model weights (``vtprune export
---weights``), unpruned and pruned, in ONNX Runtime on the CPU: bundle size, TTFT, decode speed and easy-vqa
-accuracy, each format beside fp32 with the same method.
+"""Quantized bundles on the pocket VLM: fp32 vs int8 / int4 weights vs w8a8 (int8 weights and activations)
+in the language model (``vtprune export --weights``), unpruned and pruned, in ONNX Runtime on the CPU:
+bundle size, TTFT, decode speed and easy-vqa accuracy, each format beside fp32 with the same method.
 
     python benchmarks/quantized.py [--questions 200] [--rounds 5] [--out benchmarks/results/pocket/quantized]
 
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("fp32", "int8", "int4")
+FORMATS = ("fp32", "int8", "int4", "w8a8")
 METHODS = {"none": {"method": "none"}, "gprune-64": {"method": "gprune", "keep": 64},
            "alvts-28": {"method": "alvts", "keep": 28}}  # fmt: skip
 
@@ -107,7 +107,7 @@ def main() -> None:
 
 def to_markdown(result: dict) -> str:
     env = result["environment"]
-    lines = ["# Pocket VLM: fp32 vs int8 vs int4 language-model weights, ONNX Runtime CPU", "",
+    lines = ["# Pocket VLM: fp32 vs int8 / int4 weights vs w8a8 in the language model, ONNX Runtime CPU", "",
              f"{result['date']}; {env['cpu']}, {env['cores']} cores, ONNX Runtime "
              f"{env['libraries'].get('onnxruntime', '?')}; 1-minute load {env['load_avg']}. Latency: medians of "
              f"{result['rounds']} alternating rounds (4 easy-vqa images, up to 16 new tokens); accuracy: "

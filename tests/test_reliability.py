@@ -358,6 +358,20 @@ def test_a_file_swapped_after_the_check_cannot_pass(bundle_copy):
         sealed.read("embed.onnx")
 
 
+def test_graphs_load_from_the_descriptor_they_were_hashed_from(bundle_copy):
+    from vtprune.manifest import Sealed
+
+    sealed = Sealed(bundle_copy)
+    with pytest.raises(BundleError, match="embed.onnx was modified while it was loaded"):
+        with sealed.opened("embed.onnx") as (path, _):
+            assert str(path).startswith("/proc/self/fd/")
+            os.rename(bundle_copy / "embed.onnx", bundle_copy / "old.onnx")  # a swap does not reach the descriptor
+            (bundle_copy / "embed.onnx").write_bytes(b"evil")
+            assert path.read_bytes() == (bundle_copy / "old.onnx").read_bytes()
+            with open(bundle_copy / "old.onnx", "ab") as f:  # an edit in place is seen
+                f.write(b"x")
+
+
 def test_unlisted_processor_files_are_not_read(bundle_copy):
     from vtprune.manifest import Sealed
 

@@ -66,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     exp.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     exp.add_argument("--reuse-lm-from", help="bundle of the same model whose embed/decoder graphs to reuse")
-    exp.add_argument("--weights", choices=["int8", "int4"],
-                     help="weight-only quantized language model for ONNX Runtime (MatMulNBits); "
+    exp.add_argument("--weights", choices=["int8", "int4", "w8a8"],
+                     help="quantized language model for ONNX Runtime: int8 / int4 weights (MatMulNBits), or w8a8: "
+                          "int8 weights and activations (MatMulInteger; MLP down projections blockwise); "
                           "the vision graph, pruning and selectors stay fp32")  # fmt: skip
     add_prune_args(exp)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import stat
@@ -127,6 +128,50 @@ class Sealed:
 
     def read(self, rel: str) -> bytes:
         """The bytes of listed file ``rel``, opened without following links and checked against the manifest."""
+        fd = self._open(rel)
+        with os.fdopen(fd, "rb") as f:
+            data = f.read()
+        if self.verify:
+            check_digest(rel, sha256_bytes(data), self.files[rel])
+        return data
+
+    @contextlib.contextmanager
+    def opened(self, rel: str, look_for: bytes = b"") -> Iterator[tuple[Path, bool]]:
+        """A path naming the very file that was checked (``/proc/self/fd/N`` of the descriptor it was hashed
+        from, so a library can load it without a second copy in memory), and whether ``look_for`` occurs in
+        it (found while hashing). A file changed while in use is refused when the block ends."""
+        fd = self._open(rel)
+        try:
+            before = os.fstat(fd)
+            found = self._hash_fd(fd, rel, look_for)
+            proc = Path(f"/proc/self/fd/{fd}")
+            yield (proc if proc.exists() else member(self.root, rel)), found
+            after = os.fstat(fd)
+            if (before.st_size, before.st_mtime_ns, before.st_ctime_ns) != (
+                after.st_size, after.st_mtime_ns, after.st_ctime_ns
+            ):
+                raise BundleError(f"{self.root}: {rel} was modified while it was loaded; load the bundle again")
+        finally:
+            os.close(fd)
+
+    def _hash_fd(self, fd: int, rel: str, look_for: bytes) -> bool:
+        digest, found, tail, chunk = hashlib.sha256(), False, b"", 1 << 22
+        offset = 0
+        while True:
+            block = os.pread(fd, chunk, offset)
+            if not block:
+                break
+            offset += len(block)
+            digest.update(block)
+            if look_for and not found:
+                found = look_for in tail + block
+                tail = block[-len(look_for) :]
+        if self.verify:
+            check_digest(rel, digest.hexdigest(), self.files[rel])
+        return found
+
+    def _open(self, rel: str) -> int:
+        """A read descriptor of listed file ``rel`` that is a regular file reached without symbolic links."""
         if rel not in self.files:
             raise BundleError(f"{self.root}: {rel} is not listed in its {MANIFEST}; re-export the bundle")
         path = _existing(self.root, rel)
@@ -136,13 +181,10 @@ class Sealed:
             if exc.errno == errno.ELOOP:
                 raise BundleError(f"{self.root}: {rel} is a symbolic link; bundles hold plain files only") from None
             raise
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise BundleError(f"{self.root}: {rel} is not a regular file")
-            data = f.read()
-        if self.verify:
-            check_digest(rel, sha256_bytes(data), self.files[rel])
-        return data
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise BundleError(f"{self.root}: {rel} is not a regular file")
+        return fd
 
     def read_json(self, rel: str) -> Any:
         try:

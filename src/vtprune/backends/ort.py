@@ -96,22 +96,26 @@ class OrtVlm:
         self.sessions = {}
 
     def open_sessions(self, graphs: tuple[str, ...], provider: str, threads: int | None) -> dict[str, Any]:
-        """One session per graph; the TensorRT backend (``TrtVlm``) opens engines here instead."""
+        """One session per graph, each loaded from the file its sha256 was checked on (``Sealed.opened``);
+        the TensorRT backend (``TrtVlm``) opens engines here instead."""
         sessions = {}
         for g in graphs:
-            model, external = self.graph_bytes(g)
-            sessions[g] = make_session(model, provider, threads, external)
+            with self.sealed.opened(f"{g}.onnx", look_for=b"location") as (path, external):
+                # A graph with tensors stored outside it goes to ONNX Runtime as sealed bytes, with its
+                # external-data files in memory (their locations must be listed bundle files).
+                if external:
+                    data, files = self._external(g)
+                    sessions[g] = make_session(data, provider, threads, files)
+                else:
+                    sessions[g] = make_session(path, provider, threads)
         return sessions
 
-    def graph_bytes(self, graph: str) -> tuple[bytes, dict[str, bytes]]:
-        """``graph.onnx`` and its external-data files, as sealed bytes (locations must be bundle files)."""
-        data = self.sealed.read(f"{graph}.onnx")
-        if b"location" not in data:  # no tensor stored outside the graph (a fast check before parsing)
-            return data, {}
+    def _external(self, graph: str) -> tuple[bytes, dict[str, bytes]]:
         import onnx
 
         from vtprune.export.onnx_io import external_locations
 
+        data = self.sealed.read(f"{graph}.onnx")
         locations = external_locations(onnx.load_model_from_string(data))
         return data, {loc: self.sealed.read(loc) for loc in locations}
 
