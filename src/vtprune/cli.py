@@ -6,6 +6,7 @@ Every user error becomes one line on stderr and exit code 2 (``--debug`` shows t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -313,20 +314,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _error(msg: str, prefix: str = "vtprune: error: ") -> None:
-    try:
+    with contextlib.suppress(BrokenPipeError, ValueError):  # stderr closed too: nothing left to tell
         print(prefix + msg, file=sys.stderr, flush=True)
-    except (BrokenPipeError, ValueError):
-        pass
 
 
 def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's flush at exit does not raise on the closed pipe."""
     import os
 
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -163,9 +163,9 @@ class Sealed:
                 break
             offset += len(block)
             digest.update(block)
-            if look_for and not found:
-                found = look_for in tail + block
-                tail = block[-len(look_for) :]
+            if look_for and not found:  # also across the boundary with the previous block
+                found = look_for in block or look_for in tail + block[: len(look_for) - 1]
+                tail = block[1 - len(look_for) :]
         if self.verify:
             check_digest(rel, digest.hexdigest(), self.files[rel])
         return found
