@@ -76,6 +76,9 @@ def test_w8a8_quantizes_activations_except_in_the_down_projections(quantized, bu
     q = read_manifest(bundle)["graphs"]["decoder"]["quantization"]
     assert ops.count("MatMulNBits") == len(down) == q["blockwise_matmuls"]
     assert ops.count("MatMulInteger") == q["dynamic_matmuls"] > 0 and "DynamicQuantizeLinear" in ops
+    from vtprune.bench.targets import OrtTarget
+
+    assert OrtTarget(bundle).subject()["precision"] == "w8a8"  # reports name the format, not the fp32 dtype
 
 
 def test_int4_shrinks_the_language_model(quantized, bundles):

@@ -48,7 +48,7 @@ class OrtTarget:
         m = self.vlm.manifest
         return {"backend": "ort", "model": m["model"]["source"], "family": m["model"]["family"],
                 "model_type": m["model"]["model_type"], "provider": self.provider, "threads": self.threads,
-                "precision": m["export"].get("dtype", "fp32"), "bundle": str(self.bundle),
+                "precision": self.vlm.precision, "bundle": str(self.bundle),
                 "bundle_fingerprint": bundle_fingerprint(m)}  # fmt: skip
 
     def close(self) -> None:
