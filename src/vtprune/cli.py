@@ -114,10 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from vtprune.api import open_runner
     from vtprune.images import load_image
 
-    if args.max_new_tokens < 1:
-        raise VtpruneError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     if (args.bundle is None) == (args.model is None):
         raise VtpruneError("give either a bundle directory (ONNX Runtime) or --model (PyTorch), not both or neither")
@@ -128,27 +127,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise VtpruneError("a bundle's pruning is fixed at export; drop --method/--keep or re-export")
         if args.device:
             raise VtpruneError("--device is for --model (PyTorch); a bundle picks its device with --provider")
-        if args.backend == "trt":
-            if args.provider != "cpu" or args.threads:
-                raise VtpruneError("--provider and --threads are ONNX Runtime settings; --backend trt takes neither")
-            from vtprune.backends.trt.runner import TrtVlm
-
-            runner, label = TrtVlm(args.bundle, sampling=sampling), f"{args.bundle} (tensorrt)"
-        else:
-            from vtprune.backends.ort import OrtVlm
-
-            runner = OrtVlm(args.bundle, args.provider, args.threads, sampling=sampling)
-            label = f"{args.bundle} (onnxruntime {args.provider})"
+        if args.backend == "trt" and (args.provider != "cpu" or args.threads):
+            raise VtpruneError("--provider and --threads are ONNX Runtime settings; --backend trt takes neither")
+        source, backend, prune = args.bundle, args.backend, None
+        label = f"{args.bundle} (tensorrt)" if backend == "trt" else f"{args.bundle} (onnxruntime {args.provider})"
     else:
-        from vtprune.models import load_vlm
-        from vtprune.runtime.pipeline import PrunedVlm
-
-        cfg = prune_config(args)
-        device = args.device or "cpu"
-        adapter = load_vlm(args.model, args.dtype, args.allow_pickle, args.cache_dir, device)
-        runner, label = PrunedVlm(adapter, cfg, sampling), f"{args.model} (pytorch {device})"
-    image = load_image(args.image, runner.adapter.min_image_side)
-    result = runner.generate(image, args.prompt, args.max_new_tokens, args.raw_prompt)
+        source, backend, prune = args.model, "torch", prune_config(args)
+        label = f"{args.model} (pytorch {args.device or 'cpu'})"
+    with open_runner(source, backend, provider=args.provider, threads=args.threads, sampling=sampling, prune=prune,
+                     dtype=args.dtype, device=args.device or "cpu", cache_dir=args.cache_dir,
+                     allow_pickle=args.allow_pickle) as runner:  # fmt: skip
+        image = load_image(args.image, runner.adapter.min_image_side)
+        result = runner.generate(image, args.prompt, args.max_new_tokens, args.raw_prompt)
     if args.json:
         print(json.dumps({"model": label, "family": runner.adapter.family} | result.to_dict(), indent=2))
     else:

@@ -192,11 +192,6 @@ class Sealed:
         except (ValueError, UnicodeDecodeError) as exc:
             raise BundleError(f"{self.root}: {rel} is not valid JSON ({exc}); re-export the bundle") from None
 
-    def verify_rest(self, used: set[str]) -> None:
-        """Check the listed files not read (and so not hashed) by this reader."""
-        if self.verify:
-            verify_files(self.root, {rel: d for rel, d in self.files.items() if rel not in used})
-
     @contextlib.contextmanager
     def directory(self, rel_dir: str) -> Iterator[Path]:
         """A private copy of a listed directory (the processor files), written from verified bytes, so a

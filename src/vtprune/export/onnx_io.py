@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,19 +36,10 @@ def export_module(
 
 
 def save_atomic(model: Any, path: Path) -> None:
-    import onnx
+    """``model`` serialized into ``path`` through a temp file beside it (never half-written)."""
+    from vtprune.outputs import write_file_atomic
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; artifacts get normal permissions
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_file_atomic(path, model.SerializeToString())
 
 
 def describe(model: Any) -> dict[str, Any]:

@@ -152,12 +152,11 @@ def generate(
         with timer.stage("preprocess"):
             inputs = runner.inputs(image, prompt, raw_prompt)
         record = runner.prefill_inputs(inputs, timer)
-        stop = runner.adapter.eos_token_ids() if eos is None else eos
-        tokens = decode(runner, record, max_new_tokens, timer, stop)
-    eos_ids = runner.adapter.eos_token_ids()
+        model_eos = runner.adapter.eos_token_ids()
+        tokens = decode(runner, record, max_new_tokens, timer, model_eos if eos is None else eos)
     facts, costs = runner.facts(record), runner.layer_costs(record)
     return Generation(
-        answer=runner.adapter.decode([t for t in tokens if t not in eos_ids]), token_ids=tokens,
+        answer=runner.adapter.decode([t for t in tokens if t not in model_eos]), token_ids=tokens,
         method=runner.cfg.method, keep=runner.cfg.keep, visual_tokens_total=facts.visual_total,
         visual_tokens_kept=facts.visual_kept, prompt_tokens=facts.prompt_len, prefill_tokens=facts.prefill_tokens,
         flops=runner.flops(record), timings_ms=dict(timer.ms), peak_rss_mb=peak_rss_mb(),
