@@ -24,27 +24,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vtprune.config import METHODS, PruneConfig
+from vtprune import methods
+from vtprune.config import PruneConfig
 from vtprune.eval.data import load_questions, subsample
 from vtprune.eval.harness import evaluate
 from vtprune.models import load_vlm
 from vtprune.runtime.report import environment
 
-# Method variants in the sweep: name -> PruneConfig fields besides the budget.
+# Method variants in the sweep: name -> PruneConfig fields besides the budget (each method's registered
+# ``variants``, so a newly registered method is in the sweep).
 VARIANTS: dict[str, dict[str, Any]] = {
-    "gprune": {"method": "gprune"},
-    "random": {"method": "random"},
-    "uniform": {"method": "uniform"},
-    "divprune": {"method": "divprune"},
-    "visionzip": {"method": "visionzip"},
-    "fastv": {"method": "fastv"},
-    "dart": {"method": "dart"},
-    "alvts": {"method": "alvts"},  # the default start layer (l0 = 12)
-    "alvts-l0=10": {"method": "alvts", "layer": 10},
-    "alvts-l0=2": {"method": "alvts", "layer": 2},  # ALGORITHMS.md's proposed l0
-    "alvts-exact-l0=2": {"method": "alvts", "selector": "exact", "layer": 2},
+    label: {"method": m.name} | fields for m in methods.all_methods() for label, fields in m.variants.items()
 }
-assert {v["method"] for v in VARIANTS.values()} == set(METHODS) - {"none"}, "every method must be in the sweep"
 DIGEST_QUESTIONS = 5
 
 

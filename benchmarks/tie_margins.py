@@ -58,12 +58,12 @@ def judge(feats: torch.Tensor, kept: dict[str, np.ndarray]) -> dict:
     """In this process's kernels: per method and budget, PyTorch's set vs ONNX Runtime's, and its margin."""
     from vtprune.check.validate import iou
     from vtprune.config import PruneConfig
-    from vtprune.prune import SELECTORS
+    from vtprune.prune import selector
 
     out = {}
     for key, got in kept.items():
         method, k = key.split(":")[0], int(key.split(":")[1])
-        cfg, sel = PruneConfig(method=method, keep=k), SELECTORS[method]
+        cfg, sel = PruneConfig(method=method, keep=k), selector(method)
         valid = torch.ones(1, feats.shape[1], dtype=torch.bool)
         rows = []
         with torch.inference_mode():

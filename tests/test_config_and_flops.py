@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from vtprune.config import IN_LLM_METHODS, PruneConfig, parse_keep
+from vtprune import methods
+from vtprune.config import PruneConfig, parse_keep
 from vtprune.errors import ConfigError
 from vtprune.flops import FlopsReport, TextDims, gprune_macs, prefill_macs, prune_stage_macs
 
@@ -67,7 +68,7 @@ def test_prune_stage_macs_per_method(method, expected):
 
 
 def test_in_llm_methods_have_no_pre_llm_stage():
-    for method in IN_LLM_METHODS:
+    for method in methods.names("in_llm"):
         assert prune_stage_macs(PruneConfig(method=method, keep=64), [576], 4096) == 0
 
 

@@ -11,8 +11,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "vtprune"
 
 # Lowest first. A unit is a top-level module or package of vtprune.
 LAYERS = [
-    # leaves: the bundle format, output writing, configuration, errors, images, CLI argument types
-    {"__init__", "errors", "config", "files", "outputs", "manifest", "images", "cliargs"},
+    # leaves: the bundle format, output writing, the method registry, configuration, errors, images, CLI
+    # argument types
+    {"__init__", "errors", "methods", "config", "files", "outputs", "manifest", "images", "cliargs"},
     {"prune"},  # pruning math as tensor functions (and the calibrated factors' file format)
     {"flops"},
     {"models"},  # family adapters

@@ -8,10 +8,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from vtprune import methods
 from vtprune.config import (
     BUDGET_MODES,
     DEGREE_MODES,
-    METHODS,
     POSITION_MODES,
     QUERY_SETS,
     SELECTOR_KINDS,
@@ -75,7 +75,8 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def add_prune_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pruning")
-    g.add_argument("--method", choices=METHODS, help="pruning method (default: gprune if --keep is given, else none)")
+    g.add_argument("--method", choices=methods.names(with_none=True),
+                   help="pruning method (default: gprune if --keep is given, else none); docs/methods.md")
     g.add_argument("--keep", type=str, help="visual tokens kept: a count K (e.g. 64) or a ratio (0.25 or 25%%)")
     d = PruneConfig()
     g.add_argument("--theta", type=float, default=d.theta, help="G-Prune cosine edge threshold")

@@ -7,23 +7,15 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from vtprune import methods
 from vtprune.errors import ConfigError
 
-# Where each method acts. Pre-LLM methods choose among the visual tokens as they enter the language
-# model (projector/merger output) and are registered in ``vtprune.prune.SELECTORS``; in-LLM methods choose
-# inside the decoder, layer by layer, and are driven by ``vtprune.runtime.layerwise``.
-PRE_LLM_METHODS: tuple[str, ...] = ("gprune", "random", "uniform", "divprune", "visionzip")
-# Pre-LLM methods that read the vision encoder itself (the feature layer's CLS attention and keys) and
-# merge tokens before the projector; the adapter provides that seam (``VlmAdapter.encoder_tokens``).
-ENCODER_METHODS: tuple[str, ...] = ("visionzip",)
-IN_LLM_METHODS: tuple[str, ...] = ("alvts", "fastv", "dart")
-METHODS = ("none", *PRE_LLM_METHODS, *IN_LLM_METHODS)
 DEGREE_MODES = ("mask", "nonzero")
 POSITION_MODES = ("original", "contiguous")
 QUERY_SETS = ("last", "instruction")
 SKIP_MODES = ("full", "kv")
 BUDGET_MODES = ("constant", "flops")
-SELECTOR_KINDS = ("lowrank", "exact")
+SELECTOR_KINDS = ("lowrank", "exact", "paper")
 
 
 def parse_keep(text: str) -> int | float:
@@ -40,14 +32,6 @@ def parse_keep(text: str) -> int | float:
         raise ConfigError(msg) from None
 
 
-# Default first selecting / pruning layer per in-LLM method. ALVTS: l0 = 12 is the earliest start that keeps
-# >= 96.7% of the pocket VLM's unpruned easy-vqa accuracy at k = 28 (0.98 of 0.98 at 36.4 GFLOPs; l0 = 10:
-# 0.94, l0 = 8: 0.77; benchmarks/results/pocket/alvts/target, H100-trained projector); ALGORITHMS.md's
-# proposed l0 = 2 keeps 33-47% there (the RoPE-free proxy and early layers' attention say little about
-# what later layers need).
-DEFAULT_LAYER = {"alvts": 12, "fastv": 2, "dart": 2}
-
-
 @dataclass(frozen=True)
 class PruneConfig:
     """How visual tokens are pruned before the language model.
@@ -55,7 +39,7 @@ class PruneConfig:
     Args:
         method: ``none`` (keep everything), ``gprune`` (ALGORITHMS.md §1), a pre-LLM baseline
             ``random``, ``uniform``, ``divprune``, ``visionzip`` (§3; docs/methods.md), or an in-LLM
-            method ``alvts``, ``fastv``, ``dart``.
+            method ``alvts``, ``fastv``, ``dart`` (any method registered in ``vtprune.methods``).
         keep: an ``int`` K is the total number of prunable visual tokens kept per image, split over the
             image's groups in proportion to their sizes (static shapes); a ``float`` rho in (0, 1] keeps
             ``floor(rho * N_g)`` tokens of each group g (the reference code's behaviour).
@@ -68,7 +52,7 @@ class PruneConfig:
             ``contiguous`` renumbers the pruned sequence 0..n-1 (a variant).
         layer: in-LLM methods only. ALVTS: the first layer that selects (l0; layers below it process
             every visual token). FastV and DART: the layer from which the dropped tokens are gone. None
-            means the method's default (``DEFAULT_LAYER``: 12 for ALVTS, measured best on the pocket VLM
+            means the method's default (``vtprune.methods``: 12 for ALVTS, measured best on the pocket VLM
             where the reconstruction's l0 = 2 collapses; 2 for FastV and DART, their papers' K).
         rank: ALVTS selector rank r of the data-free SVD factors (ignored with ``factors``).
         query: ALVTS query set: ``last`` prompt token, or every ``instruction`` token after the image.
@@ -79,7 +63,10 @@ class PruneConfig:
             every layer).
         selector: ALVTS selector: ``lowrank`` (the RoPE-free rank-r proxy of §2.3) or ``exact`` (the
             layer's own attention rows from the query set, RoPE included, recomputed explicitly: costs a
-            key projection of every visual token; the upper bound the proxy approximates).
+            key projection of every visual token; the upper bound the proxy approximates) or ``paper``
+            (the ALVTS paper's selector, ALGORITHMS.md §2.1b: separate rank-``rank`` factors of W_Q and
+            W_K, causal attention among all rows, score = visual-to-visual x text-to-visual attention
+            received; PyTorch only; pass ``layer=0`` for the paper's budget in every layer).
         factors: ALVTS calibrated selector factors (a ``vtprune calib alvts`` output directory); None
             uses data-free SVD factors of rank ``rank``.
         seed: ``random`` only: integer in [0, 2**32) that fixes which tokens are drawn (the same seed
@@ -93,7 +80,7 @@ class PruneConfig:
     iters: int = 5
     degree: str = "mask"
     positions: str = "original"
-    layer: int | None = None  # None: the method's default (DEFAULT_LAYER)
+    layer: int | None = None  # None: the method's default_layer (vtprune.methods)
     rank: int = 64
     query: str = "last"
     skip: str = "full"
@@ -103,8 +90,8 @@ class PruneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown pruning method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method != "none":
+            methods.get(self.method)  # one line naming the choices for an unknown method
         self._check_keep()
         if not -1.0 <= self.theta <= 1.0:
             raise ConfigError(f"theta={self.theta} must be a cosine in [-1, 1]")
@@ -121,13 +108,16 @@ class PruneConfig:
         self._check_in_llm()
 
     def _check_in_llm(self) -> None:
+        spec = methods.get(self.method) if self.method != "none" else None
         if self.layer is None:
-            object.__setattr__(self, "layer", DEFAULT_LAYER.get(self.method, 2))
+            default = spec.default_layer if spec is not None else None
+            object.__setattr__(self, "layer", 2 if default is None else default)
         for name, value, lo in (("layer", self.layer, 0), ("rank", self.rank, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise ConfigError(f"--{name} {value!r} must be an integer >= {lo}")
-        if self.method in ("fastv", "dart") and self.layer < 1:
-            raise ConfigError(f"--layer {self.layer}: {self.method} scores tokens with layer l-1, so l must be >= 1")
+        if spec is not None and self.layer < spec.min_layer:
+            raise ConfigError(f"--layer {self.layer}: {self.method} needs --layer >= {spec.min_layer} (it scores "
+                              "tokens with the layer before)")
         for name, value, choices in (("query", self.query, QUERY_SETS), ("skip", self.skip, SKIP_MODES),
                                      ("budget", self.budget, BUDGET_MODES),
                                      ("selector", self.selector, SELECTOR_KINDS)):  # fmt: skip
@@ -154,19 +144,24 @@ class PruneConfig:
         return self.method != "none"
 
     @property
+    def spec(self) -> methods.Method | None:
+        """The registered method (``vtprune.methods``); None for ``none``."""
+        return methods.get(self.method) if self.prunes else None
+
+    @property
     def pre_llm(self) -> bool:
         """True when the method chooses visual tokens before the language model (pruning stage)."""
-        return self.method in PRE_LLM_METHODS
+        return self.prunes and methods.get(self.method).pre_llm
 
     @property
     def in_encoder(self) -> bool:
         """True when the pre-LLM method reads the vision encoder and merges before the projector."""
-        return self.method in ENCODER_METHODS
+        return self.prunes and methods.get(self.method).where == "encoder"
 
     @property
     def in_llm(self) -> bool:
         """True when the method chooses visual tokens inside the decoder, per layer."""
-        return self.method in IN_LLM_METHODS
+        return self.prunes and methods.get(self.method).where == "in_llm"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

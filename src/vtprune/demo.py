@@ -111,7 +111,7 @@ def run_demo(model: str, image_path: Path | None, prompt: str | None, keep: int 
              alvts_keep: int | None = None) -> int:  # fmt: skip
     import sys
 
-    from vtprune.backends.ort import OrtVlm
+    from vtprune.api import open_runner
 
     def log(msg: str) -> None:
         print(f"  {msg}", file=sys.stderr, flush=True)
@@ -125,7 +125,8 @@ def run_demo(model: str, image_path: Path | None, prompt: str | None, keep: int 
     for item, (label, image, question, gold) in enumerate(demo_inputs(model, image_path, prompt), 1):
         print(f"\n[{label}] {question}" + (f"  (expected: {gold})" if gold else ""))
         for name, path in bundles.items():
-            result, ms = _run(OrtVlm(path), image, question)
+            with open_runner(path) as runner:
+                result, ms = _run(runner, image, question)
             kept = f"{result.visual_tokens_kept}/{result.visual_tokens_total}"
             print(f"  {name:>8}: {result.answer!r:24} visual tokens {kept:>8}, prefill "
                   f"{result.flops.prefill_macs_pruned * 2 / 1e9:.2f} GFLOPs")  # fmt: skip

@@ -13,10 +13,11 @@ row, key cosines to the c targets, group sums; counted at the width the report p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from vtprune.config import PRE_LLM_METHODS, PruneConfig
+from vtprune import methods
+from vtprune.config import PruneConfig
 
 
 @dataclass(frozen=True)
@@ -77,17 +78,15 @@ def visionzip_macs(n: int, d: int, cfg: PruneConfig) -> int:
     return (split_budget(keep)[1] + 2) * n * d
 
 
-# MACs of one group of n tokens of width d, per pre-LLM method. DivPrune's Gram matrix is its only
-# multiply-accumulate work: the k greedy steps are k*n comparisons (min, argmax). random and uniform
-# do index arithmetic only.
-_GROUP_MACS: dict[str, Callable[[int, int, PruneConfig], int]] = {
-    "gprune": lambda n, d, cfg: gprune_macs([n], d, cfg.iters),
-    "divprune": lambda n, d, cfg: n * n * d,
-    "random": lambda n, d, cfg: 0,
-    "uniform": lambda n, d, cfg: 0,
-    "visionzip": lambda n, d, cfg: visionzip_macs(n, d, cfg),
-}
-assert set(_GROUP_MACS) == set(PRE_LLM_METHODS), "every pre-LLM method needs a stage cost"
+# Stage costs per group of n tokens of width d, named by the method registry (``vtprune.methods``).
+# DivPrune's Gram matrix is its only multiply-accumulate work: the k greedy steps are k*n comparisons
+# (min, argmax). random and uniform do index arithmetic only (no stage cost registered).
+def gprune_group_macs(n: int, d: int, cfg: PruneConfig) -> int:
+    return gprune_macs([n], d, cfg.iters)
+
+
+def divprune_group_macs(n: int, d: int, cfg: PruneConfig) -> int:
+    return n * n * d
 
 
 def prune_stage_macs(cfg: PruneConfig, group_sizes: Sequence[int], dim: int) -> int:
@@ -95,9 +94,10 @@ def prune_stage_macs(cfg: PruneConfig, group_sizes: Sequence[int], dim: int) -> 
 
     0 without a pre-LLM stage (method ``none``; in-LLM methods account their selectors per layer).
     """
-    if not cfg.pre_llm:
+    cost = methods.get(cfg.method).load("stage_macs") if cfg.pre_llm else None
+    if cost is None:
         return 0
-    return sum(_GROUP_MACS[cfg.method](n, dim, cfg) for n in group_sizes)
+    return sum(cost(n, dim, cfg) for n in group_sizes)
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 from tests.conftest import FAMILIES
+from vtprune import methods
 from vtprune.api import export_bundle
-from vtprune.config import PRE_LLM_METHODS, PruneConfig
+from vtprune.config import PruneConfig
 from vtprune.export.bundle import ExportConfig
 from vtprune.manifest import read_manifest
 
 # G-Prune: tests/export/test_bundle.py; VisionZip (tiny-llava only, refused elsewhere): test_visionzip_export.py
-BASELINES = [m for m in PRE_LLM_METHODS if m not in ("gprune", "visionzip")]
+BASELINES = [m for m in methods.names("pre") if m != "gprune"]
 # LLaVA-NeXT: 11 base + 44 high-res of 64 slots: a choice among the export image's 48 high-res tokens
 # (padding and newlines interleaved in the graph), and padding filling in after the other image's 40
 KEEP = {"tiny-llava": 16, "tiny-llava-next": 55, "tiny-qwen2.5-vl": 16}

@@ -118,12 +118,12 @@ def _weight_dtypes(path: Path) -> set[tuple[tuple[int, ...], str]]:
 
 
 def test_qwen_vision_keeps_its_last_block_and_merger_in_fp32(fp16_bundle_of, tiny_dirs):
-    from vtprune.export.precision import FP32_ISLANDS
     from vtprune.models import load_vlm
 
     weights = _weight_dtypes(fp16_bundle_of("tiny-qwen2.5-vl") / "vision.onnx")
-    model = load_vlm(tiny_dirs["tiny-qwen2.5-vl"]).model
-    islands = FP32_ISLANDS["qwen2_5_vl"](model)
+    adapter = load_vlm(tiny_dirs["tiny-qwen2.5-vl"])
+    model = adapter.model
+    islands = adapter.fp32_islands(model)
     assert set(islands) == {"vision last block", "vision patch merger"}
     for name, module in islands.items():
         assert all((tuple(p.shape), "FLOAT") in weights for p in module.parameters() if p.ndim == 2), name

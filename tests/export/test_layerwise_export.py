@@ -11,11 +11,11 @@ import onnx
 import pytest
 import torch
 
+from vtprune import methods
 from vtprune.api import export_bundle
 from vtprune.config import PruneConfig
 from vtprune.errors import ConfigError, InputError
 from vtprune.export.bundle import ExportConfig
-from vtprune.export.layerwise import EXPORTABLE
 from vtprune.manifest import read_manifest
 from vtprune.runtime.pipeline import PrunedVlm
 
@@ -31,7 +31,8 @@ CASES = {  # (tiny model, config): every family with ALVTS; the other in-LLM var
     "qwen-fastv": ("tiny-qwen2.5-vl", PruneConfig("fastv", 8, layer=1)),
     "llava_next-dart": ("tiny-llava-next", PruneConfig("dart", 8, layer=1)),
 }
-assert {cfg.method for _, cfg in CASES.values()} == set(EXPORTABLE), "every exportable in-LLM method needs a case"
+EXPORTABLE = {m.name for m in methods.all_methods() if m.where == "in_llm" and m.exportable}
+assert {cfg.method for _, cfg in CASES.values()} == EXPORTABLE, "every exportable in-LLM method needs a case"
 
 _BUNDLES: dict[str, Path] = {}
 

@@ -7,10 +7,13 @@ clear swap fails with the table, on whatever CPU runs the test.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from tests.conftest import BUNDLE_CFG
-from vtprune.prune import SELECTORS, Selector
+from vtprune import methods
+from vtprune.prune import Selector, selector
 from vtprune.prune.ties import FP32_MARGIN
 
 PROMPT = "what is in the image ?"
@@ -19,7 +22,7 @@ PROMPT = "what is in the image ?"
 def _lift_first_left_out(lift: float):
     """G-Prune scores with the best token below the cut raised to the cut plus ``lift`` of the score range,
     so the reference keeps it in place of the token at the cut (the bundle keeps the unperturbed set)."""
-    plain = SELECTORS["gprune"]
+    plain = selector("gprune")
 
     def scores(x, valid, k, cfg):
         s = plain.scores(x, valid, k, cfg).clone()  # (B, N)
@@ -31,6 +34,11 @@ def _lift_first_left_out(lift: float):
     return Selector(scores)
 
 
+def _lifted(lift: float):
+    """G-Prune registered with the lifted reference selector; the graph keeps its own op (``graph_scores``)."""
+    return methods.registered(dataclasses.replace(methods.get("gprune"), selector=_lift_first_left_out(lift)))
+
+
 @pytest.fixture
 def adapter(tiny_dirs):
     from vtprune.models import load_vlm
@@ -38,15 +46,15 @@ def adapter(tiny_dirs):
     return load_vlm(str(tiny_dirs["tiny-llava"]))
 
 
-def _rows(adapter, bundles, scene, lift, monkeypatch):
+def _rows(adapter, bundles, scene, lift):
     from vtprune.check.validate import compare_backends
 
-    monkeypatch.setitem(SELECTORS, "gprune", _lift_first_left_out(lift))
-    return {r["check"]: r for r in compare_backends(adapter, BUNDLE_CFG, bundles["tiny-llava"], scene, PROMPT, 4)}
+    with _lifted(lift):
+        return {r["check"]: r for r in compare_backends(adapter, BUNDLE_CFG, bundles["tiny-llava"], scene, PROMPT, 4)}
 
 
-def test_a_swap_inside_the_margin_passes_and_is_reported(adapter, bundles, scene, monkeypatch):
-    rows = _rows(adapter, bundles, scene, FP32_MARGIN / 10, monkeypatch)
+def test_a_swap_inside_the_margin_passes_and_is_reported(adapter, bundles, scene):
+    rows = _rows(adapter, bundles, scene, FP32_MARGIN / 10)
     kept = rows["kept visual indices"]
     assert kept["swapped"] == 1 and kept["iou"] < 1.0
     assert 0 < kept["max_margin"] <= FP32_MARGIN and kept["margin_limit"] == FP32_MARGIN
@@ -54,20 +62,20 @@ def test_a_swap_inside_the_margin_passes_and_is_reported(adapter, bundles, scene
     assert rows["prefill logits"]["max_abs_diff"] <= 1e-3 and rows["greedy tokens (4 steps)"]["mismatches"] == 0
 
 
-def test_a_swap_beyond_the_margin_fails(adapter, bundles, scene, monkeypatch):
-    rows = _rows(adapter, bundles, scene, 0.3, monkeypatch)
+def test_a_swap_beyond_the_margin_fails(adapter, bundles, scene):
+    rows = _rows(adapter, bundles, scene, 0.3)
     kept = rows["kept visual indices"]
     assert not kept["ok"] and kept["swapped"] == 1 and kept["max_margin"] == pytest.approx(0.3, rel=0.05)
     assert "prefill logits" not in rows  # nothing downstream is judged on a refused kept set
 
 
-def test_export_refuses_a_clear_swap_with_the_table_and_writes_nothing(cache_dir, tmp_path, monkeypatch, capsys):
+def test_export_refuses_a_clear_swap_with_the_table_and_writes_nothing(cache_dir, tmp_path, capsys):
     from vtprune.cli import main
 
     out = tmp_path / "b"
-    # the graph computes G-Prune with its own op (export.vision.GRAPH_SCORES); only the reference is lifted
-    monkeypatch.setitem(SELECTORS, "gprune", _lift_first_left_out(0.3))
-    code = main(["export", "--model", "tiny-llava", "--keep", "16", "--out", str(out), "--cache-dir", str(cache_dir)])
+    with _lifted(0.3):  # the graph computes G-Prune with its own op; only the reference is lifted
+        code = main(["export", "--model", "tiny-llava", "--keep", "16", "--out", str(out), "--cache-dir",
+                     str(cache_dir)])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     errors = [line for line in err if line.startswith("vtprune: error:")]

@@ -108,3 +108,30 @@ def test_thin_product_svd_equals_the_dense_one():
     a1, b1 = factor_whitened(m, cq, cq, 8)
     a2, b2 = factor_whitened((p, q), cq, cq, 8)
     assert torch.allclose(a1 @ b1.T, m, atol=1e-3) and torch.allclose(a2 @ b2.T, m, atol=1e-3)
+
+
+def test_paper_selector_at_full_rank_reproduces_the_head_mean_logits_and_scores():
+    from vtprune.prune.alvts import paper_selector
+
+    for bias in (False, True):
+        w = _weights(bias)  # GQA: 4 query heads share 2 key heads
+        x = torch.randn(1, 12, 32, generator=torch.Generator().manual_seed(2))
+        sel = paper_selector(w, rank=32)  # full rank: W_Q and W_K exactly
+        exact = _explicit_head_mean_logits(w, x[0], x[0])  # (12, 12)
+        causal = torch.ones(12, 12, dtype=torch.bool).triu(1)
+        probs = exact.masked_fill(causal, float("-inf")).softmax(-1)
+        visual, text = torch.arange(2, 8), torch.arange(8, 12)  # 2 system rows, 6 visual, 4 instruction
+        v2v = probs[visual][:, visual].mean(0)
+        t2v = probs[text][:, visual].mean(0)
+        assert torch.allclose(sel.scores_all(x, visual, text)[0], v2v * t2v, atol=1e-6)
+        assert sel.macs(12) == 2 * 12 * 32 * 32 + 12 * 32 + 12 * 12 * 32
+
+
+def test_paper_selector_truncation_error_decreases_with_rank():
+    from vtprune.prune.alvts import paper_selector
+
+    w = _weights(False, d=32)
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(3))
+    exact = _explicit_head_mean_logits(w, x, x)
+    errors = [(paper_selector(w, r).factors.logits(x, x) - exact).norm().item() for r in (4, 8, 16, 32)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-3 * errors[0]

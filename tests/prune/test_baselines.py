@@ -10,13 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from vtprune.config import IN_LLM_METHODS, METHODS, PRE_LLM_METHODS, PruneConfig
+from vtprune import methods
+from vtprune.config import PruneConfig
 from vtprune.errors import ConfigError
-from vtprune.prune import SELECTORS, VisualLayout, baselines, select_visual
+from vtprune.prune import VisualLayout, baselines, select_visual, selector
+
+PRE_LLM = methods.names(("pre", "encoder"))
 
 
 def _select(method: str, x: torch.Tensor, valid: torch.Tensor, k: int, **cfg) -> list[list[int]]:
-    return SELECTORS[method](x, valid, k, PruneConfig(method=method, keep=k, **cfg)).tolist()
+    return selector(method)(x, valid, k, PruneConfig(method=method, keep=k, **cfg)).tolist()
 
 
 def _all_valid(b: int, n: int) -> torch.Tensor:
@@ -24,14 +27,15 @@ def _all_valid(b: int, n: int) -> torch.Tensor:
 
 
 # --- registry ------------------------------------------------------------------------------------
-def test_registry_matches_the_config_method_lists():
-    assert set(SELECTORS) == set(PRE_LLM_METHODS)
-    assert not set(PRE_LLM_METHODS) & set(IN_LLM_METHODS)
-    for method in METHODS:
-        assert method == "none" or method in SELECTORS or method in IN_LLM_METHODS, method
+def test_every_registered_method_loads_its_implementation():
+    for m in methods.all_methods():
+        impl = m.load("router" if m.where == "in_llm" else "selector")
+        assert callable(impl), m.name
+        assert m.stage_macs is None or callable(m.load("stage_macs"))
+        assert m.graph_scores is None or callable(m.load("graph_scores"))
 
 
-@pytest.mark.parametrize("method", PRE_LLM_METHODS)
+@pytest.mark.parametrize("method", PRE_LLM)
 def test_every_pre_llm_method_has_known_answer_tests(method: str):
     here = [name for name in dir(sys.modules[__name__]) if name.startswith(f"test_{method}_")]
     own_file = Path(__file__).with_name(f"test_{method}.py").is_file()  # e.g. test_gprune.py
@@ -48,43 +52,43 @@ def _padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return x, valid
 
 
-@pytest.mark.parametrize("method", PRE_LLM_METHODS)
+@pytest.mark.parametrize("method", PRE_LLM)
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_indices_are_ascending_unique_and_valid(method: str, k: int):
     x, valid = _padded_batch()
-    idx = SELECTORS[method](x, valid, k, PruneConfig(method=method, keep=k))
+    idx = selector(method)(x, valid, k, PruneConfig(method=method, keep=k))
     assert idx.shape == (3, k) and idx.dtype == torch.int64
     for row, mask in zip(idx.tolist(), valid, strict=True):
         assert row == sorted(set(row))
         assert all(mask[i] for i in row), (row, mask)
 
 
-@pytest.mark.parametrize("method", PRE_LLM_METHODS)
+@pytest.mark.parametrize("method", PRE_LLM)
 def test_padding_only_fills_a_budget_larger_than_the_valid_tokens(method: str):
     x, valid = _padded_batch()
-    idx = SELECTORS[method](x, valid, 9, PruneConfig(method=method, keep=9))
+    idx = selector(method)(x, valid, 9, PruneConfig(method=method, keep=9))
     for row, mask in zip(idx[1:].tolist(), valid[1:], strict=True):  # 8 and 5 valid tokens
         assert set(torch.nonzero(mask).squeeze(-1).tolist()) <= set(row)
     if method != "gprune":  # G-Prune scores every pad -inf; the baselines fill with the earliest pads
         assert idx[2].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8]
 
 
-@pytest.mark.parametrize("method", PRE_LLM_METHODS)
+@pytest.mark.parametrize("method", PRE_LLM)
 def test_a_group_with_no_budget_keeps_nothing(method: str):
     x, valid = _padded_batch()
-    assert SELECTORS[method](x, valid, 0, PruneConfig(method=method, keep=1)).shape == (3, 0)
+    assert selector(method)(x, valid, 0, PruneConfig(method=method, keep=1)).shape == (3, 0)
 
 
-@pytest.mark.parametrize("method", PRE_LLM_METHODS)
+@pytest.mark.parametrize("method", PRE_LLM)
 def test_batch_rows_are_independent(method: str):
     x, valid = _padded_batch()
     cfg = PruneConfig(method=method, keep=4)
-    batch = SELECTORS[method](x, valid, 4, cfg)
+    batch = selector(method)(x, valid, 4, cfg)
     for b in range(3):
-        assert batch[b].tolist() == SELECTORS[method](x[b : b + 1], valid[b : b + 1], 4, cfg)[0].tolist()
+        assert batch[b].tolist() == selector(method)(x[b : b + 1], valid[b : b + 1], 4, cfg)[0].tolist()
 
 
-@pytest.mark.parametrize("method", [m for m in PRE_LLM_METHODS if m != "gprune"])
+@pytest.mark.parametrize("method", [m for m in PRE_LLM if m != "gprune"])
 def test_padded_group_chooses_what_the_unpadded_group_chooses(method: str):
     """The exported graph sees padded groups, the eager pipeline unpadded ones: same choice."""
     x, valid = _padded_batch()
@@ -95,7 +99,7 @@ def test_padded_group_chooses_what_the_unpadded_group_chooses(method: str):
         assert padded == real[compact].tolist()
 
 
-@pytest.mark.parametrize("method", PRE_LLM_METHODS)
+@pytest.mark.parametrize("method", PRE_LLM)
 def test_select_visual_keeps_newlines_and_per_group_budgets(method: str):
     hr = torch.tensor([8, 9, 10, 12, 13, 14])  # base 0..7, 2x3 high-res grid, newlines 11 and 15
     layout = VisualLayout(16, (torch.arange(8), hr), torch.tensor([11, 15]), ("base", "hr"))

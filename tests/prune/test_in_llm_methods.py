@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from vtprune.config import IN_LLM_METHODS, METHODS
+from vtprune import methods
 from vtprune.runtime.layerwise import dart_select
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,7 +43,7 @@ def test_every_method_is_in_the_sweep_and_every_in_llm_method_is_tested():
     spec = importlib.util.spec_from_file_location("sweep", ROOT / "benchmarks" / "sweep.py")
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
-    assert {v["method"] for v in sweep.VARIANTS.values()} == set(METHODS) - {"none"}
+    assert {v["method"] for v in sweep.VARIANTS.values()} == set(methods.names())
     tested = (ROOT / "tests" / "runtime" / "test_layerwise.py").read_text()
-    for method in IN_LLM_METHODS:
+    for method in methods.names("in_llm"):
         assert f'PruneConfig("{method}"' in tested, f"{method} has no layer-loop test"

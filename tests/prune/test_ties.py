@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vtprune.config import PruneConfig
-from vtprune.prune import SELECTORS, VisualLayout, tie_margins
+from vtprune.prune import VisualLayout, selector, tie_margins
 from vtprune.prune.ties import FP32_MARGIN, exact_margin, follow_topk, inversion, topk_margin
 
 
@@ -59,11 +59,11 @@ def test_exact_methods_refuse_any_other_set():
 def test_integer_methods_have_no_ties(method):
     cfg = PruneConfig(method=method, keep=4)
     x, valid = torch.randn(1, 16, 8), torch.ones(1, 16, dtype=torch.bool)
-    own = SELECTORS[method](x, valid, 4, cfg)
-    assert SELECTORS[method].tie_margin(x, valid, 4, cfg, own).item() == 0.0
+    own = selector(method)(x, valid, 4, cfg)
+    assert selector(method).tie_margin(x, valid, 4, cfg, own).item() == 0.0
     other = own.clone()
     other[0, 0] = next(i for i in range(16) if i not in own[0].tolist())
-    assert SELECTORS[method].tie_margin(x, valid, 4, cfg, other).item() == math.inf
+    assert selector(method).tie_margin(x, valid, 4, cfg, other).item() == math.inf
 
 
 def test_gprune_exact_duplicates_are_ties_and_a_clear_swap_is_not():
@@ -72,31 +72,31 @@ def test_gprune_exact_duplicates_are_ties_and_a_clear_swap_is_not():
     x[0, 1] = x[0, 0]  # tokens 0 and 1 are twins: equal scores
     valid = torch.ones(1, 12, dtype=torch.bool)
     cfg = PruneConfig(method="gprune", keep=4)
-    scores = SELECTORS["gprune"].scores(x, valid, 4, cfg)[0]
+    scores = selector("gprune").scores(x, valid, 4, cfg)[0]
     assert scores[0] == scores[1]
     k = int((scores > scores[0]).sum()) + 1  # the cut falls between the twins
-    own = SELECTORS["gprune"](x, valid, k, cfg)
+    own = selector("gprune")(x, valid, k, cfg)
     kept = set(own[0].tolist())
     assert len(kept & {0, 1}) == 1
     swapped = torch.tensor([sorted(kept ^ {0, 1})])
-    assert SELECTORS["gprune"].tie_margin(x, valid, k, cfg, swapped).item() == 0.0
+    assert selector("gprune").tie_margin(x, valid, k, cfg, swapped).item() == 0.0
     weakest, strongest = scores.argmin().item(), scores.argmax().item()
     if k > 1:  # the strongest token left out for the weakest one
         clear = torch.tensor([sorted((kept - {strongest}) | {weakest})])
-        assert SELECTORS["gprune"].tie_margin(x, valid, k, cfg, clear).item() > 0.5
+        assert selector("gprune").tie_margin(x, valid, k, cfg, clear).item() > 0.5
 
 
 def test_divprune_replays_its_greedy_steps_towards_the_other_set():
     cfg = PruneConfig(method="divprune", keep=3)
     x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.7, 0.7], [-1.0, 0.0]]])  # tokens 1 and 2 are twins
     valid = torch.ones(1, 5, dtype=torch.bool)
-    own = SELECTORS["divprune"](x, valid, 3, cfg)
-    assert SELECTORS["divprune"].tie_margin(x, valid, 3, cfg, own).item() == 0.0
+    own = selector("divprune")(x, valid, 3, cfg)
+    assert selector("divprune").tie_margin(x, valid, 3, cfg, own).item() == 0.0
     twin = own.clone()
     twin[own == 1], twin[own == 2] = 2, 1  # the other twin: same distances, a tie at its step
-    assert set(own[0].tolist()) & {1, 2} and SELECTORS["divprune"].tie_margin(x, valid, 3, cfg, twin).item() == 0.0
+    assert set(own[0].tolist()) & {1, 2} and selector("divprune").tie_margin(x, valid, 3, cfg, twin).item() == 0.0
     worst = torch.tensor([[0, 3, 4] if 3 not in own[0].tolist() else [0, 1, 3]])
-    assert SELECTORS["divprune"].tie_margin(x, valid, 3, cfg, worst).item() > FP32_MARGIN
+    assert selector("divprune").tie_margin(x, valid, 3, cfg, worst).item() > FP32_MARGIN
 
 
 def _evidence(attn: list[float]) -> torch.Tensor:
@@ -109,7 +109,7 @@ def test_visionzip_dominant_near_ties_pass_and_a_broken_contextual_set_does_not(
     cfg = PruneConfig(method="visionzip", keep=4)  # 3 dominant + 1 contextual, strided over the rest
     attn = [0.9, 0.8, 0.700001, 0.1, 0.05, 0.7, 0.02, 0.01]  # tokens 2 and 5 near-tie for the last dominant place
     ev, valid = _evidence(attn), torch.ones(1, 8, dtype=torch.bool)
-    zip_ = SELECTORS["visionzip"]
+    zip_ = selector("visionzip")
     own = zip_(ev, valid, 4, cfg)
     assert own[0].tolist() == [0, 1, 2, 3]  # dominant 0, 1, 2; the rest's first token 3 is the contextual target
     assert zip_.tie_margin(ev, valid, 4, cfg, own).item() == 0.0

@@ -11,7 +11,7 @@ import torch
 
 from vtprune.config import PruneConfig
 from vtprune.errors import UnsupportedModelError
-from vtprune.prune import SELECTORS, VisualLayout, merge_visual, select_visual, visionzip
+from vtprune.prune import VisualLayout, merge_visual, select_visual, selector, visionzip
 
 
 # --- budget split --------------------------------------------------------------------------------
@@ -59,10 +59,10 @@ def test_visionzip_dominant_tokens_are_the_highest_cls_attention():
     attn = [0.1, 0.9, 0.3, 0.8, 0.05, 0.2, 0.7, 0.6]
     ev = _evidence(attn, [[1.0, 0.0]] * 8)
     # k=4: 3 dominant (1, 3, 6), 1 contextual whose target is the first remaining token (rank 0: index 0)
-    kept = SELECTORS["visionzip"](ev, torch.ones(1, 8, dtype=torch.bool), 4, PruneConfig("visionzip", 4))
+    kept = selector("visionzip")(ev, torch.ones(1, 8, dtype=torch.bool), 4, PruneConfig("visionzip", 4))
     assert kept.tolist() == [[0, 1, 3, 6]]
     # k=5: 4 dominant (1, 3, 6, 7) + 1 target (index 0)
-    kept = SELECTORS["visionzip"](ev, torch.ones(1, 8, dtype=torch.bool), 5, PruneConfig("visionzip", 5))
+    kept = selector("visionzip")(ev, torch.ones(1, 8, dtype=torch.bool), 5, PruneConfig("visionzip", 5))
     assert kept.tolist() == [[0, 1, 3, 6, 7]]
 
 
@@ -84,7 +84,7 @@ def _known_grouping() -> tuple[torch.Tensor, torch.Tensor]:
 def test_visionzip_contextual_tokens_average_their_key_groups():
     x, ev = _known_grouping()
     valid = torch.ones(1, 20, dtype=torch.bool)
-    kept = SELECTORS["visionzip"](ev, valid, 13, PruneConfig("visionzip", 13))
+    kept = selector("visionzip")(ev, valid, 13, PruneConfig("visionzip", 13))
     assert kept[0].tolist() == sorted(DOMINANT + [1, 9])
     merged = visionzip.merge(x, ev, valid, 13)
     for target, members in GROUPS.items():
@@ -102,7 +102,7 @@ def test_visionzip_merge_on_padded_groups_matches_the_unpadded_group():
     evp[0, padded_at, 0] = 100.0  # padding with the highest attention is still never dominant
     valid = torch.zeros(1, 26, dtype=torch.bool)
     valid[0, order] = True
-    kept = SELECTORS["visionzip"](evp, valid, 13, PruneConfig("visionzip", 13))[0]
+    kept = selector("visionzip")(evp, valid, 13, PruneConfig("visionzip", 13))[0]
     assert kept.tolist() == [order[i] for i in sorted(DOMINANT + [1, 9])]
     merged = visionzip.merge(xp, evp, valid, 13)
     for target, members in GROUPS.items():
@@ -112,10 +112,10 @@ def test_visionzip_merge_on_padded_groups_matches_the_unpadded_group():
 def test_visionzip_budget_covering_the_group_keeps_every_token_unmerged():
     x, ev = _known_grouping()
     valid = torch.ones(1, 20, dtype=torch.bool)
-    assert SELECTORS["visionzip"](ev, valid, 20, PruneConfig("visionzip", 20)).tolist() == [list(range(20))]
+    assert selector("visionzip")(ev, valid, 20, PruneConfig("visionzip", 20)).tolist() == [list(range(20))]
     assert torch.equal(visionzip.merge(x, ev, valid, 20), x)
     valid[0, 15:] = False  # 15 valid tokens, budget 16 (padding fills the last slot)
-    kept = SELECTORS["visionzip"](ev, valid, 16, PruneConfig("visionzip", 16))[0].tolist()
+    kept = selector("visionzip")(ev, valid, 16, PruneConfig("visionzip", 16))[0].tolist()
     assert kept == list(range(16))
     assert torch.equal(visionzip.merge(x, ev, valid, 16)[0, :15], x[0, :15])
 

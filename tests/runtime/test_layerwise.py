@@ -40,8 +40,30 @@ def test_keeping_every_token_equals_the_unpruned_model(tiny_adapter, scene, cfg)
     assert pipe.last_trace.visual == [prefill.visual_rows.numel()] * len(tiny_adapter.decoder.layers)
 
 
-class _Recorder(Router):
-    """Wraps a router and records every layer's input and chosen rows."""
+@pytest.mark.parametrize("cfg", [PruneConfig("alvts", 10**6, layer=0), PruneConfig("alvts", 1.0, layer=0, skip="kv"),
+                                 PruneConfig("alvts", 1.0, layer=0, query="instruction"),
+                                 PruneConfig("alvts", 1.0, layer=0, selector="paper"),
+                                 PruneConfig("fastv", 1.0, layer=1), PruneConfig("dart", 10**6, layer=1)],
+                         ids=["alvts", "alvts-kv", "alvts-instruction", "alvts-paper", "fastv", "dart"])  # fmt: skip
+def test_selecting_every_token_equals_the_unpruned_model(tiny_adapter, scene, cfg):
+    """The same invariant through the selection path itself: each layer scores, chooses all N visual rows
+    and gathers, routes and scatters them back (no shortcut for k = N)."""
+    pipe, prefill = _prefill(tiny_adapter, scene, cfg)
+    n_v = prefill.visual_rows.numel()
+    router = build_router(cfg, tiny_adapter, prefill.embeds.shape[1] - n_v, n_v)
+    router.skip_full_budgets = False
+    hidden, trace = LayerwiseDecoder(tiny_adapter, router).prefill(
+        prefill.embeds, prefill.position_ids, prefill.visual_rows, prefill.query_rows(cfg.query), pipe.new_cache()
+    )
+    selecting = [i for i in range(len(tiny_adapter.decoder.layers)) if router.selects(i)]
+    assert selecting and sorted(trace.selected) == selecting  # the selector ran where the method selects
+    assert all(trace.selected[i].tolist() == list(range(n_v)) for i in selecting)
+    ref = PrunedVlm(tiny_adapter, PruneConfig()).prompt_logits(prefill)[:, -1]
+    assert (tiny_adapter.lm_head(hidden[:, -1]) - ref).abs().max().item() <= 1e-5
+
+
+class _Recorder:
+    """Wraps a router (what ``LayerwiseDecoder`` calls) and records every layer's input and chosen rows."""
 
     def __init__(self, inner: Router) -> None:
         self.inner, self.drops, self.kv_visible = inner, inner.drops, inner.kv_visible
@@ -92,8 +114,8 @@ def test_kv_cache_holds_what_each_layer_processed(tiny_adapter, scene, skip):
     assert trace.visual == [n_v] * layer0 + [k] * (len(lengths) - layer0)
 
 
-class _Replay(Router):
-    """Replays recorded row choices on a prompt extended by one text token at the end."""
+class _Replay:
+    """Replays recorded row choices on a prompt extended by one text token at the end (a plan-only router)."""
 
     def __init__(self, rows, drops, kv_visible, n):
         self.rows, self.drops, self.kv_visible, self.n = rows, drops, kv_visible, n
@@ -198,8 +220,10 @@ def test_alvts_router_trace_names_image_token_ids(tiny_adapter, scene):
         assert torch.equal(prefill.visual_rows[ids], rec.rows[layer][torch.isin(rec.rows[layer], prefill.visual_rows)])
 
 
-class _Fixed(Router):
-    """The same rows at every layer: equivalent to pruning before the LLM."""
+class _Fixed:
+    """The same rows at every layer: equivalent to pruning before the LLM (a plan-only router)."""
+
+    drops = kv_visible = False
 
     def __init__(self, rows):
         self.rows = rows

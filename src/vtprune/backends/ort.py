@@ -148,17 +148,10 @@ class OrtVlm:
         return {name: np.asarray(v).astype(self.input_dtype(graph, name), copy=False) for name, v in feeds.items()}
 
     def vision_feeds(self, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        meta = self.manifest["graphs"]["vision"]["meta"]
-        pixels = inputs["pixel_values"].numpy()
-        if self.adapter.family != "llava_next":
-            return self.typed("vision", {"pixel_values": pixels})
-        from vtprune.export.vision import llava_next_static_inputs
+        from vtprune.export.vision import vision_export
 
-        padded = np.zeros((pixels.shape[0], meta["max_crops"], *pixels.shape[2:]), pixels.dtype)
-        padded[:, : pixels.shape[1]] = pixels
-        size = inputs["image_sizes"][0]
-        static = llava_next_static_inputs(self.adapter.config, size, meta["max_crops"], meta["n_max"])
-        return self.typed("vision", {"pixel_values": padded} | {k: v.numpy() for k, v in static.items()})
+        meta = self.manifest["graphs"]["vision"]["meta"]
+        return self.typed("vision", vision_export(self.adapter.family).graph_feeds(self.adapter, inputs, meta))
 
     # --- model stages -----------------------------------------------------------------------------
     def prefill_inputs(self, inputs: dict[str, torch.Tensor], timer: StageTimer) -> dict[str, Any]:

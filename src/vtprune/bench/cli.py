@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vtprune import methods
 from vtprune.bench.config import (
     BACKENDS,
     DATASETS,
@@ -28,7 +29,6 @@ from vtprune.bench.config import (
     parse_budgets,
 )
 from vtprune.cliargs import count, new_tokens, text, threads
-from vtprune.config import METHODS
 
 
 def _split(text: str | None) -> tuple[str, ...]:
@@ -63,7 +63,7 @@ def add_bench(sub: Any) -> None:
                    help="ort (bundles), trt (built bundles, GPU) or torch (--model)")
     p.add_argument("--model", help="tiny-llava | tiny-llava-next | tiny-qwen2.5-vl | pocket | checkpoint DIR")
     p.add_argument("--budgets", help="visual tokens kept, e.g. all,256,128,64 or 0.25 (one bundle per budget)")
-    p.add_argument("--method", choices=[m for m in METHODS if m != "none"], default="gprune", help="pruning method")
+    p.add_argument("--method", choices=methods.names(), default="gprune", help="pruning method")
     p.add_argument("--provider", choices=PROVIDERS, default="cpu", help="ONNX Runtime execution provider")
     p.add_argument("--threads", type=threads, help="intra-op threads (default: the runtime's)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="--backend torch: weights dtype")

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vtprune.config import METHODS, PruneConfig, parse_keep
+from vtprune import methods
+from vtprune.config import PruneConfig, parse_keep
 from vtprune.errors import ConfigError
 
 BACKENDS = ("ort", "torch", "trt")
@@ -140,8 +141,8 @@ class BenchConfig(_Serializable):
         _check_choice("provider", self.provider, PROVIDERS)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("dataset", self.dataset, DATASETS, optional=True)
-        if self.method not in METHODS or self.method == "none":
-            pruning = [m for m in METHODS if m != "none"]
+        if self.method not in methods.names():
+            pruning = methods.names()
             raise ConfigError(f"--method {self.method!r} must be a pruning method: {', '.join(pruning)}")
         for name in ("num_images", "new_tokens", "iters"):
             _check_positive(name.replace("_", "-"), getattr(self, name))

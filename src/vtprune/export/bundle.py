@@ -125,7 +125,7 @@ def write_bundle(
     from vtprune.images import scene_image
     from vtprune.runtime.pipeline import PrunedVlm
 
-    image = export_sample_image(adapter, scene_image())
+    image = adapter.export_image(scene_image())
     sample = PrunedVlm(adapter, prune).inputs(image, SAMPLE_PROMPT)
     requested, prune = prune, static_budget(adapter, prune, sample)
     if prune != requested:
@@ -191,14 +191,6 @@ def static_budget(adapter: Any, prune: PruneConfig, sample: dict) -> PruneConfig
         layout = adapter.encode_image(sample).layout
     k = sum(group_budgets(layout.group_capacities, prune.keep))
     return dataclasses.replace(prune, keep=k)
-
-
-def export_sample_image(adapter: Any, image: Any) -> Any:
-    """The image the graphs are traced and validated with. Qwen2.5-VL graphs are fixed to its grid:
-    448x448 px, or less where the checkpoint's processor caps the pixel count."""
-    if adapter.family != "qwen2_5_vl":
-        return image
-    return image.resize((448, 448))
 
 
 def inline_copy(src: Path, dst: Path) -> None:

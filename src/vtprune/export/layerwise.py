@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vtprune import methods
 from vtprune.config import PruneConfig
 from vtprune.errors import ConfigError, ExportError
 from vtprune.export.decoder import (
@@ -46,13 +47,11 @@ from vtprune.export.decoder import (
     require_model,
 )  # fmt: skip
 from vtprune.prune.alvts import LayerSelector
-from vtprune.prune.attention import QkWeights, attention_rows
 from vtprune.prune.select import gather_tokens
 
 TEXT, VISUAL, QUERY = "text_length", "visual_length", "query_length"
 PAST_OF = "past_sequence_length_{i}"
 ROUTING_INPUTS = ["text_rows", "visual_rows", "query_rows"]
-EXPORTABLE = ("alvts", "fastv", "dart")
 
 # Example sizes for tracing: all distinct and >= 2 so no dimension is specialised (PLATFORM.md §5).
 _EXAMPLE_BATCH, _EXAMPLE_QUERY = 2, 2
@@ -90,59 +89,53 @@ class _Layers(nn.Module):
 class RoutedPrefillGraph(_Layers):
     """``forward(inputs_embeds (B, L, D), position_ids, text_rows (n_t,), visual_rows (N_v,), query_rows
     (n_q,))`` -> ``(logits (B, 1, V), present key/value per layer..., selected.{l} (B, k_l) per routed
-    layer)``; see the module docstring."""
+    layer)``; see the module docstring. The method is its ``runtime.layerwise`` router, traced."""
 
-    def __init__(self, adapter: Any, cfg: PruneConfig, budgets: list[int], n_visual: int) -> None:
+    def __init__(self, adapter: Any, cfg: PruneConfig, n_text: int, n_visual: int) -> None:
+        from vtprune.runtime.layerwise import build_router
+
         super().__init__(adapter)
         check_exportable(cfg)
         if not cfg.in_llm:
             raise ConfigError(f"--method {cfg.method} prunes before the decoder; its bundle uses decoder.onnx")
-        self.method, self.kv_visible = cfg.method, cfg.skip == "kv"
-        self.budgets = budgets
-        self.routed = [i for i, k in enumerate(budgets) if k < n_visual]
+        self.router = build_router(cfg, adapter, n_text, n_visual)
+        self.kv_visible = self.router.kv_visible
+        self.budgets = self.router.budgets
+        self.routed = [i for i, k in enumerate(self.budgets) if k < n_visual]  # process fewer visual rows
+        self.selecting = [i for i in self.routed if self.router.selects(i)]  # choose them (ALVTS: every one)
         self.scale: dict[int, float] = {}
-        if cfg.method == "alvts":
-            from vtprune.runtime.layerwise import selectors_for
-
-            for i, sel in selectors_for(adapter, cfg).items():
-                if i in self.routed:  # the factors become initializers of the graph
-                    self.register_buffer(f"alvts_{i}_a", sel.a.clone(), persistent=False)
-                    self.register_buffer(f"alvts_{i}_b", sel.b.clone(), persistent=False)
-                    self.register_buffer(f"alvts_{i}_u", sel.u.clone(), persistent=False)
-                    self.scale[i] = sel.scale
-        else:  # drop methods: score before layer K-1's ... K, keep k visual rows from layer K on
-            dims = adapter.text_dims()
-            self.cut = self.routed[0] if self.routed else len(budgets)
-            self.heads, self.kv_heads = dims.heads, dims.kv_heads
+        for i, sel in getattr(self.router, "selectors", {}).items():
+            if i in self.routed:  # the selector factors become initializers of the graph
+                for name in ("a", "b", "u"):
+                    self.register_buffer(f"alvts_{i}_{name}", getattr(sel, name).clone(), persistent=False)
+                self.scale[i] = sel.scale
 
     def selector(self, i: int) -> LayerSelector:
+        """Layer ``i``'s selector over this module's buffers (what the trace records as initializers)."""
         return LayerSelector(getattr(self, f"alvts_{i}_a"), getattr(self, f"alvts_{i}_b"),
                              getattr(self, f"alvts_{i}_u"), self.scale[i])  # fmt: skip
 
     def forward(self, inputs_embeds: Tensor, position_ids: Tensor, text_rows: Tensor, visual_rows: Tensor,
                 query_rows: Tensor) -> tuple[Tensor, ...]:  # fmt: skip
-        h, cache = inputs_embeds, _cache(self.text_config)
+        h, cache, router = inputs_embeds, _cache(self.text_config), self.router
+        for i in self.scale:  # the router reads the factors through the traced buffers
+            router.selectors[i] = self.selector(i)
         cos, sin = self.rotary(h, position_ids)  # (B, L, hd) each
-        selected, drop_scores = [], None
+        selected, scores = [], None
         for i, layer in enumerate(self.layers):
-            if self.method != "alvts":
-                if i == self.cut - 1:
-                    drop_scores = self._drop_scores(layer, h, (cos, sin), visual_rows)
-                if i == self.cut:  # the unselected visual rows leave the sequence for good
-                    idx = self._drop_choose(h, visual_rows, drop_scores, self.budgets[i])
-                    rows = _with_text(text_rows, visual_rows, idx)
-                    h, cos, sin = (gather_tokens(t, rows) for t in (h, cos, sin))
-                    selected.append(idx)
+            if i + 1 in self.selecting or i in self.selecting:
+                fresh = router.score(i, layer, h, (cos, sin), visual_rows, query_rows)
+                scores = fresh if fresh is not None else scores
+            if i not in self.selecting:
                 h = self.run(layer, h, (cos, sin), cache)
                 continue
-            if i not in self.routed:
-                h = self.run(layer, h, (cos, sin), cache)
-                continue
-            x = layer.input_layernorm(h)  # (B, L, D)
-            scores = self.selector(i).scores(x.index_select(1, query_rows), x.index_select(1, visual_rows))
-            idx = self._route(h, visual_rows, scores, self.budgets[i])  # (B, k) into the visual rows
+            idx = router.choose(i, h, visual_rows, scores, self.budgets[i], _route)  # (B, k) into the visual rows
             selected.append(idx)
             rows = _with_text(text_rows, visual_rows, idx)  # (B, n)
+            if router.drops:  # the unselected visual rows leave the sequence for good
+                h, cos, sin = (gather_tokens(t, rows) for t in (h, cos, sin))
+                h = self.run(layer, h, (cos, sin), cache)
+                continue
             take = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device).scatter(1, rows, True)  # (B, L)
             if self.kv_visible:  # every row supplies keys/values; only the routed rows take the output
                 out = self.run(layer, h, (cos, sin), cache)
@@ -157,33 +150,13 @@ class RoutedPrefillGraph(_Layers):
             h = torch.where(take[..., None], out, h)
         return (*self.finish(h, cache), *selected)
 
-    @staticmethod
-    def _route(h: Tensor, visual_rows: Tensor, scores: Tensor, k: int) -> Tensor:
-        """``vtprune::TopKRoute`` over the visual rows: (B, k) ascending indices into ``visual_rows``."""
-        import vtprune.export.ops  # noqa: F401  (registers torch.ops.vtprune.*)
 
-        _, idx = torch.ops.vtprune.topk_route(h.index_select(1, visual_rows), scores.float(), k)
-        return idx
+def _route(h: Tensor, visual_rows: Tensor, scores: Tensor, k: int) -> Tensor:
+    """``vtprune::TopKRoute`` over the visual rows: (B, k) ascending indices into ``visual_rows``."""
+    import vtprune.export.ops  # noqa: F401  (registers torch.ops.vtprune.*)
 
-    def _drop_scores(self, layer: nn.Module, h: Tensor, rope: tuple[Tensor, Tensor], visual_rows: Tensor) -> Tensor:
-        """Layer K-1's scores of the visual rows, (B, N_v): FastV, the attention the last prompt row pays
-        them (recomputed from the layer's projections); DART, their key norms."""
-        x = layer.input_layernorm(h)  # (B, L, D)
-        if self.method == "dart":
-            return layer.self_attn.k_proj(x.index_select(1, visual_rows)).float().norm(dim=-1)
-        w = QkWeights.of(layer.self_attn, self.heads, self.kv_heads)
-        keys = torch.arange(h.shape[1], device=h.device)
-        cos, sin = rope
-        probs = attention_rows(w, x[:, -1:], x, (cos[:, -1:], sin[:, -1:]), (cos, sin), keys[-1:], keys)
-        return probs.mean(dim=(-3, -2)).index_select(-1, visual_rows)  # (B, H, 1, L) -> (B, N_v)
-
-    def _drop_choose(self, h: Tensor, visual_rows: Tensor, scores: Tensor, k: int) -> Tensor:
-        """(B, k) ascending indices into the visual rows kept from layer K on."""
-        if self.method == "dart":
-            from vtprune.runtime.layerwise import DartRouter, dart_select
-
-            return dart_select(self.norm(h).index_select(1, visual_rows), scores, k, DartRouter.PIVOTS)
-        return self._route(h, visual_rows, scores, k)
+    _, idx = torch.ops.vtprune.topk_route(h.index_select(1, visual_rows), scores.float(), k)
+    return idx
 
 
 def _with_text(text_rows: Tensor, visual_rows: Tensor, idx: Tensor) -> Tensor:
@@ -209,13 +182,12 @@ class LayerwiseDecodeGraph(_Layers):
 # --- export ------------------------------------------------------------------------------------------
 def check_exportable(prune: PruneConfig) -> None:
     """Refuse, before any model is loaded, an in-LLM config the exported decoder graphs cannot carry."""
-    if prune.in_llm and prune.method not in EXPORTABLE:
-        raise ConfigError(
-            f"--method {prune.method} cannot be exported yet (in-LLM methods in the exported decoder: "
-            f"{', '.join(EXPORTABLE)}); run it in PyTorch (vtprune run --model / vtprune eval)"
-        )
+    if prune.prunes and not prune.spec.exportable:
+        can = ", ".join(m.name for m in methods.all_methods() if m.exportable)
+        raise ConfigError(f"--method {prune.method} cannot be exported yet (exportable: {can}); run it in PyTorch "
+                          "(vtprune run --model / vtprune eval)")  # fmt: skip
     if prune.in_llm and prune.selector != "lowrank":
-        raise ConfigError("--selector exact recomputes full attention rows (a PyTorch diagnostic); "
+        raise ConfigError(f"--selector {prune.selector} runs in PyTorch only (vtprune run --model / vtprune eval); "
                           "export the low-rank selector (--selector lowrank)")  # fmt: skip
 
 
@@ -267,9 +239,11 @@ def export_prefill(adapter: Any, cfg: PruneConfig, budgets: list[int], n_text: i
     if n_text < 3:
         raise ExportError(f"the sample prompt has {n_text} text tokens; tracing needs at least 3")
     with eager_attention(adapter.text_config):  # the graph then builds the explicit causal mask it needs
-        graph = RoutedPrefillGraph(adapter, cfg, budgets, n_visual).eval()
+        graph = RoutedPrefillGraph(adapter, cfg, n_text, n_visual).eval()
+        if graph.budgets != budgets:
+            raise ExportError(f"the routed graph's budgets {graph.budgets} differ from the bundle's {budgets}")
         args = routing_example(adapter, n_text, n_visual)
-        inputs, outputs = prefill_names(len(graph.layers), len(graph.routed) if cfg.method == "alvts" else 1)
+        inputs, outputs = prefill_names(len(graph.layers), len(graph.selecting))
         if not graph.routed:
             outputs = outputs[: 1 + 2 * len(graph.layers)]
         dim = torch.export.Dim

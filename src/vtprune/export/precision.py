@@ -13,7 +13,6 @@ The fp32 reference used for validation is never modified: the copy is a separate
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,15 +45,6 @@ FP32_PARTS["prefill"] = (
 )
 
 
-def _qwen_islands(model: nn.Module) -> dict[str, nn.Module]:
-    visual = model.model.visual
-    return {"vision last block": visual.blocks[-1], "vision patch merger": visual.merger}
-
-
-# Modules of each family that run in fp32 inside an fp16 graph.
-FP32_ISLANDS: dict[str, Callable[[nn.Module], dict[str, nn.Module]]] = {"qwen2_5_vl": _qwen_islands}
-
-
 def export_dtype(name: str) -> torch.dtype:
     if name not in EXPORT_DTYPES:
         raise ConfigError(f"--dtype {name}: bundles export {' or '.join(EXPORT_DTYPES)}")
@@ -63,12 +53,13 @@ def export_dtype(name: str) -> torch.dtype:
 
 def export_copy(adapter: Any, dtype: str) -> Any:
     """The adapter whose model the graphs are traced from: ``adapter`` itself for fp32, else a new
-    adapter around a deep copy of its model in ``dtype`` with the family's fp32 islands applied."""
+    adapter around a deep copy of its model in ``dtype`` with the family's fp32 islands
+    (``VlmAdapter.fp32_islands``) applied."""
     target = export_dtype(dtype)
     if target == adapter.model.dtype:
         return adapter
     model = copy.deepcopy(adapter.model).to(target)
-    for island in FP32_ISLANDS.get(adapter.family, lambda m: {})(model).values():
+    for island in adapter.fp32_islands(model).values():
         island.float()
         island.register_forward_pre_hook(_inputs_to_fp32, with_kwargs=True)
     return type(adapter)(model, adapter.processor, adapter.path)
@@ -76,7 +67,7 @@ def export_copy(adapter: Any, dtype: str) -> Any:
 
 def fp32_parts(adapter: Any, graph: str) -> list[str]:
     """Human-readable list of what ``graph`` computes in fp32 for ``adapter``'s family."""
-    islands = FP32_ISLANDS.get(adapter.family, lambda m: {})(adapter.model) if graph == "vision" else {}
+    islands = adapter.fp32_islands(adapter.model) if graph == "vision" else {}
     return list(FP32_PARTS[graph]) + [f"{name} (fp32 weights and activations)" for name in islands]
 
 

@@ -8,27 +8,33 @@ and ``kept_valid [B, K]`` (False for padding slots: LLaVA-NeXT images smaller th
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 import vtprune.export.ops  # noqa: F401  (registers torch.ops.vtprune.*)
+from vtprune import methods
 from vtprune.config import PruneConfig
 from vtprune.errors import ConfigError
-from vtprune.prune import SELECTORS, ScoreFn, VisualLayout
+from vtprune.prune import VisualLayout, selector
 from vtprune.prune.select import gather_tokens
 
 # LLaVA-NeXT token kinds fed to the graph
 PAD, BASE, HR, NEWLINE = 0, 1, 2, 3
 
-# Methods whose scores are one custom op in the graph; every other method's pure score function is
-# traced to standard ops (random/uniform: a constant table and integer arithmetic on the valid ranks;
-# divprune: its greedy loop unrolled over the static k, no ONNX Loop).
-GRAPH_SCORES: dict[str, ScoreFn] = {
-    "gprune": lambda x, valid, k, cfg: torch.ops.vtprune.graph_propagate(x, valid, cfg.theta, cfg.tau, cfg.iters),
-}
+
+
+def gprune_graph_scores(x: Tensor, valid: Tensor, k: int, cfg: PruneConfig) -> Tensor:
+    """G-Prune's scores as one custom op (``vtprune::GraphPropagate``), the method's ``graph_scores``.
+
+    Methods without ``graph_scores`` have their pure score function traced to standard ops (random and
+    uniform: a constant table and integer arithmetic on the valid ranks; divprune: its greedy loop
+    unrolled over the static k, no ONNX Loop)."""
+    return torch.ops.vtprune.graph_propagate(x, valid, cfg.theta, cfg.tau, cfg.iters)
 
 
 def prune_tokens(x: Tensor, valid: Tensor, cfg: PruneConfig, k: int) -> tuple[Tensor, Tensor]:
@@ -39,7 +45,8 @@ def prune_tokens(x: Tensor, valid: Tensor, cfg: PruneConfig, k: int) -> tuple[Te
     bodies see fp32) and the kept tokens cast back, which is exact.
     """
     xf = x.float()  # a no-op for fp32 graphs
-    scores = GRAPH_SCORES.get(cfg.method, SELECTORS[cfg.method].scores)(xf, valid, k, cfg)  # (B, N) fp32
+    method = methods.get(cfg.method)
+    scores = (method.load("graph_scores") or method.load("selector").scores)(xf, valid, k, cfg)  # (B, N) fp32
     tokens, idx = torch.ops.vtprune.topk_route(xf, scores, k)
     return tokens.to(x.dtype), idx
 
@@ -48,10 +55,10 @@ def merge_tokens(x: Tensor, evidence: Tensor, valid: Tensor, cfg: PruneConfig, k
     """An encoder method's stage (VisionZip) inside an exported graph, before the projector: scores of the
     encoder evidence, merged features, then ``vtprune::TopKRoute``. (B, N, C), (B, N, E), (B, N) ->
     (B, k, C) kept pre-projector tokens, (B, k) indices ascending. Traced to standard ops + TopKRoute."""
-    selector = SELECTORS[cfg.method]
+    method = selector(cfg.method)
     xf = x.float()
-    scores = selector.scores(evidence, valid, k, cfg)  # (B, N) fp32
-    tokens, idx = torch.ops.vtprune.topk_route(selector.merge(xf, evidence, valid, k, cfg, None), scores, k)
+    scores = method.scores(evidence, valid, k, cfg)  # (B, N) fp32
+    tokens, idx = torch.ops.vtprune.topk_route(method.merge(xf, evidence, valid, k, cfg, None), scores, k)
     return tokens.to(x.dtype), idx
 
 
@@ -201,7 +208,55 @@ def _qwen_spec(adapter: Any, cfg: PruneConfig, sample: dict[str, Tensor]) -> dic
             "meta": meta, "outputs": [*OUTPUTS, "kept_positions"], "patch": qwen_vision_patched(adapter)}  # fmt: skip
 
 
-VISION_SPECS = {"llava": _llava_spec, "llava_next": _llava_next_spec, "qwen2_5_vl": _qwen_spec}
+@dataclass(frozen=True)
+class VisionExport:
+    """How a family's vision + pruning graph is traced and fed.
+
+    ``spec(adapter, cfg, sample)`` gives the module to trace, its example args, input names, dynamic axes,
+    the manifest ``meta`` and optionally ``outputs`` and a ``patch`` context; ``feeds(adapter, inputs,
+    meta)`` turns the processor's tensors into the graph's numpy inputs (default: ``pixel_values``).
+    """
+
+    spec: Callable[[Any, PruneConfig, dict[str, Tensor]], dict[str, Any]]
+    feeds: Callable[[Any, dict[str, Tensor], dict[str, Any]], dict[str, np.ndarray]] | None = None
+
+    def graph_feeds(self, adapter: Any, inputs: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, np.ndarray]:
+        if self.feeds is not None:
+            return self.feeds(adapter, inputs, meta)
+        return {"pixel_values": inputs["pixel_values"].numpy()}
+
+
+_VISION_EXPORTS: dict[str, VisionExport] = {}
+
+
+def register_vision_export(family: str, export: VisionExport) -> VisionExport:
+    """Make ``export`` the vision graph of ``family`` (a ``VlmAdapter.family``)."""
+    if family in _VISION_EXPORTS:
+        raise ValueError(f"family {family!r} already has a vision export")
+    _VISION_EXPORTS[family] = export
+    return export
+
+
+def vision_export(family: str) -> VisionExport:
+    """The registered vision export of ``family``, or one line saying there is none."""
+    if family not in _VISION_EXPORTS:
+        raise ConfigError(f"vision export is not implemented yet for {family} (families with one: "
+                          f"{', '.join(_VISION_EXPORTS)})")  # fmt: skip
+    return _VISION_EXPORTS[family]
+
+
+def _llava_next_feeds(adapter: Any, inputs: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Crops padded to the graph's largest grid, plus the static pack index and token kinds of this image."""
+    pixels = inputs["pixel_values"].numpy()
+    padded = np.zeros((pixels.shape[0], meta["max_crops"], *pixels.shape[2:]), pixels.dtype)
+    padded[:, : pixels.shape[1]] = pixels
+    static = llava_next_static_inputs(adapter.config, inputs["image_sizes"][0], meta["max_crops"], meta["n_max"])
+    return {"pixel_values": padded} | {k: v.numpy() for k, v in static.items()}
+
+
+register_vision_export("llava", VisionExport(_llava_spec))
+register_vision_export("llava_next", VisionExport(_llava_next_spec, _llava_next_feeds))
+register_vision_export("qwen2_5_vl", VisionExport(_qwen_spec))
 
 
 def export_vision(adapter: Any, cfg: PruneConfig, sample: dict[str, Tensor], path: Any, opset: int) -> dict:
@@ -209,12 +264,11 @@ def export_vision(adapter: Any, cfg: PruneConfig, sample: dict[str, Tensor], pat
     from vtprune.export.decoder import eager_attention
     from vtprune.export.onnx_io import export_module
 
-    if adapter.family not in VISION_SPECS:
-        raise ConfigError(f"vision export is not implemented yet for {adapter.family}")
+    family = vision_export(adapter.family)
     if cfg.method == "gprune" and cfg.degree != "mask":
         raise ConfigError("export supports --degree mask only (the fp32 neighbour count)")
     adapter.check_prune(cfg)
-    spec = VISION_SPECS[adapter.family](adapter, cfg, sample)
+    spec = family.spec(adapter, cfg, sample)
     with spec.get("patch") or contextlib.nullcontext(), eager_attention(adapter.config.vision_config):
         io = export_module(spec["module"], spec["args"], path, spec["inputs"], spec.get("outputs", OUTPUTS),
                            spec["dynamic"], opset)  # fmt: skip

@@ -143,6 +143,15 @@ class VlmAdapter(ABC):
         """The multimodal projector on pre-projector features: (B, K, C) -> (B, K, D)."""
         raise UnsupportedModelError(f"{self.family}: {self.encoder_refusal}")
 
+    def fp32_islands(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Modules of ``model`` (this family's) that stay fp32 inside an fp16 export, by name."""
+        return {}
+
+    def export_image(self, image: Any) -> Any:
+        """The image an export traces and validates its graphs with (a family with graphs fixed to one
+        image grid resizes it to that grid)."""
+        return image
+
     def position_ids(self, inputs: dict[str, Tensor]) -> Tensor:
         """Unpruned position ids of the whole prompt: (B, L) for 1-D RoPE."""
         ids = inputs["input_ids"]

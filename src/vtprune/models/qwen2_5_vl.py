@@ -88,6 +88,14 @@ class Qwen25VLAdapter(VlmAdapter):
         embeds = torch.stack(list(feats))  # (B, N_v, D) merger output, one row per 2x2 patch block
         return VisualTokens(embeds, single_group(embeds.shape[1]))
 
+    def fp32_islands(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        visual = model.model.visual
+        return {"vision last block": visual.blocks[-1], "vision patch merger": visual.merger}
+
+    def export_image(self, image: Any) -> Any:
+        """Qwen2.5-VL graphs are fixed to one grid: 448x448 px (the processor may cap the pixel count)."""
+        return image.resize((448, 448))
+
     def position_ids(self, inputs: dict[str, Tensor]) -> Tensor:
         """M-RoPE ids (3, B, L) of the unpruned prompt (same rule as the model's ``get_rope_index``)."""
         merge = int(self.config.vision_config.spatial_merge_size)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vtprune.config import PRE_LLM_METHODS, PruneConfig
+from vtprune import methods
+from vtprune.config import PruneConfig
 from vtprune.errors import BudgetError
 from vtprune.prune import baselines, gprune, visionzip
 from vtprune.prune.select import gather_tokens, keep_topk
@@ -73,17 +74,20 @@ def _uniform_scores(x: Tensor, valid: Tensor, k: int, cfg: PruneConfig) -> Tenso
     return baselines.uniform_scores(valid, k)
 
 
-SELECTORS: dict[str, Selector] = {
-    "gprune": Selector(lambda x, valid, k, cfg: gprune.scores(x, cfg.theta, cfg.tau, cfg.iters, cfg.degree, valid)),
-    "random": Selector(_random_scores, margin=_exact(_random_scores)),
-    "uniform": Selector(_uniform_scores, margin=_exact(_uniform_scores)),
-    "divprune": Selector(lambda x, valid, k, cfg: baselines.divprune_scores(x, valid, k),
-                         margin=lambda x, valid, k, cfg, target: baselines.divprune_margin(x, valid, k, target)),
-    "visionzip": Selector(lambda ev, valid, k, cfg: visionzip.scores(ev, valid, k),
-                          lambda x, ev, valid, k, cfg, follow: visionzip.merge(x, ev, valid, k, follow),
-                          lambda ev, valid, k, cfg, target: visionzip.margin(ev, valid, k, target)),
-}
-assert set(SELECTORS) == set(PRE_LLM_METHODS), "config.PRE_LLM_METHODS and the selector registry disagree"
+# The built-in pre-LLM selectors, registered by import path in ``vtprune.methods``.
+GPRUNE = Selector(lambda x, valid, k, cfg: gprune.scores(x, cfg.theta, cfg.tau, cfg.iters, cfg.degree, valid))
+RANDOM = Selector(_random_scores, margin=_exact(_random_scores))
+UNIFORM = Selector(_uniform_scores, margin=_exact(_uniform_scores))
+DIVPRUNE = Selector(lambda x, valid, k, cfg: baselines.divprune_scores(x, valid, k),
+                    margin=lambda x, valid, k, cfg, target: baselines.divprune_margin(x, valid, k, target))
+VISIONZIP = Selector(lambda ev, valid, k, cfg: visionzip.scores(ev, valid, k),
+                     lambda x, ev, valid, k, cfg, follow: visionzip.merge(x, ev, valid, k, follow),
+                     lambda ev, valid, k, cfg, target: visionzip.margin(ev, valid, k, target))
+
+
+def selector(name: str) -> Selector:
+    """The registered pre-LLM method ``name``'s selector (``vtprune.methods``)."""
+    return methods.get(name).load("selector")
 
 
 @dataclass(frozen=True)
@@ -162,7 +166,7 @@ def select_visual(x: Tensor, layout: VisualLayout, cfg: PruneConfig) -> Tensor:
         idx = idx.to(x.device)
         feats = gather_tokens(x, idx.expand(batch, -1))  # (B, N_g, D)
         valid = torch.ones(feats.shape[:2], dtype=torch.bool, device=x.device)
-        local = SELECTORS[cfg.method](feats, valid, k, cfg)  # (B, k) into the group
+        local = selector(cfg.method)(feats, valid, k, cfg)  # (B, k) into the group
         kept.append(idx[local])  # (B, k) into N_v
     return torch.cat(kept, dim=-1).sort(dim=-1).values  # raster order keeps RoPE positions monotone
 
@@ -183,7 +187,7 @@ def merge_visual(
         (B, N_v, C); gathering ``select_visual(evidence, layout, cfg)`` (or ``follow``) from it gives the
         kept tokens.
     """
-    merge = SELECTORS[cfg.method].merge if cfg.pre_llm else None
+    merge = selector(cfg.method).merge if cfg.pre_llm else None
     if merge is None:
         return x
     out = x.clone()
@@ -227,5 +231,5 @@ def tie_margins(x: Tensor, layout: VisualLayout, cfg: PruneConfig, keep: Tensor)
             continue
         feats = gather_tokens(x, idx.to(x.device)[None])  # (1, N_g, D)
         valid = torch.ones(feats.shape[:2], dtype=torch.bool, device=x.device)
-        out.append(float(SELECTORS[cfg.method].tie_margin(feats, valid, k, cfg, local[None])[0]))
+        out.append(float(selector(cfg.method).tie_margin(feats, valid, k, cfg, local[None])[0]))
     return out

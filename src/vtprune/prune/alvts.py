@@ -136,6 +136,55 @@ def _sqrt_and_inverse(c: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return (vecs * vals.sqrt()) @ vecs.T, (vecs * vals.rsqrt()) @ vecs.T
 
 
+@dataclass(frozen=True)
+class PaperSelector:
+    """The selector as the ALVTS paper describes it (ALGORITHMS.md §2.1b): separate rank-R factors of the
+    layer's W_Q and W_K give RoPE-free, head-mean attention logits among *all* rows (text and visual),
+    causal, softmax over the keys; a visual token's score is the mean attention it receives from the visual
+    rows times the mean it receives from the text rows after the image, S = S_V2V * S_T2V.
+
+    ``factors`` holds a (the query factor V_Q S_Q) and b (the key factor with the mixing U_K^T U_Q folded
+    in), so that x_i a b^T x_j^T equals the rank-R query and key projections' head-summed dot product;
+    GQA key heads are repeated to their query heads before the key SVD.
+    """
+
+    factors: LayerSelector
+
+    @property
+    def rank(self) -> int:
+        return self.factors.rank
+
+    def scores_all(self, x: Tensor, visual: Tensor, text: Tensor) -> Tensor:
+        """(B, L, d) normalised rows in sequence order, (N_v,) visual rows, (n_t,) text rows -> (B, N_v)."""
+        logits = self.factors.logits(x, x)  # (B, L, L) head-mean logits at rank R
+        n = x.shape[-2]
+        future = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
+        probs = logits.masked_fill(future, float("-inf")).softmax(dim=-1)
+        to_visual = probs.index_select(-1, visual)  # (B, L, N_v)
+        v2v = to_visual.index_select(-2, visual).mean(dim=-2)
+        t2v = to_visual.index_select(-2, text).mean(dim=-2) if text.numel() else torch.ones_like(v2v)
+        return v2v * t2v
+
+    def macs(self, n_rows: int) -> int:
+        """Rank-R queries and keys of every row, the key-bias term and the (L, L) logits."""
+        d = self.factors.a.shape[0]
+        return 2 * n_rows * d * self.rank + n_rows * d + n_rows * n_rows * self.rank
+
+
+def paper_selector(w: QkWeights, rank: int) -> PaperSelector:
+    """SVD initialisation of the paper's factors: W_Q ~ U_Q S_Q V_Q^T and W_K (key heads repeated) ~
+    U_K S_K V_K^T at rank R; a = V_Q S_Q, b = V_K S_K U_K^T U_Q."""
+    wq, wk = w.per_head()  # (H, hd, d) each
+    d = wq.shape[-1]
+    uq, sq, vq = _svd(wq.reshape(-1, d))  # (H*hd, d) = U S V^T
+    uk, sk, vk = _svd(wk.reshape(-1, d))
+    r = min(rank, d, uq.shape[1])
+    a = vq[:, :r] * sq[:r]
+    b = (vk[:, :r] * sk[:r]) @ (uk[:, :r].T @ uq[:, :r])
+    _, u = qk_bilinear(w)
+    return PaperSelector(LayerSelector(a.float(), b.float(), u, logit_scale(w)))
+
+
 def data_free_selector(w: QkWeights, rank: int) -> LayerSelector:
     p, q = qk_product(w)
     _, u = qk_bilinear(w)

@@ -18,17 +18,20 @@ Decoding continues with the same loop: one new token per step attends to each la
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from vtprune import methods
 from vtprune.config import PruneConfig
 from vtprune.errors import ConfigError, UnsupportedModelError
 from vtprune.flops import TextDims, layer_macs
-from vtprune.prune.alvts import LayerSelector, data_free_selector, lowrank_selector_macs, select_visual_rows
-from vtprune.prune.attention import QkWeights, visual_importance
+from vtprune.prune.alvts import LayerSelector, PaperSelector, data_free_selector, lowrank_selector_macs, paper_selector
+from vtprune.prune.attention import QkWeights, attention_rows, visual_importance
+from vtprune.prune.select import keep_topk
 from vtprune.prune.ties import as_mask, follow_topk, topk_margin, value_range
 
 
@@ -64,7 +67,13 @@ class Trace:
 
 
 class Router(ABC):
-    """Chooses, before each layer, the rows it processes. ``drops``: unselected visual rows leave for good.
+    """Chooses, before each layer, the visual rows it processes; the one implementation of an in-LLM method,
+    run eagerly by ``LayerwiseDecoder`` (batch 1) and traced into the exported prefill graph (batched).
+
+    ``budgets[l]`` is the number of visual rows layer l processes (the image's N_v where it is not routed).
+    ``score`` gives, before layer l, batched scores of the visual rows (or None where it scores nothing);
+    ``choose`` turns the latest scores into layer l's kept rows with a given top-k (eager: ``keep_topk``;
+    export: ``vtprune::TopKRoute``). ``drops``: unselected visual rows leave for good.
 
     ``follow`` (layer -> kept visual token ids, from another backend) makes a router adopt those selections
     instead of its own and record, per layer, their tie margin under its own scores (``prune.ties``): the
@@ -75,10 +84,65 @@ class Router(ABC):
     drops = False
     kv_visible = False
     follow: dict[int, Tensor] | None = None
+    # A layer whose budget covers every visual row runs on all rows without scoring (same result, no
+    # selector cost); False runs the selection anyway (tests exercise the path at k = N).
+    skip_full_budgets = True
+
+    def __init__(self, budgets: list[int]) -> None:
+        self.budgets = budgets
+        self._scores: Tensor | None = None
 
     @abstractmethod
+    def selects(self, index: int) -> bool:
+        """True where layer ``index`` chooses its visual rows (given enough visual rows)."""
+
+    @abstractmethod
+    def score(self, index: int, layer: torch.nn.Module, h: Tensor, rope: tuple[Tensor, Tensor], visual: Tensor,
+              query: Tensor) -> Tensor | None:  # fmt: skip
+        """(B, N_v) scores of the ``visual`` rows from ``h`` (B, L, D), the input of layer ``index``, or None."""
+
+    def choose(self, index: int, h: Tensor, visual: Tensor, scores: Tensor, k: int, topk: TopK) -> Tensor:
+        """(B, k) ascending indices into the visual rows kept by layer ``index``: by default the top k."""
+        return topk(h, visual, scores, k)
+
+    def margin(self, index: int, h: Tensor, visual: Tensor, scores: Tensor, keep: Tensor) -> float:
+        """Tie margin of keeping ``keep`` (k,) instead of ``choose``'s set (batch 1)."""
+        return float(topk_margin(scores, keep[None])[0])
+
+    def selector_macs(self, index: int, n_rows: int, n_q: int, n_v: int) -> int | None:
+        """MACs of layer ``index``'s selection beyond the layer itself (None: not counted separately)."""
+        return None
+
     def plan(self, index: int, layer: torch.nn.Module, ctx: LayerContext, trace: Trace) -> Tensor | None:
         """Rows (ascending, into the current sequence) layer ``index`` processes; None for all of them."""
+        n_v = ctx.visual.numel()
+        if not self.selects(index + 1) and not self.selects(index):
+            return None
+        if self.selects(index) and self.budgets[index] >= n_v and self.skip_full_budgets:
+            return None
+        scores = self.score(index, layer, ctx.hidden, ctx.rope, ctx.visual, ctx.query)
+        self._scores = scores if scores is not None else self._scores
+        if not self.selects(index):
+            return None
+        if self.follow is None:
+            k = min(self.budgets[index], n_v)
+            keep = self.choose(index, ctx.hidden, ctx.visual, self._scores, k, _eager_topk)[0]
+        else:
+            keep = self.follow[index]
+            trace.margins[index] = self.margin(index, ctx.hidden, ctx.visual, self._scores, keep)
+        trace.selected[index] = keep
+        macs = self.selector_macs(index, ctx.hidden.shape[1], ctx.query.numel(), n_v)
+        if macs is not None:
+            trace.layer_selector_macs[index] = macs
+        return _with_text(ctx, ctx.visual[keep])
+
+
+# (h (B, L, D), visual rows (N_v,), scores (B, N_v), k) -> (B, k) ascending indices into the visual rows
+TopK = Callable[[Tensor, Tensor, Tensor, int], Tensor]
+
+
+def _eager_topk(h: Tensor, visual: Tensor, scores: Tensor, k: int) -> Tensor:
+    return keep_topk(scores, k)
 
 
 def _with_text(ctx: LayerContext, kept_visual_rows: Tensor) -> Tensor:
@@ -87,20 +151,17 @@ def _with_text(ctx: LayerContext, kept_visual_rows: Tensor) -> Tensor:
     return torch.cat([(~is_visual).nonzero().squeeze(-1), kept_visual_rows]).sort().values
 
 
-def _normed_rows(layer: torch.nn.Module, ctx: LayerContext) -> Tensor:
-    return layer.input_layernorm(ctx.hidden)[0]  # (n, D)
-
-
 class ExactSelector:
     """The layer's real attention from the query rows to the visual tokens (RoPE, causal, per-head softmax,
-    head- and query-mean), recomputed from its projections: what the low-rank proxy approximates."""
+    head- and query-mean), recomputed from its projections: what the low-rank proxy approximates (batch 1,
+    PyTorch only)."""
 
     def __init__(self, weights: QkWeights) -> None:
         self.w = weights
 
-    def scores_in(self, x: Tensor, ctx: LayerContext) -> Tensor:
-        keys = torch.cat([ctx.visual, ctx.query]).unique()  # visual keys plus the queries' own (causal context)
-        return visual_importance(self.w, x, ctx.rope, ctx.query, ctx.visual, keys)
+    def scores_in(self, x: Tensor, rope: tuple[Tensor, Tensor], visual: Tensor, query: Tensor) -> Tensor:
+        keys = torch.cat([visual, query]).unique()  # visual keys plus the queries' own (causal context)
+        return visual_importance(self.w, x[0], rope, query, visual, keys)[None]
 
     def macs(self, n_q: int, n_v: int) -> int:
         w = self.w
@@ -112,102 +173,83 @@ class AlvtsRouter(Router):
     """ALVTS: from layer l0 on, each layer keeps the k_l visual tokens its selector ranks highest."""
 
     def __init__(self, selectors: dict[int, Any], budgets: list[int], kv_visible: bool = False) -> None:
-        self.selectors, self.budgets, self.kv_visible = selectors, budgets, kv_visible
+        super().__init__(budgets)
+        self.selectors, self.kv_visible = selectors, kv_visible
 
-    def plan(self, index: int, layer: torch.nn.Module, ctx: LayerContext, trace: Trace) -> Tensor | None:
-        k, n_v = self.budgets[index], ctx.visual.numel()
-        if index not in self.selectors or k >= n_v:
+    def selects(self, index: int) -> bool:
+        return index in self.selectors
+
+    def score(self, index: int, layer: torch.nn.Module, h: Tensor, rope: tuple[Tensor, Tensor], visual: Tensor,
+              query: Tensor) -> Tensor | None:  # fmt: skip
+        if index not in self.selectors:
             return None
-        x = _normed_rows(layer, ctx)
-        sel = self.selectors[index]
+        x, sel = layer.input_layernorm(h), self.selectors[index]  # (B, L, D)
         if isinstance(sel, ExactSelector):
-            scores = sel.scores_in(x, ctx)
-        else:
-            scores = sel.scores(x[ctx.query], x[ctx.visual])
-        if self.follow is None:
-            keep = select_visual_rows(scores, k)  # into the visual rows
-        else:
-            keep = self.follow[index]
-            trace.margins[index] = float(topk_margin(scores[None], keep[None])[0])
-        trace.selected[index] = keep
-        trace.layer_selector_macs[index] = sel.macs(ctx.query.numel(), n_v)
-        return _with_text(ctx, ctx.visual[keep])
+            return sel.scores_in(x, rope, visual, query)
+        if isinstance(sel, PaperSelector):  # text rows: those after the image (the instruction)
+            return sel.scores_all(x, visual, torch.arange(int(visual.max()) + 1, h.shape[1], device=h.device))
+        return sel.scores(x.index_select(1, query), x.index_select(1, visual))
+
+    def selector_macs(self, index: int, n_rows: int, n_q: int, n_v: int) -> int:
+        sel = self.selectors[index]
+        return sel.macs(n_rows) if isinstance(sel, PaperSelector) else sel.macs(n_q, n_v)
 
 
-class _DropRouter(Router):
+class DropRouter(Router):
     """Scores the visual rows with layer K-1's input, then drops all but k of them before layer K."""
 
     drops = True
 
-    def __init__(self, layer: int, k: int) -> None:
-        self.layer, self.k, self._scores = layer, k, None
+    def __init__(self, layer: int, budgets: list[int]) -> None:
+        super().__init__(budgets)
+        self.layer, self.k = layer, budgets[min(layer, len(budgets) - 1)]
 
-    def plan(self, index: int, layer: torch.nn.Module, ctx: LayerContext, trace: Trace) -> Tensor | None:
-        if index == self.layer - 1:
-            self._scores = self.score(layer, ctx)
-        if index != self.layer or self.k >= ctx.visual.numel():
-            return None
-        if self.follow is None:
-            keep = self.choose(self._scores, ctx)
-        else:
-            keep = self.follow[index]
-            trace.margins[index] = self.margin(self._scores, ctx, keep)
-        trace.selected[index] = keep
-        return _with_text(ctx, ctx.visual[keep])
-
-    @abstractmethod
-    def score(self, layer: torch.nn.Module, ctx: LayerContext) -> Any: ...
-
-    @abstractmethod
-    def choose(self, scores: Any, ctx: LayerContext) -> Tensor:
-        """(k,) ascending indices into the visual rows."""
-
-    @abstractmethod
-    def margin(self, scores: Any, ctx: LayerContext, keep: Tensor) -> float:
-        """Tie margin of keeping ``keep`` (k,) instead of ``choose``'s set."""
+    def selects(self, index: int) -> bool:
+        return index == self.layer
 
 
-class FastVRouter(_DropRouter):
+class FastVRouter(DropRouter):
     """FastV: attention the last prompt token pays each visual token at layer K-1, head-averaged,
     recomputed from that layer's own projections (one query row), so fused attention stays in use."""
 
-    def __init__(self, layer: int, k: int, heads: int, kv_heads: int) -> None:
-        super().__init__(layer, k)
+    def __init__(self, layer: int, budgets: list[int], heads: int, kv_heads: int) -> None:
+        super().__init__(layer, budgets)
         self.heads, self.kv_heads = heads, kv_heads
 
-    def score(self, layer: torch.nn.Module, ctx: LayerContext) -> Tensor:
-        w = QkWeights.of(layer.self_attn, self.heads, self.kv_heads)
-        last = torch.tensor([ctx.hidden.shape[1] - 1])
-        return visual_importance(w, _normed_rows(layer, ctx), ctx.rope, last, ctx.visual)  # (N_v,)
+    def score(self, index: int, layer: torch.nn.Module, h: Tensor, rope: tuple[Tensor, Tensor], visual: Tensor,
+              query: Tensor) -> Tensor | None:  # fmt: skip
+        if index != self.layer - 1:
+            return None
+        x, w = layer.input_layernorm(h), QkWeights.of(layer.self_attn, self.heads, self.kv_heads)  # (B, L, D)
+        keys = torch.arange(h.shape[1], device=h.device)
+        cos, sin = rope
+        probs = attention_rows(w, x[:, -1:], x, (cos[:, -1:], sin[:, -1:]), (cos, sin), keys[-1:], keys)
+        return probs.mean(dim=(-3, -2)).index_select(-1, visual)  # (B, H, 1, L) -> (B, N_v)
 
-    def choose(self, scores: Tensor, ctx: LayerContext) -> Tensor:
-        return select_visual_rows(scores, self.k)
 
-    def margin(self, scores: Tensor, ctx: LayerContext, keep: Tensor) -> float:
-        return float(topk_margin(scores[None], keep[None])[0])
-
-
-class DartRouter(_DropRouter):
+class DartRouter(DropRouter):
     """DART: pivots are the visual tokens with the largest key norm at layer K-1 (RoPE keeps norms);
     each pivot then claims, in turn, the not-yet-chosen visual tokens least cosine-similar to it in
     the final-norm hidden states at layer K, until k tokens (pivots included) are kept."""
 
     PIVOTS = 4
 
-    def __init__(self, layer: int, k: int, final_norm: torch.nn.Module) -> None:
-        super().__init__(layer, k)
+    def __init__(self, layer: int, budgets: list[int], final_norm: torch.nn.Module) -> None:
+        super().__init__(layer, budgets)
         self.final_norm = final_norm
 
-    def score(self, layer: torch.nn.Module, ctx: LayerContext) -> Tensor:
-        keys = layer.self_attn.k_proj(_normed_rows(layer, ctx)[ctx.visual])  # (N_v, H_kv * hd)
-        return keys.float().norm(dim=-1)
+    def score(self, index: int, layer: torch.nn.Module, h: Tensor, rope: tuple[Tensor, Tensor], visual: Tensor,
+              query: Tensor) -> Tensor | None:  # fmt: skip
+        if index != self.layer - 1:
+            return None
+        return layer.self_attn.k_proj(layer.input_layernorm(h).index_select(1, visual)).float().norm(dim=-1)
 
-    def choose(self, scores: Tensor, ctx: LayerContext) -> Tensor:
-        return dart_select(self.final_norm(ctx.hidden)[0, ctx.visual], scores, self.k, self.PIVOTS)
+    def choose(self, index: int, h: Tensor, visual: Tensor, scores: Tensor, k: int, topk: TopK) -> Tensor:
+        return dart_select(self.final_norm(h).index_select(1, visual), scores, k, self.PIVOTS)
 
-    def margin(self, scores: Tensor, ctx: LayerContext, keep: Tensor) -> float:
-        x = self.final_norm(ctx.hidden)[:, ctx.visual]  # (1, N_v, D)
-        kept, tie = _dart_steps(x, scores[None], self.k, self.PIVOTS, as_mask(keep[None], scores.numel()))
+    def margin(self, index: int, h: Tensor, visual: Tensor, scores: Tensor, keep: Tensor) -> float:
+        x = self.final_norm(h).index_select(1, visual)  # (1, N_v, D)
+        kept, tie = _dart_steps(x, scores, self.k, self.PIVOTS, as_mask(keep[None], scores.shape[-1]))
         same = torch.equal(kept[0], keep.sort().values)
         return float(tie[0]) if same else float("inf")
 
@@ -386,43 +428,57 @@ def alvts_budgets(cfg: PruneConfig, dims: TextDims, n_text: int, n_visual: int, 
 def layer_budgets(cfg: PruneConfig, adapter: Any, n_text: int, n_visual: int) -> list[int]:
     """Visual rows each decoder layer processes under an in-LLM ``cfg`` for a prompt of this shape: the
     static per-layer budgets an exported prefill graph is built with."""
-    router = build_router(cfg, adapter, n_text, n_visual)
-    if isinstance(router, AlvtsRouter):
-        return [k if i in router.selectors else n_visual for i, k in enumerate(router.budgets)]
-    n_layers = len(adapter.decoder.layers)
-    cut = min(router.layer, n_layers)
-    return [n_visual] * cut + [min(router.k, n_visual)] * (n_layers - cut)
+    return build_router(cfg, adapter, n_text, n_visual).budgets
 
 
 def build_router(
     cfg: PruneConfig, adapter: Any, n_text: int, n_visual: int, follow: dict[int, Tensor] | None = None
 ) -> Router:
-    """The router for an in-LLM ``cfg`` on this adapter's decoder, for a prompt of this shape; with ``follow``
-    it adopts those per-layer selections (``Router``)."""
-    router = _new_router(cfg, adapter, n_text, n_visual)
+    """The router of an in-LLM ``cfg`` (its method's registered builder) on this adapter's decoder, for a
+    prompt of this shape; with ``follow`` it adopts those per-layer selections (``Router``)."""
+    layers = len(adapter.decoder.layers)
+    if cfg.layer >= layers:
+        raise ConfigError(f"--layer {cfg.layer}: this model has {layers} decoder layers, so {cfg.method} would "
+                          f"select nothing; pass --layer below {layers}")  # fmt: skip
+    router = methods.get(cfg.method).load("router")(cfg, adapter, n_text, n_visual)
     router.follow = follow
     return router
 
 
-def _new_router(cfg: PruneConfig, adapter: Any, n_text: int, n_visual: int) -> Router:
+def drop_budgets(cfg: PruneConfig, layers: int, n_visual: int) -> list[int]:
+    """A drop method's visual rows per layer: N_v below ``cfg.layer``, k from there on."""
+    return [n_visual] * cfg.layer + [layer_budget(cfg.keep, n_visual)] * (layers - cfg.layer)
+
+
+def fastv_router(cfg: PruneConfig, adapter: Any, n_text: int, n_visual: int) -> Router:
+    dims = adapter.text_dims()
+    return FastVRouter(cfg.layer, drop_budgets(cfg, dims.layers, n_visual), dims.heads, dims.kv_heads)
+
+
+def dart_router(cfg: PruneConfig, adapter: Any, n_text: int, n_visual: int) -> Router:
+    return DartRouter(cfg.layer, drop_budgets(cfg, adapter.text_dims().layers, n_visual), adapter.decoder.norm)
+
+
+def alvts_router(cfg: PruneConfig, adapter: Any, n_text: int, n_visual: int) -> Router:
     dims, layers = adapter.text_dims(), adapter.decoder.layers
-    if cfg.layer >= len(layers):
-        raise ConfigError(f"--layer {cfg.layer}: this model has {len(layers)} decoder layers, so {cfg.method} would "
-                          f"select nothing; pass --layer below {len(layers)}")  # fmt: skip
-    if cfg.method == "fastv":
-        return FastVRouter(cfg.layer, layer_budget(cfg.keep, n_visual), dims.heads, dims.kv_heads)
-    if cfg.method == "dart":
-        return DartRouter(cfg.layer, layer_budget(cfg.keep, n_visual), adapter.decoder.norm)
     if cfg.selector == "exact":
         selectors: dict[int, Any] = {
             i: ExactSelector(QkWeights.of(layer.self_attn, dims.heads, dims.kv_heads))
             for i, layer in enumerate(layers) if i >= cfg.layer
         }  # fmt: skip
         rank = dims.kv_heads * dims.head_dim  # the selector cost per visual token is a key projection
+    elif cfg.selector == "paper":
+        memo = adapter.__dict__.setdefault("_alvts_selectors", {})
+        if ("paper", cfg.rank) not in memo:  # once per adapter, not once per prompt
+            memo["paper", cfg.rank] = {i: paper_selector(QkWeights.of(layer.self_attn, dims.heads, dims.kv_heads),
+                                                         cfg.rank) for i, layer in enumerate(layers)}  # fmt: skip
+        selectors = {i: s for i, s in memo["paper", cfg.rank].items() if i >= cfg.layer}
+        rank = cfg.rank
     else:
         selectors = selectors_for(adapter, cfg)
         rank = max((s.rank for s in selectors.values()), default=cfg.rank)
-    return AlvtsRouter(selectors, alvts_budgets(cfg, dims, n_text, n_visual, rank), cfg.skip == "kv")
+    budgets = alvts_budgets(cfg, dims, n_text, n_visual, rank)  # a layer without a selector processes every row
+    return AlvtsRouter(selectors, [k if i in selectors else n_visual for i, k in enumerate(budgets)], cfg.skip == "kv")
 
 
 def selectors_for(adapter: Any, cfg: PruneConfig) -> dict[int, LayerSelector]:
