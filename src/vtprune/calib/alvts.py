@@ -29,14 +29,16 @@ from vtprune.files import read_json
 from vtprune.flops import layer_macs
 from vtprune.prune.alvts import (
     LayerSelector,
+    PaperSelector,
     data_free_selector,
     factor_whitened,
     logit_scale,
+    paper_selector,
     qk_bilinear,
     qk_product,
 )
 from vtprune.prune.alvts import recall_at_k as _recall
-from vtprune.prune.attention import QkWeights, visual_importance
+from vtprune.prune.attention import QkWeights, attention_rows, visual_importance
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DEFAULT_QUESTION = "Describe the image."
@@ -171,5 +173,136 @@ def format_card(card: dict[str, Any]) -> str:
         recall, free = r["recall"], r["recall_data_free"]
         lines.append(f"{r['layer']:>5}  {r['rank']:>4}  {recall:>9.3f}  {free:>9.3f}  {share:>10.2f}%")
     lines.append(f"mean recall: calibrated {card['mean_recall']:.3f}, data-free {card['mean_recall_data_free']:.3f} "
+                 f"({card['pairs']['fit']} fit / {card['pairs']['heldout']} held-out pairs)")  # fmt: skip
+    return "\n".join(lines)
+
+
+# --- the paper's calibration (ALGORITHMS.md §2.1b) ---------------------------------------------------
+@dataclass
+class _PaperPair:
+    x: Tensor  # (L, d) normalised layer input, sequence order
+    visual: Tensor  # (N_v,) visual rows
+    text: Tensor  # (n_t,) text rows after the image
+    target: Tensor  # (N_v,) the full-rank score, normalised to mean 1
+
+
+def full_rank_score(w: QkWeights, x: Tensor, rope: tuple[Tensor, Tensor], visual: Tensor, text: Tensor) -> Tensor:
+    """The paper's score S = S_V2V * S_T2V from the layer's real attention (every head at full rank, RoPE,
+    causal, probabilities averaged over heads): what the selector is fitted to. (L, d) -> (N_v,)."""
+    pos = torch.arange(x.shape[0])
+    probs = attention_rows(w, x, x, rope, rope, pos, pos).mean(dim=0)  # (L, L)
+    to_visual = probs[:, visual]
+    return to_visual[visual].mean(dim=0) * (to_visual[text].mean(dim=0) if text.numel() else 1.0)
+
+
+def _unit_mean(s: Tensor) -> Tensor:
+    return s / s.mean().clamp_min(1e-30)
+
+
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation of two (N,) vectors (ties broken by position)."""
+    ra, rb = (v.argsort().argsort().double() for v in (a, b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra @ rb) / (ra.norm() * rb.norm()).clamp_min(1e-30))
+
+
+def _paper_loss(sel: PaperSelector, pairs: Sequence[_PaperPair]) -> Tensor:
+    """Mean over pairs of the MSE between the selector's and the full-rank score, each scaled to mean 1
+    (the raw scores are products of two mean attentions, ~1/N_v^2: scaling makes layers comparable)."""
+    losses = [(_unit_mean(sel.scores_all(p.x[None], p.visual, p.text)[0]) - p.target).pow(2).mean() for p in pairs]
+    return torch.stack(losses).mean()
+
+
+def _paper_metrics(sel: PaperSelector, pairs: Sequence[_PaperPair], k: int) -> dict[str, float]:
+    with torch.no_grad():
+        scores = [sel.scores_all(p.x[None], p.visual, p.text)[0] for p in pairs]
+    n = len(pairs)
+    return {"recall": sum(_recall(s, p.target, min(k, s.numel())) for s, p in zip(scores, pairs, strict=True)) / n,
+            "spearman": sum(spearman(s, p.target) for s, p in zip(scores, pairs, strict=True)) / n}  # fmt: skip
+
+
+def _fit_layer(w: QkWeights, fit: Sequence[_PaperPair], cfg: CalibConfig, seed: int) -> PaperSelector:
+    """SVD initialisation, then Adam on the factors only (``cfg.steps`` steps of ``cfg.batch`` pairs)."""
+    init = paper_selector(w, cfg.rank).factors
+    a, b = (t.detach().clone().requires_grad_(True) for t in (init.a, init.b))
+    opt = torch.optim.Adam([a, b], lr=cfg.lr)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.enable_grad():
+        for _ in range(cfg.steps):
+            batch = [fit[int(i)] for i in torch.randperm(len(fit), generator=gen)[: cfg.batch]]
+            opt.zero_grad()
+            loss = _paper_loss(PaperSelector(LayerSelector(a, b, init.u, init.scale)), batch)
+            loss.backward()
+            opt.step()
+    return PaperSelector(LayerSelector(a.detach(), b.detach(), init.u, init.scale))
+
+
+def calibrate_paper(
+    adapter: Any, pairs: Sequence[tuple[Any, str]], cfg: CalibConfig, progress: Callable[[Iterable], Iterable] = iter
+) -> tuple[dict[int, LayerSelector], dict[str, Any]]:
+    """The paper's calibration: per layer, the selector's W_Q / W_K factors (SVD-initialised at rank
+    ``cfg.rank``) are tuned to minimise the MSE between their score and the full-rank score on the fit
+    pairs; the VLM is frozen. Returns the factors (``prune.factors`` format, kind ``paper``) and the card:
+    per layer the fit loss before and after, and recall@k and Spearman against the full-rank score on the
+    held-out pairs, for the SVD initialisation and the tuned factors. Deterministic for ``cfg.seed``."""
+    from vtprune.runtime.pipeline import PrunedVlm
+
+    dims, layers = adapter.text_dims(), adapter.decoder.layers
+    weights = [QkWeights.of(layer.self_attn, dims.heads, dims.kv_heads) for layer in layers]
+    n_held = max(1, int(round(cfg.heldout * len(pairs))))
+    if len(pairs) - n_held < 1:
+        raise ConfigError(f"{len(pairs)} calibration pairs leave none to fit with {n_held} held out")
+    pipe = PrunedVlm(adapter, PruneConfig())
+    data: list[list[_PaperPair]] = [[] for _ in layers]
+    with torch.inference_mode():
+        for image, question in progress(pairs):
+            prefill = pipe.build_prefill(pipe.inputs(image, question))
+            visual = prefill.visual_rows
+            text = torch.arange(int(visual.max()) + 1, prefill.embeds.shape[1])
+            cos, sin = adapter.decoder.rotary_emb(prefill.embeds, prefill.position_ids)
+            rope = (cos[0].float(), sin[0].float())
+            for li, h in enumerate(_layer_inputs(adapter, prefill.embeds, prefill.position_ids)):
+                x = layers[li].input_layernorm(h)[0].float().clone()
+                target = _unit_mean(full_rank_score(weights[li], x, rope, visual, text))
+                data[li].append(_PaperPair(x, visual, text, target))
+    for layer_pairs in data:  # outside inference mode: tensors autograd may save for the factors' gradients
+        for p in layer_pairs:
+            p.x, p.visual, p.text, p.target = (t.clone() for t in (p.x, p.visual, p.text, p.target))
+    n_fit = len(pairs) - n_held
+    k = min(cfg.k, min(int(p.visual.numel()) for p in data[0]))
+    selectors, rows = {}, []
+    for li, w in enumerate(weights):
+        fit, held = data[li][:n_fit], data[li][n_fit:]
+        init = paper_selector(w, cfg.rank)
+        tuned = _fit_layer(w, fit, cfg, cfg.seed + li)
+        with torch.no_grad():
+            before, after = float(_paper_loss(init, fit)), float(_paper_loss(tuned, fit))
+        held_before, held_after = _paper_metrics(init, held, k), _paper_metrics(tuned, held, k)
+        selectors[li] = tuned.factors
+        rows.append({"layer": li, "rank": tuned.rank, "loss_before": before, "loss_after": after,
+                     "recall_svd": held_before["recall"], "recall": held_after["recall"],
+                     "spearman_svd": held_before["spearman"], "spearman": held_after["spearman"]})  # fmt: skip
+        data[li] = []  # free the layer's inputs
+    card = {
+        "kind": "paper", "settings": asdict(cfg), "k_measured": k, "pairs": {"fit": n_fit, "heldout": n_held},
+        "model": {"family": adapter.family, "path": str(adapter.path), "hidden": dims.hidden, "layers": dims.layers},
+        "mean_recall": sum(r["recall"] for r in rows) / len(rows),
+        "mean_recall_svd": sum(r["recall_svd"] for r in rows) / len(rows),
+        "mean_spearman": sum(r["spearman"] for r in rows) / len(rows),
+        "mean_spearman_svd": sum(r["spearman_svd"] for r in rows) / len(rows),
+        "layers": rows,
+    }  # fmt: skip
+    return selectors, card
+
+
+def format_paper_card(card: dict[str, Any]) -> str:
+    """Per-layer fit loss and held-out recall@k / Spearman, SVD initialisation -> tuned."""
+    lines = [f"layer  rank  loss before -> after  recall@{card['k_measured']} svd -> tuned  spearman svd -> tuned"]
+    for r in card["layers"]:
+        lines.append(f"{r['layer']:>5}  {r['rank']:>4}  {r['loss_before']:>11.4f} -> {r['loss_after']:<8.4f} "
+                     f"{r['recall_svd']:>10.3f} -> {r['recall']:<6.3f} {r['spearman_svd']:>12.3f} -> "
+                     f"{r['spearman']:.3f}")  # fmt: skip
+    lines.append(f"mean held-out recall: SVD {card['mean_recall_svd']:.3f}, tuned {card['mean_recall']:.3f}; "
+                 f"Spearman: SVD {card['mean_spearman_svd']:.3f}, tuned {card['mean_spearman']:.3f} "
                  f"({card['pairs']['fit']} fit / {card['pairs']['heldout']} held-out pairs)")  # fmt: skip
     return "\n".join(lines)

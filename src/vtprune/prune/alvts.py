@@ -171,6 +171,7 @@ class PaperSelector:
         return 2 * n_rows * d * self.rank + n_rows * d + n_rows * n_rows * self.rank
 
 
+@torch.no_grad()
 def paper_selector(w: QkWeights, rank: int) -> PaperSelector:
     """SVD initialisation of the paper's factors: W_Q ~ U_Q S_Q V_Q^T and W_K (key heads repeated) ~
     U_K S_K V_K^T at rank R; a = V_Q S_Q, b = V_K S_K U_K^T U_Q."""

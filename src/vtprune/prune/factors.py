@@ -31,8 +31,10 @@ def save_factors(selectors: dict[int, LayerSelector], card: dict[str, Any], out:
     return Path(out)
 
 
-def load_factors(path: str | Path, adapter: Any) -> dict[int, LayerSelector]:
-    """Selectors from a ``save_factors`` directory, checked against its sha256 and the model's shape."""
+def load_factors(path: str | Path, adapter: Any, kind: str = "calibrated") -> dict[int, LayerSelector]:
+    """Selectors from a ``save_factors`` directory, checked against its sha256, the model's shape and the
+    selector ``kind`` they were fitted for (``calibrated``: whitened low-rank; ``paper``: the paper's
+    W_Q / W_K factors, ``vtprune calib alvts --mode paper``)."""
     from safetensors.torch import load_file
 
     root = Path(path)
@@ -42,6 +44,10 @@ def load_factors(path: str | Path, adapter: Any) -> dict[int, LayerSelector]:
     digest = sha256_file(root / FACTORS_FILE)
     if digest != card.get("sha256"):
         raise CheckpointError(f"--factors {root}: {FACTORS_FILE} does not match the sha256 in {CARD_FILE}")
+    if card.get("kind", "calibrated") != kind:
+        want = "--selector paper" if card.get("kind") == "paper" else "--selector lowrank"
+        raise ConfigError(f"--factors {root} were fitted for another selector ({card.get('kind')}); use them with "
+                          f"{want}")  # fmt: skip
     dims = adapter.text_dims()
     model = card.get("model", {})
     if (model.get("hidden"), model.get("layers")) != (dims.hidden, dims.layers):

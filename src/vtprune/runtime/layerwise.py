@@ -468,17 +468,30 @@ def alvts_router(cfg: PruneConfig, adapter: Any, n_text: int, n_visual: int) -> 
         }  # fmt: skip
         rank = dims.kv_heads * dims.head_dim  # the selector cost per visual token is a key projection
     elif cfg.selector == "paper":
-        memo = adapter.__dict__.setdefault("_alvts_selectors", {})
-        if ("paper", cfg.rank) not in memo:  # once per adapter, not once per prompt
-            memo["paper", cfg.rank] = {i: paper_selector(QkWeights.of(layer.self_attn, dims.heads, dims.kv_heads),
-                                                         cfg.rank) for i, layer in enumerate(layers)}  # fmt: skip
-        selectors = {i: s for i, s in memo["paper", cfg.rank].items() if i >= cfg.layer}
-        rank = cfg.rank
+        selectors = paper_selectors_for(adapter, cfg)
+        rank = max((s.rank for s in selectors.values()), default=cfg.rank)
     else:
         selectors = selectors_for(adapter, cfg)
         rank = max((s.rank for s in selectors.values()), default=cfg.rank)
     budgets = alvts_budgets(cfg, dims, n_text, n_visual, rank)  # a layer without a selector processes every row
     return AlvtsRouter(selectors, [k if i in selectors else n_visual for i, k in enumerate(budgets)], cfg.skip == "kv")
+
+
+def paper_selectors_for(adapter: Any, cfg: PruneConfig) -> dict[int, PaperSelector]:
+    """The paper's selectors: fitted factors from ``cfg.factors`` (``vtprune calib alvts --mode paper``), else
+    their SVD initialisation at rank ``cfg.rank`` (computed once per adapter)."""
+    memo = adapter.__dict__.setdefault("_alvts_selectors", {})
+    key = ("paper-factors", str(cfg.factors)) if cfg.factors is not None else ("paper", cfg.rank)
+    if key not in memo:  # once per adapter, not once per prompt
+        if cfg.factors is not None:
+            from vtprune.prune.factors import load_factors
+
+            memo[key] = {i: PaperSelector(s) for i, s in load_factors(cfg.factors, adapter, "paper").items()}
+        else:
+            dims = adapter.text_dims()
+            memo[key] = {i: paper_selector(QkWeights.of(layer.self_attn, dims.heads, dims.kv_heads), cfg.rank)
+                         for i, layer in enumerate(adapter.decoder.layers)}  # fmt: skip
+    return {i: s for i, s in memo[key].items() if i >= cfg.layer}
 
 
 def selectors_for(adapter: Any, cfg: PruneConfig) -> dict[int, LayerSelector]:
