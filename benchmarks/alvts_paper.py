@@ -2,11 +2,12 @@
 pocket VLM at the paper's three compressions (67 / 78 / 89%: k = 85 / 57 / 28 of 256 visual tokens).
 
     python benchmarks/alvts_paper.py [--limit 200] [--seed 0] [--keeps 85,57,28] [--rank 64]
-                                     [--out benchmarks/results/pocket/alvts/paper]
+                                     [--factors DIR] [--out benchmarks/results/pocket/alvts/paper]
 
 Per k, on the same easy-vqa test questions, greedy, PyTorch eager fp32: the paper's selector
 (``--selector paper``: separate rank-R SVD factors of W_Q and W_K, causal attention among all rows, score
-= visual-to-visual x text-to-visual attention received) with a budget in every layer (l0 = 0), today's
+= visual-to-visual x text-to-visual attention received) with a budget in every layer (l0 = 0), SVD-only
+and, with ``--factors`` (``vtprune calib alvts --mode paper``), calibrated as the paper does; today's
 default (``--selector lowrank`` from l0 = 12), and G-Prune, random and DART at the prefill FLOPs of the
 paper-selector point (selector and pruning stage included). The unpruned model is measured in the same
 run. Records accuracy with a 95% Wilson interval, retained accuracy, prefill GFLOPs and their share of
@@ -45,6 +46,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keeps", default="85,57,28")
     p.add_argument("--rank", type=int, default=64, help="paper selector rank R")
+    p.add_argument("--factors", help="the paper selector's calibrated factors (vtprune calib alvts --mode paper)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/pocket/alvts/paper"))
     p.add_argument("--cache-dir", type=Path, help="vtprune cache holding the pocket model")
     args = p.parse_args()
@@ -81,6 +83,9 @@ def main() -> int:
     for keep in (int(k) for k in args.keeps.split(",")):
         paper = run(f"alvts paper l0=0 k={keep}", PruneConfig("alvts", keep, layer=0, selector="paper",
                                                               rank=args.rank), keep)  # fmt: skip
+        if args.factors:
+            run(f"alvts paper calibrated l0=0 k={keep}", PruneConfig("alvts", keep, layer=0, selector="paper",
+                                                                     factors=args.factors), keep)  # fmt: skip
         run(f"alvts default (lowrank l0=12) k={keep}", PruneConfig("alvts", keep), keep)
         for method in ("gprune", "random"):
             k = closest(gflops_pre(method), paper["gflops"], n_visual)
@@ -88,7 +93,7 @@ def main() -> int:
         k = closest(gflops_dart, paper["gflops"], n_visual)
         run(f"dart K=2 k={k} (FLOPs of paper k={keep})", PruneConfig("dart", k), keep)
     args.out.mkdir(parents=True, exist_ok=True)
-    settings = {"limit": args.limit, "seed": args.seed, "split": "test", "rank": args.rank,
+    settings = {"limit": args.limit, "seed": args.seed, "split": "test", "rank": args.rank, "factors": args.factors,
                 "paper_retained": PAPER_RETAINED, "device": "cpu"}  # fmt: skip
     env = environment()
     (args.out / "paper.json").write_text(json.dumps({"settings": settings, "environment": env, "rows": rows},
@@ -101,9 +106,9 @@ def main() -> int:
 def markdown(rows: list[dict], settings: dict, env: dict) -> str:
     lines = ["# ALVTS with the paper's selector (pocket VLM, easy-vqa)", "",
              f"{settings['limit']} test questions (seed {settings['seed']}), greedy, PyTorch eager fp32 on the CPU "
-             f"({env.get('cpu')}, {env.get('cores')} cores); paper selector rank R = {settings['rank']}, data-free "
-             "(SVD initialisation; the paper's regression calibration is not applied). The paper's LLaVA-1.5-7B "
-             "figures: 99.6 / 98.8 / 96.7% retained at k = 85 / 57 / 28.", "",
+             f"({env.get('cpu')}, {env.get('cores')} cores); paper selector rank R = {settings['rank']}: SVD "
+             f"initialisation, and calibrated factors {settings['factors'] or '(not measured)'}. The paper's "
+             "LLaVA-1.5-7B figures: 99.6 / 98.8 / 96.7% retained at k = 85 / 57 / 28.", "",
              "| variant | accuracy | 95% CI | retained | prefill GFLOPs | of unpruned | prefill ms (median) |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:

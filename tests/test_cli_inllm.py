@@ -30,7 +30,7 @@ def test_run_in_llm_methods(extra, cache_dir: Path, png: Path, capsys) -> None:
 
 
 @pytest.mark.parametrize("extra, fragments", [
-    (["--method", "fastv", "--keep", "8", "--layer", "0"], ("--layer 0", "l must be >= 1")),
+    (["--method", "fastv", "--keep", "8", "--layer", "0"], ("--layer 0", "needs --layer >= 1")),
     (["--method", "alvts", "--keep", "8", "--rank", "0"], ("--rank 0",)),
     (["--method", "alvts", "--keep", "8", "--layer", "1", "--factors", "/nonexistent"],
      ("not a 'vtprune calib alvts' output",)),
