@@ -86,3 +86,13 @@ def test_calib_alvts_end_to_end(cache_dir: Path, tmp_path: Path, scene, capsys) 
     assert_user_error(run_main(["calib", "alvts", "--model", "tiny-llava", "--cache-dir", str(cache_dir), "--data",
                                 str(tmp_path / "nope"), "--out", str(tmp_path / "f2")]), *capsys.readouterr(),
                       ("neither 'easy-vqa' nor a directory",))  # fmt: skip
+    paper = tmp_path / "paper"
+    assert run_main([*argv[:-2], "--out", str(paper), "--mode", "paper", "--rank", "4", "--steps", "2"]) == 0
+    assert "spearman svd -> tuned" in capsys.readouterr()[0]
+    run = ["run", "--model", "tiny-llava", "--cache-dir", str(cache_dir), "--image", str(png), "--prompt", "what ?",
+           "--method", "alvts", "--keep", "4", "--layer", "0", "--factors", str(paper), "--json"]  # fmt: skip
+    assert run_main([*run, "--selector", "paper"]) == 0
+    assert json.loads(capsys.readouterr()[0])["layer_visual_tokens"] == [4, 4]
+    assert_user_error(run_main(run), *capsys.readouterr(), ("use them with --selector paper",))
+    assert_user_error(run_main([*argv[:-2], "--out", str(tmp_path / "f3"), "--mode", "paper", "--lr", "2"]),
+                      *capsys.readouterr(), ("--lr 2",))  # fmt: skip

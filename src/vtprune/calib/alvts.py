@@ -238,7 +238,7 @@ def _fit_layer(w: QkWeights, fit: Sequence[_PaperPair], cfg: CalibConfig, seed: 
 
 
 def calibrate_paper(
-    adapter: Any, pairs: Sequence[tuple[Any, str]], cfg: CalibConfig, progress: Callable[[Iterable], Iterable] = iter
+    adapter: Any, pairs: Sequence[tuple[Any, str]], cfg: CalibConfig, progress: Callable[..., Iterable] = iter
 ) -> tuple[dict[int, LayerSelector], dict[str, Any]]:
     """The paper's calibration: per layer, the selector's W_Q / W_K factors (SVD-initialised at rank
     ``cfg.rank``) are tuned to minimise the MSE between their score and the full-rank score on the fit
@@ -271,7 +271,9 @@ def calibrate_paper(
     n_fit = len(pairs) - n_held
     k = min(cfg.k, min(int(p.visual.numel()) for p in data[0]))
     selectors, rows = {}, []
-    for li, w in enumerate(weights):
+    layer_bar = progress(range(len(weights)), unit="layer") if progress is not iter else range(len(weights))
+    for li in layer_bar:
+        w = weights[li]
         fit, held = data[li][:n_fit], data[li][n_fit:]
         init = paper_selector(w, cfg.rank)
         tuned = _fit_layer(w, fit, cfg, cfg.seed + li)

@@ -63,8 +63,9 @@ def cmd_calib(args: argparse.Namespace) -> int:
     adapter = load_vlm(args.model, cache_dir=args.cache_dir)
     pairs = calibration_pairs(args.data, cfg.n, cfg.seed)
 
-    def bar(items: Any) -> Any:
-        return tqdm(items, desc="calibration", unit="pair", file=sys.stderr, dynamic_ncols=True)
+    def bar(items: Any, unit: str = "pair") -> Any:
+        desc = "calibration" if unit == "pair" else "fitting"
+        return tqdm(items, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
 
     paper = cfg.mode == "paper"
     selectors, card = (calibrate_paper if paper else calibrate)(adapter, pairs, cfg, bar)
