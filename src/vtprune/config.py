@@ -66,7 +66,7 @@ class PruneConfig:
             key projection of every visual token; the upper bound the proxy approximates) or ``paper``
             (the ALVTS paper's selector, ALGORITHMS.md §2.1b: separate rank-``rank`` factors of W_Q and
             W_K, causal attention among all rows, score = visual-to-visual x text-to-visual attention
-            received; PyTorch only; pass ``layer=0`` for the paper's budget in every layer).
+            received; pass ``layer=0`` for the paper's budget in every layer).
         factors: ALVTS calibrated selector factors (a ``vtprune calib alvts`` output directory); None
             uses data-free SVD factors of rank ``rank``.
         seed: ``random`` only: integer in [0, 2**32) that fixes which tokens are drawn (the same seed

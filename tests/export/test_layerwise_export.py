@@ -28,6 +28,7 @@ CASES = {  # (tiny model, config): every family with ALVTS; the other in-LLM var
     "llava_next-alvts": ("tiny-llava-next", ALVTS),
     "qwen-alvts": ("tiny-qwen2.5-vl", ALVTS),
     "llava-alvts-kv-instruction": ("tiny-llava", PruneConfig("alvts", 8, layer=1, skip="kv", query="instruction")),
+    "qwen-alvts-paper": ("tiny-qwen2.5-vl", PruneConfig("alvts", 8, layer=0, selector="paper", rank=8)),
     "qwen-fastv": ("tiny-qwen2.5-vl", PruneConfig("fastv", 8, layer=1)),
     "llava_next-dart": ("tiny-llava-next", PruneConfig("dart", 8, layer=1)),
 }
@@ -96,7 +97,8 @@ def test_per_layer_cache_lengths_and_kept_tokens_match_pytorch(routed, tiny_dirs
     trace = pipe.last_trace
     lengths = [past[f"past_key_values.{i}.key"].shape[2] for i in range(len(trace.kv_rows))]
     assert lengths == trace.kv_rows == [layer.keys.shape[2] for layer in cache.layers]
-    assert len(set(lengths)) == (1 if cfg.skip == "kv" else 2)  # a full-skip routed layer caches fewer rows
+    # a full-skip routed layer caches fewer rows than an unrouted one (every layer routes from --layer 0)
+    assert len(set(lengths)) == (1 if cfg.skip == "kv" or cfg.layer == 0 else 2)
     assert [s.tolist() for s in pre["selected"]] == [trace.selected[i].tolist() for i in sorted(trace.selected)]
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4)
     assert vlm.routed_rows(pre)["visual"] == trace.visual  # the ORT report's per-layer tokens
@@ -165,7 +167,7 @@ def test_unexportable_in_llm_configs_are_refused_before_loading(cfg, match, tmp_
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("name", ["llava-alvts", "qwen-fastv", "llava_next-dart"])
+@pytest.mark.parametrize("name", ["llava-alvts", "qwen-fastv", "llava_next-dart", "qwen-alvts-paper"])
 def test_routed_graphs_build_with_tensorrt_rtx(bundle_of, name, tmp_path):
     pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX (pip install 'vtprune[trt]') is not installed")
     import shutil

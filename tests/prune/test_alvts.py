@@ -123,7 +123,8 @@ def test_paper_selector_at_full_rank_reproduces_the_head_mean_logits_and_scores(
         visual, text = torch.arange(2, 8), torch.arange(8, 12)  # 2 system rows, 6 visual, 4 instruction
         v2v = probs[visual][:, visual].mean(0)
         t2v = probs[text][:, visual].mean(0)
-        assert torch.allclose(sel.scores_all(x, visual, text)[0], v2v * t2v, atol=1e-6)
+        got = sel.scores_all(x, visual)[0]  # sums over the rows: the means times per-prompt constants
+        assert torch.allclose(got, (6 * v2v) * (4 * t2v), atol=1e-6)
         assert sel.macs(12) == 2 * 12 * 32 * 32 + 12 * 32 + 12 * 12 * 32
 
 

@@ -209,13 +209,13 @@ def spearman(a: Tensor, b: Tensor) -> float:
 def _paper_loss(sel: PaperSelector, pairs: Sequence[_PaperPair]) -> Tensor:
     """Mean over pairs of the MSE between the selector's and the full-rank score, each scaled to mean 1
     (the raw scores are products of two mean attentions, ~1/N_v^2: scaling makes layers comparable)."""
-    losses = [(_unit_mean(sel.scores_all(p.x[None], p.visual, p.text)[0]) - p.target).pow(2).mean() for p in pairs]
+    losses = [(_unit_mean(sel.scores_all(p.x[None], p.visual)[0]) - p.target).pow(2).mean() for p in pairs]
     return torch.stack(losses).mean()
 
 
 def _paper_metrics(sel: PaperSelector, pairs: Sequence[_PaperPair], k: int) -> dict[str, float]:
     with torch.no_grad():
-        scores = [sel.scores_all(p.x[None], p.visual, p.text)[0] for p in pairs]
+        scores = [sel.scores_all(p.x[None], p.visual)[0] for p in pairs]
     n = len(pairs)
     return {"recall": sum(_recall(s, p.target, min(k, s.numel())) for s, p in zip(scores, pairs, strict=True)) / n,
             "spearman": sum(spearman(s, p.target) for s, p in zip(scores, pairs, strict=True)) / n}  # fmt: skip

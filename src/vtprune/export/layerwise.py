@@ -46,7 +46,7 @@ from vtprune.export.decoder import (
     position_ids_rank,
     require_model,
 )  # fmt: skip
-from vtprune.prune.alvts import LayerSelector
+from vtprune.prune.alvts import LayerSelector, PaperSelector
 from vtprune.prune.select import gather_tokens
 
 TEXT, VISUAL, QUERY = "text_length", "visual_length", "query_length"
@@ -104,16 +104,20 @@ class RoutedPrefillGraph(_Layers):
         self.routed = [i for i, k in enumerate(self.budgets) if k < n_visual]  # process fewer visual rows
         self.selecting = [i for i in self.routed if self.router.selects(i)]  # choose them (ALVTS: every one)
         self.scale: dict[int, float] = {}
+        self.paper = False
         for i, sel in getattr(self.router, "selectors", {}).items():
             if i in self.routed:  # the selector factors become initializers of the graph
+                self.paper = isinstance(sel, PaperSelector)
+                factors = sel.factors if self.paper else sel
                 for name in ("a", "b", "u"):
-                    self.register_buffer(f"alvts_{i}_{name}", getattr(sel, name).clone(), persistent=False)
-                self.scale[i] = sel.scale
+                    self.register_buffer(f"alvts_{i}_{name}", getattr(factors, name).clone(), persistent=False)
+                self.scale[i] = factors.scale
 
-    def selector(self, i: int) -> LayerSelector:
+    def selector(self, i: int) -> LayerSelector | PaperSelector:
         """Layer ``i``'s selector over this module's buffers (what the trace records as initializers)."""
-        return LayerSelector(getattr(self, f"alvts_{i}_a"), getattr(self, f"alvts_{i}_b"),
-                             getattr(self, f"alvts_{i}_u"), self.scale[i])  # fmt: skip
+        factors = LayerSelector(getattr(self, f"alvts_{i}_a"), getattr(self, f"alvts_{i}_b"),
+                                getattr(self, f"alvts_{i}_u"), self.scale[i])  # fmt: skip
+        return PaperSelector(factors) if self.paper else factors
 
     def forward(self, inputs_embeds: Tensor, position_ids: Tensor, text_rows: Tensor, visual_rows: Tensor,
                 query_rows: Tensor) -> tuple[Tensor, ...]:  # fmt: skip
@@ -186,9 +190,9 @@ def check_exportable(prune: PruneConfig) -> None:
         can = ", ".join(m.name for m in methods.all_methods() if m.exportable)
         raise ConfigError(f"--method {prune.method} cannot be exported yet (exportable: {can}); run it in PyTorch "
                           "(vtprune run --model / vtprune eval)")  # fmt: skip
-    if prune.in_llm and prune.selector != "lowrank":
-        raise ConfigError(f"--selector {prune.selector} runs in PyTorch only (vtprune run --model / vtprune eval); "
-                          "export the low-rank selector (--selector lowrank)")  # fmt: skip
+    if prune.in_llm and prune.selector == "exact":
+        raise ConfigError("--selector exact recomputes full attention rows (a PyTorch diagnostic); export "
+                          "--selector lowrank or paper")  # fmt: skip
 
 
 

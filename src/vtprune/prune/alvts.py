@@ -154,16 +154,22 @@ class PaperSelector:
     def rank(self) -> int:
         return self.factors.rank
 
-    def scores_all(self, x: Tensor, visual: Tensor, text: Tensor) -> Tensor:
-        """(B, L, d) normalised rows in sequence order, (N_v,) visual rows, (n_t,) text rows -> (B, N_v)."""
+    def scores_all(self, x: Tensor, visual: Tensor) -> Tensor:
+        """(B, L, d) normalised rows in sequence order, (N_v,) visual rows -> (B, N_v) scores.
+
+        S_V2V and S_T2V are the attention a visual token receives summed over the visual rows and over the
+        text rows (every non-visual row: those before the image see no visual token under the causal mask,
+        so this is the paper's mean over the instruction rows times a per-prompt constant, which leaves the
+        ranking, the tie margins and the calibration's mean-1 targets unchanged). Static shapes: exportable.
+        """
         logits = self.factors.logits(x, x)  # (B, L, L) head-mean logits at rank R
         n = x.shape[-2]
         future = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
         probs = logits.masked_fill(future, float("-inf")).softmax(dim=-1)
         to_visual = probs.index_select(-1, visual)  # (B, L, N_v)
-        v2v = to_visual.index_select(-2, visual).mean(dim=-2)
-        t2v = to_visual.index_select(-2, text).mean(dim=-2) if text.numel() else torch.ones_like(v2v)
-        return v2v * t2v
+        v2v = to_visual.index_select(-2, visual).sum(dim=-2)  # (B, N_v)
+        t2v = to_visual.sum(dim=-2) - v2v
+        return v2v * (t2v + 1e-12)  # a prompt ending at the image has no T2V: rank by V2V alone
 
     def macs(self, n_rows: int) -> int:
         """Rank-R queries and keys of every row, the key-bias term and the (L, L) logits."""

@@ -186,8 +186,8 @@ class AlvtsRouter(Router):
         x, sel = layer.input_layernorm(h), self.selectors[index]  # (B, L, D)
         if isinstance(sel, ExactSelector):
             return sel.scores_in(x, rope, visual, query)
-        if isinstance(sel, PaperSelector):  # text rows: those after the image (the instruction)
-            return sel.scores_all(x, visual, torch.arange(int(visual.max()) + 1, h.shape[1], device=h.device))
+        if isinstance(sel, PaperSelector):
+            return sel.scores_all(x, visual)
         return sel.scores(x.index_select(1, query), x.index_select(1, visual))
 
     def selector_macs(self, index: int, n_rows: int, n_q: int, n_v: int) -> int:
