@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_cli import assert_user_error, run_main
-from vtprune import methods
+from vtprune.config import PruneConfig
 
 
 @pytest.mark.parametrize("extra", [["--method", "alvts", "--keep", "8", "--layer", "1", "--rank", "8"],
@@ -55,7 +55,7 @@ def test_default_alvts_layer_beyond_a_tiny_model_is_a_user_error(cache_dir: Path
     capsys.readouterr()
     rc = run_main(["run", "--model", "tiny-llava", "--cache-dir", str(cache_dir), "--image", str(png),
                    "--prompt", "what ?", "--method", "alvts", "--keep", "8"])  # fmt: skip
-    default = f"--layer {methods.get('alvts').default_layer}"
+    default = f"--layer {PruneConfig('alvts', 8).layer}"
     assert_user_error(rc, *capsys.readouterr(), (default, "2 decoder layers", "--layer below 2"))
 
 

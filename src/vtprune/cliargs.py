@@ -85,7 +85,8 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--degree", choices=DEGREE_MODES, default=d.degree, help="G-Prune degree counting")
     g.add_argument("--positions", choices=POSITION_MODES, default=d.positions, help="position ids of kept tokens")
     g.add_argument("--layer", type=int, default=None, help="in-LLM methods: ALVTS's first selecting layer l0, "
-                   "FastV/DART's pruning layer K (default: 12 for alvts, 2 for fastv/dart)")  # fmt: skip
+                   "FastV/DART's pruning layer K (default: 12 for alvts, 0 for alvts --selector paper, 2 for "
+                   "fastv/dart)")  # fmt: skip
     g.add_argument("--rank", type=int, default=d.rank, help="ALVTS data-free selector rank (default: %(default)s)")
     g.add_argument("--query", choices=QUERY_SETS, default=d.query, help="ALVTS query set (default: %(default)s)")
     g.add_argument("--skip", choices=SKIP_MODES, default=d.skip, help="ALVTS skipped tokens: full, or kv "

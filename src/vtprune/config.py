@@ -52,8 +52,9 @@ class PruneConfig:
             ``contiguous`` renumbers the pruned sequence 0..n-1 (a variant).
         layer: in-LLM methods only. ALVTS: the first layer that selects (l0; layers below it process
             every visual token). FastV and DART: the layer from which the dropped tokens are gone. None
-            means the method's default (``vtprune.methods``: 12 for ALVTS, measured best on the pocket VLM
-            where the reconstruction's l0 = 2 collapses; 2 for FastV and DART, their papers' K).
+            means the method's default (``vtprune.methods``: 12 for ALVTS's low-rank proxy, measured best on
+            the pocket VLM where its l0 = 2 collapses; 0 for the paper's selector, the paper's budget in
+            every layer; 2 for FastV and DART, their papers' K).
         rank: ALVTS selector rank r of the data-free SVD factors (ignored with ``factors``).
         query: ALVTS query set: ``last`` prompt token, or every ``instruction`` token after the image.
         skip: ALVTS skipped tokens: ``full`` (they bypass the layer entirely) or ``kv`` ("KV-visible":
@@ -111,6 +112,7 @@ class PruneConfig:
         spec = methods.get(self.method) if self.method != "none" else None
         if self.layer is None:
             default = spec.default_layer if spec is not None else None
+            default = default(self) if callable(default) else default
             object.__setattr__(self, "layer", 2 if default is None else default)
         for name, value, lo in (("layer", self.layer, 0), ("rank", self.rank, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:

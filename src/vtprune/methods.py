@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +40,8 @@ class Method:
         graph_scores: optional score function the exported graph uses instead of ``selector.scores`` (a
             custom op), same signature, or its import path.
         router: in-LLM methods: ``(cfg, adapter, n_text, n_visual) -> Router`` or its import path.
-        default_layer: in-LLM methods: the ``--layer`` used when none is given.
+        default_layer: in-LLM methods: the ``--layer`` used when none is given, or a function of the
+            config giving it (ALVTS: 0 for the paper's selector, 12 for the low-rank proxy).
         min_layer: in-LLM methods: the smallest valid ``--layer``.
         exportable: False where ``vtprune export`` cannot write the method's graphs (run it in PyTorch).
         variants: the benchmark sweep's cells: label -> PruneConfig fields besides method and budget.
@@ -53,7 +54,7 @@ class Method:
     stage_macs: Any = None
     graph_scores: Any = None
     router: Any = None
-    default_layer: int | None = None
+    default_layer: int | Callable[[Any], int] | None = None
     min_layer: int = 0
     exportable: bool = True
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -142,11 +143,13 @@ register(Method(
     "visionzip", "encoder", "VisionZip: dominant tokens by [CLS] attention plus merged contextual tokens",
     selector="vtprune.prune:VISIONZIP", stage_macs="vtprune.flops:visionzip_macs",
 ))  # fmt: skip
-# ALVTS starts at l0 = 12: the earliest start that keeps >= 96.7% of the pocket VLM's unpruned easy-vqa
-# accuracy at k = 28 (benchmarks/results/pocket/alvts/target); the reconstruction's l0 = 2 keeps 33-47%.
+# ALVTS's low-rank proxy starts at l0 = 12: the earliest start that keeps >= 96.7% of the pocket VLM's
+# unpruned easy-vqa accuracy at k = 28 (benchmarks/results/pocket/alvts/target); its l0 = 2 keeps 33-47%.
+# The paper's selector has a budget in every layer (l0 = 0), as the paper does.
 register(Method(
     "alvts", "in_llm", "ALVTS: per-layer selection by a low-rank attention proxy (ALGORITHMS.md §2)",
-    router="vtprune.runtime.layerwise:alvts_router", default_layer=12,
+    router="vtprune.runtime.layerwise:alvts_router",
+    default_layer=lambda cfg: 0 if cfg.selector == "paper" else 12,
     variants={"alvts": {}, "alvts-l0=10": {"layer": 10}, "alvts-l0=2": {"layer": 2},
               "alvts-exact-l0=2": {"selector": "exact", "layer": 2}},
 ))  # fmt: skip
