@@ -102,6 +102,8 @@ def test_per_layer_cache_lengths_and_kept_tokens_match_pytorch(routed, tiny_dirs
     assert [s.tolist() for s in pre["selected"]] == [trace.selected[i].tolist() for i in sorted(trace.selected)]
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4)
     assert vlm.routed_rows(pre)["visual"] == trace.visual  # the ORT report's per-layer tokens
+    layers = range(len(trace.kv_rows))  # and its selector MACs, the paper selector's included
+    assert vlm.routed_rows(pre)["selector"] == [trace.layer_selector_macs.get(i, 0) for i in layers]
     assert vlm.flops(pre).prefill_macs_pruned == pipe.flops(ref).prefill_macs_pruned
 
 

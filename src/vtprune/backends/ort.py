@@ -17,7 +17,7 @@ from vtprune.config import PruneConfig, SamplingConfig
 from vtprune.errors import BackendUnavailableError, ConfigError, InputError
 from vtprune.flops import FlopsReport, layer_macs, layerwise_prefill_macs, prefill_macs, prune_stage_macs
 from vtprune.images import check_image_size
-from vtprune.prune.alvts import lowrank_selector_macs
+from vtprune.prune.alvts import lowrank_selector_macs, paper_selector_macs
 from vtprune.runtime.generate import Generation, PromptFacts, generate
 from vtprune.runtime.timing import StageTimer
 
@@ -254,8 +254,12 @@ class OrtVlm:
         kv_rows = [length if r["skip"] == "kv" and r["method"] == "alvts" else n for n in rows]
         ranks = {int(i): rank for i, rank in r.get("selector_ranks", {}).items()}
         n_q = prefill["query_rows"].size
-        selector = [lowrank_selector_macs(dims.hidden, ranks[i], n_q, n_v) if i in ranks else 0
-                    for i in range(dims.layers)]  # fmt: skip
+        if r.get("selector", "lowrank") == "paper":  # over every row of the prompt (skipped rows stay)
+            selector = [paper_selector_macs(dims.hidden, ranks[i], length) if i in ranks else 0
+                        for i in range(dims.layers)]  # fmt: skip
+        else:
+            selector = [lowrank_selector_macs(dims.hidden, ranks[i], n_q, n_v) if i in ranks else 0
+                        for i in range(dims.layers)]  # fmt: skip
         return {"visual": visual, "rows": rows, "kv_rows": kv_rows, "selector": selector}
 
     def layer_costs(self, prefill: dict[str, Any]) -> tuple[list[int], list[int]] | None:

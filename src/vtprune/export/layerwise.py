@@ -256,7 +256,8 @@ def export_prefill(adapter: Any, cfg: PruneConfig, budgets: list[int], n_text: i
         dims = ({0: b, 1: s}, {1: b, 2: s} if args[1].ndim == 3 else {0: b, 1: s}, {0: dim(TEXT)},
                 {0: dim(VISUAL, min=k_max + 1)}, {0: dim(QUERY)})  # fmt: skip
         files = _export_with_ops(graph, args, inputs, outputs, dims, path, opset)
-    routing = {"method": cfg.method, "budgets": budgets, "routed_layers": graph.routed, "skip": cfg.skip,
+    routing = {"method": cfg.method, "selector": cfg.selector, "budgets": budgets, "routed_layers": graph.routed,
+               "skip": cfg.skip,
                "query": cfg.query, "visual_tokens": n_visual, "min_visual_tokens": k_max + 1,
                "selector_ranks": {str(i): graph.selector(i).rank for i in graph.scale}}  # fmt: skip
     return io_spec(Path(path), "prefill", files, opset, adapter) | {"routing": routing}

@@ -172,9 +172,13 @@ class PaperSelector:
         return v2v * (t2v + 1e-12)  # a prompt ending at the image has no T2V: rank by V2V alone
 
     def macs(self, n_rows: int) -> int:
-        """Rank-R queries and keys of every row, the key-bias term and the (L, L) logits."""
-        d = self.factors.a.shape[0]
-        return 2 * n_rows * d * self.rank + n_rows * d + n_rows * n_rows * self.rank
+        return paper_selector_macs(self.factors.a.shape[0], self.rank, n_rows)
+
+
+def paper_selector_macs(d: int, rank: int, n_rows: int) -> int:
+    """MACs of the paper's selector on L = ``n_rows`` rows: rank-R queries and keys of every row, the
+    key-bias term and the (L, L) logits."""
+    return 2 * n_rows * d * rank + n_rows * d + n_rows * n_rows * rank
 
 
 @torch.no_grad()
