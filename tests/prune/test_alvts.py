@@ -121,10 +121,10 @@ def test_paper_selector_at_full_rank_reproduces_the_head_mean_logits_and_scores(
         causal = torch.ones(12, 12, dtype=torch.bool).triu(1)
         probs = exact.masked_fill(causal, float("-inf")).softmax(-1)
         visual, text = torch.arange(2, 8), torch.arange(8, 12)  # 2 system rows, 6 visual, 4 instruction
-        v2v = probs[visual][:, visual].mean(0)
+        v2v = probs[visual][:, visual].sum(0) / torch.arange(6, 0, -1)  # over the visual rows that see it
         t2v = probs[text][:, visual].mean(0)
         got = sel.scores_all(x, visual)[0]  # sums over the rows: the means times per-prompt constants
-        assert torch.allclose(got, (6 * v2v) * (4 * t2v), atol=1e-6)
+        assert torch.allclose(got, v2v * (4 * t2v), atol=1e-6)
         assert sel.macs(12) == 2 * 12 * 32 * 32 + 12 * 32 + 12 * 12 * 32
 
 

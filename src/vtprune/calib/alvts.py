@@ -188,11 +188,13 @@ class _PaperPair:
 
 def full_rank_score(w: QkWeights, x: Tensor, rope: tuple[Tensor, Tensor], visual: Tensor, text: Tensor) -> Tensor:
     """The paper's score S = S_V2V * S_T2V from the layer's real attention (every head at full rank, RoPE,
-    causal, probabilities averaged over heads): what the selector is fitted to. (L, d) -> (N_v,)."""
+    causal, probabilities averaged over heads), as ``PaperSelector`` defines its terms: what the selector
+    is fitted to. (L, d) -> (N_v,)."""
     pos = torch.arange(x.shape[0])
     probs = attention_rows(w, x, x, rope, rope, pos, pos).mean(dim=0)  # (L, L)
     to_visual = probs[:, visual]
-    return to_visual[visual].mean(dim=0) * (to_visual[text].mean(dim=0) if text.numel() else 1.0)
+    v2v = to_visual[visual].sum(dim=0) / (visual.numel() - torch.arange(visual.numel()))  # over the rows seeing it
+    return v2v * (to_visual[text].mean(dim=0) if text.numel() else 1.0)
 
 
 def _unit_mean(s: Tensor) -> Tensor:

@@ -157,19 +157,23 @@ class PaperSelector:
     def scores_all(self, x: Tensor, visual: Tensor) -> Tensor:
         """(B, L, d) normalised rows in sequence order, (N_v,) visual rows -> (B, N_v) scores.
 
-        S_V2V and S_T2V are the attention a visual token receives summed over the visual rows and over the
-        text rows (every non-visual row: those before the image see no visual token under the causal mask,
-        so this is the paper's mean over the instruction rows times a per-prompt constant, which leaves the
-        ranking, the tie margins and the calibration's mean-1 targets unchanged). Static shapes: exportable.
+        S_V2V is the mean attention a visual token receives from the visual rows that can attend to it
+        (under the causal mask, those at or after it: a plain mean over all visual rows, or a sum, ranks the
+        first visual tokens highest by construction and keeps the image's top rows, measured). S_T2V is the
+        attention it receives summed over the text rows (every non-visual row: those before the image see no
+        visual token, so this is the mean over the instruction rows times a per-prompt constant, which
+        leaves the ranking, the tie margins and the calibration's mean-1 targets unchanged). Visual rows
+        ascending. Static shapes: exportable.
         """
         logits = self.factors.logits(x, x)  # (B, L, L) head-mean logits at rank R
         n = x.shape[-2]
         future = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
         probs = logits.masked_fill(future, float("-inf")).softmax(dim=-1)
         to_visual = probs.index_select(-1, visual)  # (B, L, N_v)
-        v2v = to_visual.index_select(-2, visual).sum(dim=-2)  # (B, N_v)
-        t2v = to_visual.sum(dim=-2) - v2v
-        return v2v * (t2v + 1e-12)  # a prompt ending at the image has no T2V: rank by V2V alone
+        from_visual = to_visual.index_select(-2, visual).sum(dim=-2)  # (B, N_v)
+        t2v = to_visual.sum(dim=-2) - from_visual
+        seen_by = visual.shape[0] - torch.arange(visual.shape[0], device=x.device)  # visual rows at or after each
+        return from_visual / seen_by * (t2v + 1e-12)  # a prompt ending at the image: rank by V2V alone
 
     def macs(self, n_rows: int) -> int:
         return paper_selector_macs(self.factors.a.shape[0], self.rank, n_rows)
