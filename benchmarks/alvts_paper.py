@@ -2,7 +2,8 @@
 pocket VLM at the paper's three compressions (67 / 78 / 89%: k = 85 / 57 / 28 of 256 visual tokens).
 
     python benchmarks/alvts_paper.py [--limit 200] [--seed 0] [--keeps 85,57,28] [--rank 64]
-                                     [--factors DIR] [--out benchmarks/results/pocket/alvts/paper]
+                                     [--factors DIR] [--baselines-at 85,57,28] [--resume]
+                                     [--out benchmarks/results/pocket/alvts/paper]
 
 Per k, on the same easy-vqa test questions, greedy, PyTorch eager fp32: the paper's selector
 (``--selector paper``: separate rank-R SVD factors of W_Q and W_K, causal attention among all rows, score
@@ -10,7 +11,9 @@ Per k, on the same easy-vqa test questions, greedy, PyTorch eager fp32: the pape
 and, with ``--factors`` (``vtprune calib alvts --mode paper``), calibrated as the paper does; today's
 default (``--selector lowrank`` from l0 = 12), and G-Prune, random and DART at the prefill FLOPs of the
 paper-selector point (selector and pruning stage included). The unpruned model is measured in the same
-run. Records accuracy with a 95% Wilson interval, retained accuracy, prefill GFLOPs and their share of
+run. ``--baselines-at`` limits the matched-FLOPs baselines to some budgets; ``--resume`` keeps the rows
+of an earlier paper.json that this run would measure the same way (same questions) and measures the rest.
+Records accuracy with a 95% Wilson interval, retained accuracy, prefill GFLOPs and their share of
 the unpruned prefill, and the median prefill stage time (ms, PyTorch CPU). Writes paper.json and paper.md.
 """
 
@@ -47,6 +50,9 @@ def main() -> int:
     p.add_argument("--keeps", default="85,57,28")
     p.add_argument("--rank", type=int, default=64, help="paper selector rank R")
     p.add_argument("--factors", help="the paper selector's calibrated factors (vtprune calib alvts --mode paper)")
+    p.add_argument("--baselines-at", help="budgets k at which G-Prune, random and DART run (default: every k)")
+    p.add_argument("--resume", action="store_true", help="keep the rows of --out's paper.json that do not use "
+                   "the paper selector (same settings) and measure the others")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/pocket/alvts/paper"))
     p.add_argument("--cache-dir", type=Path, help="vtprune cache holding the pocket model")
     args = p.parse_args()
@@ -64,7 +70,18 @@ def main() -> int:
                                                         indent=2) + "\n")  # fmt: skip
         (args.out / "paper.md").write_text(markdown(rows, settings, env))
 
+    earlier: dict[str, dict] = {}
+    if args.resume and (args.out / "paper.json").is_file():
+        old = json.loads((args.out / "paper.json").read_text())
+        if (old["settings"]["limit"], old["settings"]["seed"]) == (args.limit, args.seed):
+            earlier = {r["variant"]: r for r in old["rows"] if r["prune"]["selector"] != "paper"}
+
     def run(name: str, cfg: PruneConfig, keep: int | None) -> dict:
+        if name in earlier and earlier[name]["prune"] == cfg.to_dict():
+            rows.append(earlier[name])
+            save()
+            print(f"{name}: kept from the earlier run", file=sys.stderr, flush=True)
+            return earlier[name]
         r = evaluate(adapter, questions, cfg, progress=False)
         lo, hi = wilson(r["correct"], r["n"])
         gflops = r["flops"]["prefill_gflops_pruned"] + r["flops"]["prune_stage_gflops"]
@@ -97,6 +114,8 @@ def main() -> int:
             run(f"alvts paper calibrated l0=0 k={keep}", PruneConfig("alvts", keep, layer=0, selector="paper",
                                                                      factors=args.factors), keep)  # fmt: skip
         run(f"alvts default (lowrank l0=12) k={keep}", PruneConfig("alvts", keep), keep)
+        if args.baselines_at and str(keep) not in args.baselines_at.split(","):
+            continue
         for method in ("gprune", "random"):
             k = closest(gflops_pre(method), paper["gflops"], n_visual)
             run(f"{method} K={k} (FLOPs of paper k={keep})", PruneConfig(method, k), keep)
