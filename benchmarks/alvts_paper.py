@@ -2,7 +2,7 @@
 pocket VLM at the paper's three compressions (67 / 78 / 89%: k = 85 / 57 / 28 of 256 visual tokens).
 
     python benchmarks/alvts_paper.py [--limit 200] [--seed 0] [--keeps 85,57,28] [--rank 64]
-                                     [--factors DIR] [--baselines-at 85,57,28] [--resume]
+                                     [--factors DIR] [--layers 0] [--baselines-at 85,57,28] [--resume]
                                      [--out benchmarks/results/pocket/alvts/paper]
 
 Per k, on the same easy-vqa test questions, greedy, PyTorch eager fp32: the paper's selector
@@ -11,10 +11,12 @@ Per k, on the same easy-vqa test questions, greedy, PyTorch eager fp32: the pape
 and, with ``--factors`` (``vtprune calib alvts --mode paper``), calibrated as the paper does; today's
 default (``--selector lowrank`` from l0 = 12), and G-Prune, random and DART at the prefill FLOPs of the
 paper-selector point (selector and pruning stage included). The unpruned model is measured in the same
-run. ``--baselines-at`` limits the matched-FLOPs baselines to some budgets; ``--resume`` keeps the rows
-of an earlier paper.json that this run would measure the same way (same questions) and measures the rest.
-Records accuracy with a 95% Wilson interval, retained accuracy, prefill GFLOPs and their share of
-the unpruned prefill, and the median prefill stage time (ms, PyTorch CPU). Writes paper.json and paper.md.
+run. ``--layers`` sets the paper selector's start layers (default 0; e.g. 0,12 to also compare the two
+selectors from the same start). ``--baselines-at`` limits the matched-FLOPs baselines to some budgets;
+``--resume`` keeps the rows of an earlier paper.json that this run would measure the same way (same
+questions) and measures the rest. Records accuracy with a 95% Wilson interval, retained accuracy, prefill
+GFLOPs and their share of the unpruned prefill, and the median prefill stage time (ms, PyTorch CPU).
+Writes paper.json and paper.md.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def main() -> int:
     p.add_argument("--keeps", default="85,57,28")
     p.add_argument("--rank", type=int, default=64, help="paper selector rank R")
     p.add_argument("--factors", help="the paper selector's calibrated factors (vtprune calib alvts --mode paper)")
+    p.add_argument("--layers", default="0", help="start layers l0 of the paper selector (default: 0)")
     p.add_argument("--baselines-at", help="budgets k at which G-Prune, random and DART run (default: every k)")
     p.add_argument("--resume", action="store_true", help="keep the rows of --out's paper.json that do not use "
                    "the paper selector (same settings) and measure the others")  # fmt: skip
@@ -108,11 +111,14 @@ def main() -> int:
         return 2 * layerwise_prefill_macs(dims, rows_) / 1e9
 
     for keep in (int(k) for k in args.keeps.split(",")):
-        paper = run(f"alvts paper l0=0 k={keep}", PruneConfig("alvts", keep, layer=0, selector="paper",
-                                                              rank=args.rank), keep)  # fmt: skip
-        if args.factors:
-            run(f"alvts paper calibrated l0=0 k={keep}", PruneConfig("alvts", keep, layer=0, selector="paper",
-                                                                     factors=args.factors), keep)  # fmt: skip
+        paper = None  # the baselines match the FLOPs of the first start layer's point
+        for l0 in (int(x) for x in args.layers.split(",")):
+            row = run(f"alvts paper l0={l0} k={keep}", PruneConfig("alvts", keep, layer=l0, selector="paper",
+                                                                   rank=args.rank), keep)  # fmt: skip
+            paper = paper or row
+            if args.factors:
+                run(f"alvts paper calibrated l0={l0} k={keep}", PruneConfig("alvts", keep, layer=l0, selector="paper",
+                                                                           factors=args.factors), keep)  # fmt: skip
         run(f"alvts default (lowrank l0=12) k={keep}", PruneConfig("alvts", keep), keep)
         if args.baselines_at and str(keep) not in args.baselines_at.split(","):
             continue
