@@ -62,7 +62,9 @@ def test_a_registered_method_runs_in_pytorch_and_exports_validated(method, cache
         assert all(r["ok"] for r in read_manifest(out)["validation"]["checks"])
         with open_runner(out) as runner:
             got = runner.generate(scene, QUESTION, 3)
-        assert got.token_ids == ref.token_ids and got.visual_tokens_kept == 4
+        assert got.visual_tokens_kept == 4
+        if cfg.pre_llm:  # exact integer scores: the same kept set, so the same tokens, on any CPU (normdrop's
+            assert got.token_ids == ref.token_ids  # float norms are judged tie-aware by the export's validation)
 
 
 def test_a_registered_family_loads_runs_and_exports(tiny_dirs, tmp_path):
@@ -78,7 +80,7 @@ from vtprune.export.bundle import ExportConfig
 from vtprune.images import scene_image
 
 ckpt = toy_family.write_checkpoint(Path({str(tiny_dirs["tiny-llava"])!r}), Path({str(tmp_path / "ckpt")!r}))
-cfg = PruneConfig("gprune", 8)
+cfg = PruneConfig("random", 8)  # integer scores: the same kept set on any CPU
 with open_runner(str(ckpt), "torch", prune=cfg) as runner:
     assert runner.adapter.family == "toy_llava"
     assert "please answer" in runner.adapter.format_prompt("q")
