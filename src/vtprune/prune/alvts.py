@@ -52,6 +52,15 @@ class LayerSelector:
         """Cost of ``scores`` (see ``lowrank_selector_macs``)."""
         return lowrank_selector_macs(self.a.shape[0], self.rank, n_q, n_v)
 
+    # The interface every ALVTS selector gives the router (``runtime.layerwise.AlvtsRouter``).
+    def layer_scores(self, x: Tensor, rope: tuple[Tensor, Tensor], visual: Tensor, query: Tensor) -> Tensor:
+        """(B, L, d) a layer's normalised input -> (B, N_v) scores of the ``visual`` rows from the ``query``
+        rows (``rope`` unused: the proxy is RoPE-free)."""
+        return self.scores(x.index_select(1, query), x.index_select(1, visual))
+
+    def layer_macs(self, n_rows: int, n_q: int, n_v: int) -> int:
+        return self.macs(n_q, n_v)
+
     def truncated(self, rank: int) -> LayerSelector:
         """The same selector at a lower rank (factors are stored in descending singular-value order)."""
         return LayerSelector(self.a[:, :rank], self.b[:, :rank], self.u, self.scale)
@@ -177,6 +186,13 @@ class PaperSelector:
 
     def macs(self, n_rows: int) -> int:
         return paper_selector_macs(self.factors.a.shape[0], self.rank, n_rows)
+
+    def layer_scores(self, x: Tensor, rope: tuple[Tensor, Tensor], visual: Tensor, query: Tensor) -> Tensor:
+        """The router's interface (``LayerSelector.layer_scores``): every row takes part, not a query set."""
+        return self.scores_all(x, visual)
+
+    def layer_macs(self, n_rows: int, n_q: int, n_v: int) -> int:
+        return self.macs(n_rows)
 
 
 def paper_selector_macs(d: int, rank: int, n_rows: int) -> int:

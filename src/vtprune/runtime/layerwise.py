@@ -159,11 +159,11 @@ class ExactSelector:
     def __init__(self, weights: QkWeights) -> None:
         self.w = weights
 
-    def scores_in(self, x: Tensor, rope: tuple[Tensor, Tensor], visual: Tensor, query: Tensor) -> Tensor:
+    def layer_scores(self, x: Tensor, rope: tuple[Tensor, Tensor], visual: Tensor, query: Tensor) -> Tensor:
         keys = torch.cat([visual, query]).unique()  # visual keys plus the queries' own (causal context)
         return visual_importance(self.w, x[0], rope, query, visual, keys)[None]
 
-    def macs(self, n_q: int, n_v: int) -> int:
+    def layer_macs(self, n_rows: int, n_q: int, n_v: int) -> int:
         w = self.w
         d = w.q_weight.shape[1]
         return n_v * d * w.kv_heads * w.head_dim + n_q * d * w.heads * w.head_dim + n_q * n_v * w.heads * w.head_dim
@@ -183,16 +183,10 @@ class AlvtsRouter(Router):
               query: Tensor) -> Tensor | None:  # fmt: skip
         if index not in self.selectors:
             return None
-        x, sel = layer.input_layernorm(h), self.selectors[index]  # (B, L, D)
-        if isinstance(sel, ExactSelector):
-            return sel.scores_in(x, rope, visual, query)
-        if isinstance(sel, PaperSelector):
-            return sel.scores_all(x, visual)
-        return sel.scores(x.index_select(1, query), x.index_select(1, visual))
+        return self.selectors[index].layer_scores(layer.input_layernorm(h), rope, visual, query)
 
     def selector_macs(self, index: int, n_rows: int, n_q: int, n_v: int) -> int:
-        sel = self.selectors[index]
-        return sel.macs(n_rows) if isinstance(sel, PaperSelector) else sel.macs(n_q, n_v)
+        return self.selectors[index].layer_macs(n_rows, n_q, n_v)
 
 
 class DropRouter(Router):
