@@ -29,7 +29,7 @@ from vtprune import methods
 from vtprune.config import PruneConfig
 from vtprune.errors import ConfigError, UnsupportedModelError
 from vtprune.flops import TextDims, layer_macs
-from vtprune.prune.alvts import LayerSelector, PaperSelector, data_free_selector, lowrank_selector_macs, paper_selector
+from vtprune.prune.alvts import PaperSelector, data_free_selector, lowrank_selector_macs, paper_selector
 from vtprune.prune.attention import QkWeights, attention_rows, visual_importance
 from vtprune.prune.select import keep_topk
 from vtprune.prune.ties import as_mask, follow_topk, topk_margin, value_range
@@ -461,47 +461,29 @@ def alvts_router(cfg: PruneConfig, adapter: Any, n_text: int, n_visual: int) -> 
             for i, layer in enumerate(layers) if i >= cfg.layer
         }  # fmt: skip
         rank = dims.kv_heads * dims.head_dim  # the selector cost per visual token is a key projection
-    elif cfg.selector == "paper":
-        selectors = paper_selectors_for(adapter, cfg)
-        rank = max((s.rank for s in selectors.values()), default=cfg.rank)
-    else:
+    else:  # the low-rank proxy or the paper's selector
         selectors = selectors_for(adapter, cfg)
         rank = max((s.rank for s in selectors.values()), default=cfg.rank)
     budgets = alvts_budgets(cfg, dims, n_text, n_visual, rank)  # a layer without a selector processes every row
     return AlvtsRouter(selectors, [k if i in selectors else n_visual for i, k in enumerate(budgets)], cfg.skip == "kv")
 
 
-def paper_selectors_for(adapter: Any, cfg: PruneConfig) -> dict[int, PaperSelector]:
-    """The paper's selectors: fitted factors from ``cfg.factors`` (``vtprune calib alvts --mode paper``), else
-    their SVD initialisation at rank ``cfg.rank`` (computed once per adapter)."""
+def selectors_for(adapter: Any, cfg: PruneConfig) -> dict[int, Any]:
+    """The ALVTS selectors of layers >= ``cfg.layer`` (computed once per adapter): fitted factors from
+    ``cfg.factors`` (``vtprune calib alvts``, ``--mode paper`` for the paper's selector), else the SVD
+    factors at rank ``cfg.rank`` (data-free low-rank proxy, or the paper's W_Q / W_K initialisation)."""
+    paper = cfg.selector == "paper"
     memo = adapter.__dict__.setdefault("_alvts_selectors", {})
-    key = ("paper-factors", str(cfg.factors)) if cfg.factors is not None else ("paper", cfg.rank)
+    key = (cfg.selector, "factors", str(cfg.factors)) if cfg.factors is not None else (cfg.selector, cfg.rank)
     if key not in memo:  # once per adapter, not once per prompt
         if cfg.factors is not None:
             from vtprune.prune.factors import load_factors
 
-            memo[key] = {i: PaperSelector(s) for i, s in load_factors(cfg.factors, adapter, "paper").items()}
+            loaded = load_factors(cfg.factors, adapter, "paper" if paper else "calibrated")
+            memo[key] = {i: PaperSelector(s) for i, s in loaded.items()} if paper else loaded
         else:
-            dims = adapter.text_dims()
-            memo[key] = {i: paper_selector(QkWeights.of(layer.self_attn, dims.heads, dims.kv_heads), cfg.rank)
+            dims, build = adapter.text_dims(), paper_selector if paper else data_free_selector
+            memo[key] = {i: build(QkWeights.of(layer.self_attn, dims.heads, dims.kv_heads), cfg.rank)
                          for i, layer in enumerate(adapter.decoder.layers)}  # fmt: skip
-    return {i: s for i, s in memo[key].items() if i >= cfg.layer}
-
-
-def selectors_for(adapter: Any, cfg: PruneConfig) -> dict[int, LayerSelector]:
-    """Calibrated factors from ``cfg.factors``, else data-free SVD factors (computed once per adapter)."""
-    memo = adapter.__dict__.setdefault("_alvts_selectors", {})
-    key = ("factors", str(cfg.factors)) if cfg.factors is not None else ("rank", cfg.rank)
-    if key not in memo:  # once per adapter, not once per prompt
-        if cfg.factors is not None:
-            from vtprune.prune.factors import load_factors
-
-            memo[key] = load_factors(cfg.factors, adapter)
-        else:
-            dims = adapter.text_dims()
-            memo[key] = {
-                i: data_free_selector(QkWeights.of(layer.self_attn, dims.heads, dims.kv_heads), cfg.rank)
-                for i, layer in enumerate(adapter.decoder.layers)
-            }
     return {i: s for i, s in memo[key].items() if i >= cfg.layer}
 
