@@ -241,6 +241,10 @@ class OrtVlm:
         logits, past = self.decoder_step(emb, position, past)
         return logits[0], past
 
+    def fork(self, past: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Decoding states are never written in place (each step returns new arrays): shared as they are."""
+        return past
+
     def generate(self, image: Any, prompt: str, max_new_tokens: int = 32, raw_prompt: bool = False) -> Generation:
         return generate(self, image, prompt, max_new_tokens, raw_prompt)
 

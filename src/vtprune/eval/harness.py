@@ -1,7 +1,12 @@
-"""easy-vqa accuracy under pruning: greedy answers from ``PrunedVlm``, exact match after normalisation.
+"""Accuracy under pruning, by generation and by likelihood, on easy-vqa or the user's data, with any runner.
 
-``run_eval`` is the library entry point behind ``vtprune eval``; ``evaluate`` scores an already loaded
-adapter (the projector training script uses it on its in-memory model).
+``run_eval`` is the library entry point behind ``vtprune eval`` for a checkpoint in PyTorch;
+``evaluate_runner`` scores any runner (a bundle on ONNX Runtime included); ``evaluate`` scores easy-vqa
+questions with an already loaded adapter (the projector training script uses it on its in-memory model).
+
+Each question is answered greedily; when it has a closed answer set (``EvalData.candidates``), the same
+prefill also scores every candidate's log-likelihood as the reply, so "did the information survive
+pruning" (likelihood) is measured apart from "did the model keep its answer format" (generation).
 """
 
 from __future__ import annotations
@@ -10,14 +15,14 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from vtprune.config import PruneConfig
 from vtprune.errors import ConfigError
-from vtprune.eval.data import Question, load_questions, subsample
-from vtprune.eval.scoring import normalize_answer, summarize
+from vtprune.eval.data import EvalData, Question, load_easy_vqa
+from vtprune.eval.scoring import ANSWERS, score_record, summarize
 
 DEFAULT_MAX_NEW_TOKENS = 4  # every easy-vqa answer word is at most 3 SmolLM2 tokens
 
@@ -34,13 +39,16 @@ def run_eval(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     dtype: str = "fp32",
     device: str = "cpu",
+    data: EvalData | None = None,
+    likelihood: bool = True,
 ) -> dict[str, Any]:
-    """Exact-match accuracy of ``model`` (a name such as ``pocket`` or a checkpoint dir) on easy-vqa.
+    """Accuracy of ``model`` (a name such as ``pocket`` or a checkpoint dir) in PyTorch on easy-vqa
+    ``split``, or on ``data`` (``load_data``) when given.
 
     Args:
         model: anything ``load_vlm`` takes.
         prune: the pruning config applied to every question.
-        split: ``train`` or ``test``.
+        split: easy-vqa's ``train`` or ``test`` (when ``data`` is None).
         limit: number of questions drawn (without replacement, with ``seed``); None for the whole split.
         seed: subsampling seed; a fixed (limit, seed) always picks the same questions.
         cache_dir: where built-in models are cached.
@@ -48,19 +56,30 @@ def run_eval(
         max_new_tokens: greedy decoding length limit per answer.
         dtype: model weights dtype (``fp32``, ``fp16``, ``bf16``).
         device: where the PyTorch pipeline runs (``cpu``, ``cuda``, ``cuda:N``).
+        data: a local data set instead of easy-vqa.
+        likelihood: also score closed answer sets by log-likelihood.
 
     Returns:
-        A JSON-ready dict: settings, accuracy (overall, per question type), token budget, prefill FLOPs,
-        wall time, the model's provenance and one record per question.
+        A JSON-ready dict: settings, accuracy (overall, per question type; by generation and by
+        likelihood), token budget, prefill FLOPs, wall time, the model's provenance and one record per
+        question.
     """
     from vtprune.models import load_vlm
+    from vtprune.runtime.pipeline import PrunedVlm
 
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {max_new_tokens} must be at least 1")
-    questions = subsample(load_questions(split), limit, seed)
+    data = data if data is not None else load_easy_vqa(split, limit, seed)
     adapter = load_vlm(model, dtype, cache_dir=cache_dir, device=device)
-    settings = {"model": str(model), "dtype": dtype, "device": device, "split": split, "limit": limit, "seed": seed}
-    return settings | evaluate(adapter, questions, prune, max_new_tokens, progress)
+    settings = {"model": str(model), "backend": "torch", "dtype": dtype, "device": device} | data_settings(
+        data, limit, seed)  # fmt: skip
+    runner = PrunedVlm(adapter, prune)
+    return settings | evaluate_runner(runner, data, max_new_tokens, progress, likelihood=likelihood)
+
+
+def data_settings(data: EvalData, limit: int | None, seed: int) -> dict[str, Any]:
+    split = data.info.get("split")
+    return {"data": data.name, "data_info": data.info, "split": split, "limit": limit, "seed": seed}
 
 
 def evaluate(
@@ -70,71 +89,130 @@ def evaluate(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     progress: bool = True,
     warmup: bool = True,
+    likelihood: bool = False,
 ) -> dict[str, Any]:
-    """Answer and score ``questions`` with a loaded adapter; see ``run_eval`` for the result's keys.
+    """Answer and score easy-vqa ``questions`` with a loaded adapter in PyTorch (``evaluate_runner``)."""
+    from vtprune.runtime.pipeline import PrunedVlm
 
+    data = EvalData("easy-vqa", "easy-vqa", list(questions), ANSWERS)
+    return evaluate_runner(PrunedVlm(adapter, prune), data, max_new_tokens, progress, warmup, likelihood)
+
+
+def evaluate_runner(
+    runner: Any,
+    data: EvalData,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    progress: bool = True,
+    warmup: bool = True,
+    likelihood: bool = True,
+    done: Sequence[dict[str, Any]] = (),
+    checkpoint: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> dict[str, Any]:
+    """Answer and score ``data`` with any runner (PyTorch, ONNX Runtime, TensorRT); see ``run_eval``.
+
+    ``done`` are records of an interrupted run of the same settings (resumed: their questions are not
+    asked again); ``checkpoint`` receives the records so far every ``CHECKPOINT_EVERY`` questions.
     One untimed warm-up generation runs first (``warmup``) so first-call allocations do not skew the
     wall time.
     """
-    from vtprune.runtime.pipeline import PrunedVlm
+    from vtprune.runtime.generate import generate
 
-    pipeline = PrunedVlm(adapter, prune)
-    images = _ImageCache(adapter.min_image_side)
-    if warmup and questions:
-        pipeline.generate(images.get(questions[0]), questions[0].question, max_new_tokens)
-    records, generations = [], []
+    images = _ImageCache(data, runner.adapter.min_image_side)
+    todo = [q for q in data.questions if _key(q) not in {r["key"] for r in done}]
+    if warmup and todo:
+        generate(runner, images.get(todo[0]), todo[0].question, max_new_tokens)
+    records, generations = list(done), []
     start = time.perf_counter()
-    bar = _progress_bar(len(questions), progress)
-    for q in questions:
-        gen = pipeline.generate(images.get(q), q.question, max_new_tokens)
-        records.append(_record(q, gen.answer))
+    bar = _progress_bar(len(data.questions), progress, data.name)
+    if bar is not None and records:
+        bar.update(len(records))
+    for q in todo:
+        cands = data.candidates(q) if likelihood else None
+        forms = _candidate_forms(runner.adapter, cands) if cands else None
+        gen = generate(runner, images.get(q), q.question, max_new_tokens,
+                       candidates=[ids for _, ids in forms] if forms else None)  # fmt: skip
+        records.append(score_record(data, q, gen.answer, _candidate_scores(cands, forms, gen.candidate_logprobs))
+                       | {"visual_tokens_kept": gen.visual_tokens_kept, "ttft_ms": gen.ttft_ms})  # fmt: skip
         generations.append(gen)
         _advance(bar, records)
+        if checkpoint is not None and len(generations) % CHECKPOINT_EVERY == 0:
+            checkpoint(records)
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - start
+    order = {_key(q): i for i, q in enumerate(data.questions)}
+    records.sort(key=lambda r: order.get(r["key"], len(order)))
     return {
-        "prune": prune.to_dict(), "max_new_tokens": max_new_tokens, "model_info": model_info(adapter),
-        "n": len(records), **summarize(records), "tokens": token_stats(generations),
+        "prune": runner.cfg.to_dict(), "max_new_tokens": max_new_tokens, "model_info": model_info(runner.adapter),
+        "n": len(records), **summarize(records, data.kind), "tokens": token_stats(generations),
         "flops": flops_stats(generations), "time": time_stats(generations, wall), "environment": environment(),
-        "items": records,
+        "resumed": len(done), "items": records,
     }  # fmt: skip
+
+
+CHECKPOINT_EVERY = 10
+
+
+def _key(q: Question) -> str:
+    """A question's identity in result files: its id, or its position in the data set."""
+    return q.id if q.id is not None else str(q.index)
+
+
+def _candidate_forms(adapter: Any, candidates: Sequence[str]) -> list[tuple[int, list[int]]]:
+    """Each candidate answer as the reply would start: as written and capitalised (when different);
+    (candidate index, token ids) pairs."""
+    out = []
+    for i, c in enumerate(candidates):
+        for form in dict.fromkeys((c, c[:1].upper() + c[1:])):
+            ids = adapter.tokenizer.encode(form, add_special_tokens=False)
+            if ids:
+                out.append((i, list(ids)))
+    return out
+
+
+def _candidate_scores(
+    candidates: Sequence[str] | None, forms: list[tuple[int, list[int]]] | None, logprobs: list[float] | None
+) -> dict[str, float] | None:
+    """Each candidate's log-likelihood: the best of its written forms."""
+    if not candidates or not forms or logprobs is None:
+        return None
+    best = [float("-inf")] * len(candidates)
+    for (i, _), lp in zip(forms, logprobs, strict=True):
+        best[i] = max(best[i], lp)
+    return dict(zip(candidates, best, strict=True))
 
 
 class _ImageCache:
-    """Decoded images by path; easy-vqa asks several questions about each image."""
+    """Decoded images by image id; a data set often asks several questions about each image."""
 
-    def __init__(self, min_side: int) -> None:
-        self._min_side, self._images = min_side, {}
+    def __init__(self, data: EvalData, min_side: int) -> None:
+        self._data, self._min_side, self._images = data, min_side, {}
 
     def get(self, q: Question) -> Any:
-        from vtprune.images import load_image
-
-        if q.image_path not in self._images:
-            self._images[q.image_path] = load_image(q.image_path, self._min_side)
-        return self._images[q.image_path]
-
-
-def _record(q: Question, output: str) -> dict[str, Any]:
-    prediction = normalize_answer(output)
-    return {
-        "index": q.index, "image_id": q.image_id, "question": q.question, "gold": q.answer, "type": q.qtype,
-        "output": output, "prediction": prediction, "correct": prediction == q.answer,
-    }  # fmt: skip
+        key = q.image_path or q.image_id
+        if key not in self._images:
+            if len(self._images) > 64:  # bounded: a large data set's images are not all kept
+                self._images.clear()
+            self._images[key] = self._data.image(q, self._min_side)
+        return self._images[key]
 
 
-def _progress_bar(total: int, enabled: bool) -> Any:
+def _progress_bar(total: int, enabled: bool, desc: str = "eval") -> Any:
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="easy-vqa", unit="q", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="q", file=sys.stderr, dynamic_ncols=True)
 
 
 def _advance(bar: Any, records: list[dict[str, Any]]) -> None:
     if bar is None:
         return
-    bar.set_postfix(acc=f"{sum(r['correct'] for r in records) / len(records):.3f}", refresh=False)
+    post = {"acc": f"{sum(r['correct'] for r in records) / len(records):.3f}"}
+    scored = [r["lik_correct"] for r in records if r.get("lik_correct") is not None]
+    if scored:
+        post["lik"] = f"{sum(scored) / len(scored):.3f}"
+    bar.set_postfix(post, refresh=False)
     bar.update(1)
 
 

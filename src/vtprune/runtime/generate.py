@@ -55,6 +55,8 @@ class Runner(Protocol):
 
     def next_logits(self, token: int, position: Any, state: Any) -> tuple[np.ndarray, Any]: ...
 
+    def fork(self, state: Any) -> Any: ...
+
     def flops(self, record: Any) -> FlopsReport: ...
 
     def layer_costs(self, record: Any) -> tuple[list[int], list[int]] | None: ...
@@ -77,6 +79,7 @@ class Generation:
     peak_rss_mb: float = 0.0
     layer_visual_tokens: list[int] | None = None  # in-LLM methods: visual tokens each decoder layer processed
     layer_macs: list[int] | None = None  # in-LLM methods: prefill MACs of each decoder layer (selector included)
+    candidate_logprobs: list[float] | None = None  # ``candidates``: each one's log-likelihood as the answer
 
     @property
     def ttft_ms(self) -> float:
@@ -99,11 +102,55 @@ class Generation:
         return out
 
 
-def prefill(runner: Runner, record: Any, choose: TokenChooser, timer: StageTimer) -> tuple[int, Any]:
-    """The prompt through the decoder: the first token and the decoding state (KV cache)."""
+def prefill(
+    runner: Runner, record: Any, choose: TokenChooser, timer: StageTimer, scores: CandidateScores | None = None
+) -> tuple[int, Any]:
+    """The prompt through the decoder: the first token and the decoding state (KV cache). With ``scores``,
+    its candidates are scored from the same prefill (outside the timed stage)."""
     with timer.stage("prefill"):
         logits, state = runner.first_logits(record)
-        return choose(logits), state
+        token = choose(logits)
+    if scores is not None:
+        scores.run(runner, logits, state, runner.next_position(record))
+    return token, state
+
+
+class CandidateScores:
+    """Log-likelihoods of candidate answers (token-id sequences) as the continuation of a prompt.
+
+    Candidates are teacher-forced through the decoder from the prompt's state, one step per token; shared
+    prefixes are run once and each branch works on its own ``runner.fork`` of the state, so the prompt's
+    state is left as the greedy decode needs it. A candidate's score is the sum of its tokens' log-probs.
+    """
+
+    def __init__(self, candidates: list[list[int]]) -> None:
+        if not candidates or any(not c for c in candidates):
+            raise ValueError("every candidate needs at least one token")
+        self.candidates = [list(c) for c in candidates]
+        self.logprobs: list[float] | None = None
+
+    def run(self, runner: Runner, logits: np.ndarray, state: Any, position: Any) -> None:
+        steps: dict[tuple[int, ...], np.ndarray] = {(): _log_softmax(logits)}  # prefix -> next-token log-probs
+        states: dict[tuple[int, ...], Any] = {(): state}
+        out = []
+        for cand in self.candidates:
+            total = 0.0
+            for i, token in enumerate(cand):
+                prefix = tuple(cand[:i])
+                if prefix not in steps:  # extend the parent prefix by its last token, on a fork of its state
+                    parent = prefix[:-1]
+                    row, states[prefix] = runner.next_logits(prefix[-1], position + len(parent),
+                                                             runner.fork(states[parent]))  # fmt: skip
+                    steps[prefix] = _log_softmax(row)
+                total += float(steps[prefix][token])
+            out.append(total)
+        self.logprobs = out
+
+
+def _log_softmax(logits: Any) -> np.ndarray:
+    x = np.asarray(_numpy(logits), dtype=np.float64).reshape(-1)
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
 
 
 def decode_one_token(runner: Runner, token: int, position: Any, state: Any, choose: TokenChooser) -> tuple[int, Any]:
@@ -127,33 +174,38 @@ def decode_n_tokens(
 
 
 def decode(
-    runner: Runner, record: Any, max_new_tokens: int, timer: StageTimer | None = None, eos: set[int] | None = None
-) -> list[int]:
+    runner: Runner, record: Any, max_new_tokens: int, timer: StageTimer | None = None, eos: set[int] | None = None,
+    scores: CandidateScores | None = None,
+) -> list[int]:  # fmt: skip
     """Tokens after a prefill record: stops at an EOS token (``eos``, default the model's; an empty set
-    never stops early), after ``max_new_tokens``, or at the end of the model's context."""
+    never stops early), after ``max_new_tokens``, or at the end of the model's context. ``scores`` are
+    filled from the same prefill."""
     timer = timer or runner.timer()
     eos = runner.adapter.eos_token_ids() if eos is None else eos
     position = runner.next_position(record)  # one past the unpruned prompt's largest position id
     n = new_token_room(runner.adapter.config, int(np.max(_numpy(position))), max_new_tokens)
     choose = TokenChooser(runner.sampling)
     with runner.scope():
-        token, state = prefill(runner, record, choose, timer)
+        token, state = prefill(runner, record, choose, timer, scores)
         return decode_n_tokens(runner, token, state, position, n, eos, choose, timer)
 
 
 def generate(
     runner: Runner, image: Any, prompt: str, max_new_tokens: int = 32, raw_prompt: bool = False, *,
-    eos: set[int] | None = None, timer: StageTimer | None = None,
+    eos: set[int] | None = None, timer: StageTimer | None = None, candidates: list[list[int]] | None = None,
 ) -> Generation:  # fmt: skip
     """Answer ``prompt`` about ``image``: preprocess, vision and pruning, prefill, decode; per-stage wall
-    times in ``timings_ms`` (into ``timer`` when given, e.g. inside an outer stage)."""
+    times in ``timings_ms`` (into ``timer`` when given, e.g. inside an outer stage). With ``candidates``
+    (token-id sequences), also each one's log-likelihood as the answer, from the same prefill
+    (``CandidateScores``; not part of the timed stages)."""
     timer = timer or runner.timer()
     with runner.scope():
         with timer.stage("preprocess"):
             inputs = runner.inputs(image, prompt, raw_prompt)
         record = runner.prefill_inputs(inputs, timer)
         model_eos = runner.adapter.eos_token_ids()
-        tokens = decode(runner, record, max_new_tokens, timer, model_eos if eos is None else eos)
+        scores = CandidateScores(candidates) if candidates else None
+        tokens = decode(runner, record, max_new_tokens, timer, model_eos if eos is None else eos, scores)
     facts, costs = runner.facts(record), runner.layer_costs(record)
     return Generation(
         answer=runner.adapter.decode([t for t in tokens if t not in model_eos]), token_ids=tokens,
@@ -161,6 +213,7 @@ def generate(
         visual_tokens_kept=facts.visual_kept, prompt_tokens=facts.prompt_len, prefill_tokens=facts.prefill_tokens,
         flops=runner.flops(record), timings_ms=dict(timer.ms), peak_rss_mb=peak_rss_mb(),
         layer_visual_tokens=costs[0] if costs else None, layer_macs=costs[1] if costs else None,
+        candidate_logprobs=scores.logprobs if scores is not None else None,
     )  # fmt: skip
 
 

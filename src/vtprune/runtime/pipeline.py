@@ -9,6 +9,7 @@ the unpruned model would continue.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import wraps
@@ -235,6 +236,11 @@ class PrunedVlm:
         step, cache = state
         embeds = self.adapter.embed_tokens(torch.tensor([[token]]))
         return self._last_logits(step(embeds, position, cache)), state
+
+    def fork(self, state: tuple[Callable, Any]) -> tuple[Callable, Any]:
+        """An independent copy of a decoding state (the cache is updated in place by ``next_logits``)."""
+        step, cache = state
+        return step, copy.deepcopy(cache)
 
     def layer_costs(self, prefill: Prefill) -> tuple[list[int], list[int]] | None:
         """In-LLM methods, after a prefill: visual tokens and prefill MACs of each decoder layer."""
