@@ -89,6 +89,11 @@ def divprune_group_macs(n: int, d: int, cfg: PruneConfig) -> int:
     return n * n * d
 
 
+def pool_group_macs(n: int, d: int, cfg: PruneConfig) -> int:
+    """Average pooling: every token added into one window mean (adaptive bins overlap little)."""
+    return n * d
+
+
 def prune_stage_macs(cfg: PruneConfig, group_sizes: Sequence[int], dim: int) -> int:
     """MACs of the pre-LLM pruning stage over groups of ``group_sizes`` tokens of width ``dim``.
 

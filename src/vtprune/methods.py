@@ -132,9 +132,14 @@ register(Method(
     "gprune", "pre", "G-Prune: graph propagation of information, keep the top-k (ALGORITHMS.md §1)",
     selector="vtprune.prune:GPRUNE", stage_macs="vtprune.flops:gprune_group_macs",
     graph_scores="vtprune.export.vision:gprune_graph_scores",
+    variants={"gprune": {}, "gprune-theta=0.7": {"theta": 0.7}},  # theta 0.5 is the default
 ))  # fmt: skip
 register(Method("random", "pre", "random tokens, fixed by --prune-seed (baseline)", selector="vtprune.prune:RANDOM"))
 register(Method("uniform", "pre", "spatially strided tokens (baseline)", selector="vtprune.prune:UNIFORM"))
+register(Method(
+    "pool", "pre", "average pooling of the visual-token grid to the budget (downsampling baseline)",
+    selector="vtprune.prune:POOL", stage_macs="vtprune.flops:pool_group_macs",
+))  # fmt: skip
 register(Method(
     "divprune", "pre", "DivPrune: greedy max-min diversity (baseline)",
     selector="vtprune.prune:DIVPRUNE", stage_macs="vtprune.flops:divprune_group_macs",

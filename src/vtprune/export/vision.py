@@ -37,16 +37,22 @@ def gprune_graph_scores(x: Tensor, valid: Tensor, k: int, cfg: PruneConfig) -> T
     return torch.ops.vtprune.graph_propagate(x, valid, cfg.theta, cfg.tau, cfg.iters)
 
 
-def prune_tokens(x: Tensor, valid: Tensor, cfg: PruneConfig, k: int) -> tuple[Tensor, Tensor]:
+def prune_tokens(
+    x: Tensor, valid: Tensor, cfg: PruneConfig, k: int, grid: tuple[int, int] | None = None
+) -> tuple[Tensor, Tensor]:
     """One group's pre-LLM pruning inside an exported graph: (B, N, D), (B, N) -> (B, k, D), (B, k) ascending.
 
-    The method's budget-aware scores feed ``vtprune::TopKRoute``, which keeps, sorts and gathers. The
+    The method's budget-aware scores feed ``vtprune::TopKRoute``, which keeps, sorts and gathers; a
+    merging method (pooling, on the group's ``grid``) rewrites the tokens first, in standard ops. The
     stage is specified in fp32: lower-precision tokens are cast up before both ops (so their function
     bodies see fp32) and the kept tokens cast back, which is exact.
     """
     xf = x.float()  # a no-op for fp32 graphs
     method = methods.get(cfg.method)
-    scores = (method.load("graph_scores") or method.load("selector").scores)(xf, valid, k, cfg)  # (B, N) fp32
+    sel, graph_scores = method.load("selector"), method.load("graph_scores")
+    scores = graph_scores(xf, valid, k, cfg) if graph_scores else sel.group_scores(xf, valid, k, cfg, grid)
+    if sel.merge is not None:
+        xf = sel.group_merge(xf, xf, valid, k, cfg, None, grid)
     tokens, idx = torch.ops.vtprune.topk_route(xf, scores, k)
     return tokens.to(x.dtype), idx
 
@@ -101,6 +107,9 @@ class LlavaNextVision(nn.Module):
 
     def __init__(self, adapter: Any, cfg: PruneConfig, per_crop: int, hr_capacity: int, max_rows: int) -> None:
         super().__init__()
+        if cfg.pre_llm and selector(cfg.method).grid:
+            raise ConfigError(f"--method {cfg.method} reads the token grid, which for LLaVA-NeXT's high-res view "
+                              "varies per image; run it in PyTorch (vtprune run/eval --model)")  # fmt: skip
         self.adapter, self.cfg, self.per_crop, self.max_rows = adapter, cfg, per_crop, max_rows
         self.k_base, self.k_hr = (
             VisualLayout(0, (torch.zeros(per_crop), torch.zeros(hr_capacity)), torch.zeros(0), ("base", "hr"),
@@ -306,7 +315,7 @@ class QwenVision(nn.Module):
         feats = out.pooler_output.unsqueeze(0)  # (1, N, D) merger output, raster order over (t, h, w)
         valid = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
         if self.cfg.pre_llm:
-            tokens, idx = prune_tokens(feats, valid, self.cfg, self.k)
+            tokens, idx = prune_tokens(feats, valid, self.cfg, self.k, (self.n // self.gw, self.gw))
         else:
             tokens, idx = feats, torch.arange(self.n, device=feats.device)[None]
         per_frame = self.gh * self.gw

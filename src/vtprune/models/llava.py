@@ -27,9 +27,11 @@ VISION_TOWERS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def single_group(n: int, name: str = "image") -> VisualLayout:
-    """Layout of an image whose N visual tokens form one prunable group."""
-    return VisualLayout(n, (torch.arange(n),), torch.zeros(0, dtype=torch.long), (name,))
+def single_group(n: int, name: str = "image", grid: tuple[int, int] | None = None) -> VisualLayout:
+    """Layout of an image whose N visual tokens form one prunable group (an (h, w) grid, raster order;
+    None: a square one)."""
+    return VisualLayout(n, (torch.arange(n),), torch.zeros(0, dtype=torch.long), (name,),
+                        grids=None if grid is None else (grid,))  # fmt: skip
 
 
 @register_adapter

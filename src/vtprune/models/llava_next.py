@@ -4,6 +4,7 @@ keeps every newline token (ALGORITHMS.md §1.2, §1.5)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +59,13 @@ class LlavaNextAdapter(LlavaAdapter):
         pos = torch.arange(code.numel())
         base, hr = pos[(code >= 0) & (code < per_crop)], pos[code >= per_crop]
         if not hr.numel():  # the image used the base view only
-            return VisualLayout(code.numel(), (base,), pos[code < 0], ("base",))
+            side = math.isqrt(per_crop)
+            return VisualLayout(code.numel(), (base,), pos[code < 0], ("base",), grids=((side, side),))
         rows, cols = max_grid(self.config)
-        return VisualLayout(code.numel(), (base, hr), pos[code < 0], ("base", "hr"), (per_crop, rows * cols))
+        side = math.isqrt(per_crop)
+        hr_rows = int((code < 0).sum())  # one newline token ends each row of the unpadded high-res grid
+        grids = ((side, side), (hr_rows, hr.numel() // hr_rows) if hr_rows else None)
+        return VisualLayout(code.numel(), (base, hr), pos[code < 0], ("base", "hr"), (per_crop, rows * cols), grids)
 
 
 def max_grid(config: Any) -> tuple[int, int]:

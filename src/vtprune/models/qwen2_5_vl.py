@@ -86,7 +86,13 @@ class Qwen25VLAdapter(VlmAdapter):
         pixels = inputs["pixel_values"].to(self.model.dtype)
         feats = self.model.model.get_image_features(pixels, inputs["image_grid_thw"]).pooler_output
         embeds = torch.stack(list(feats))  # (B, N_v, D) merger output, one row per 2x2 patch block
-        return VisualTokens(embeds, single_group(embeds.shape[1]))
+        return VisualTokens(embeds, single_group(embeds.shape[1], grid=self.merged_grid(inputs["image_grid_thw"])))
+
+    def merged_grid(self, grid_thw: Tensor) -> tuple[int, int]:
+        """(h, w) of the merger's output grid for one image (raster order over the 2x2-merged patches)."""
+        t, h, w = (int(v) for v in grid_thw.reshape(-1, 3)[0])
+        m = self.config.vision_config.spatial_merge_size
+        return t * h // m, w // m
 
     def fp32_islands(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
         visual = model.model.visual

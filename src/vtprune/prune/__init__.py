@@ -18,7 +18,7 @@ from torch import Tensor
 from vtprune import methods
 from vtprune.config import PruneConfig
 from vtprune.errors import BudgetError
-from vtprune.prune import baselines, gprune, visionzip
+from vtprune.prune import baselines, gprune, pool, visionzip
 from vtprune.prune.select import gather_tokens, keep_topk
 from vtprune.prune.ties import as_mask, exact_margin, topk_margin
 
@@ -29,6 +29,7 @@ ScoreFn = Callable[[Tensor, Tensor, int, PruneConfig], Tensor]
 MergeFn = Callable[[Tensor, Tensor, Tensor, int, PruneConfig, Tensor | None], Tensor]
 # the ScoreFn inputs plus (B, k) another backend's kept set -> (B,) float64 tie margin (see ``ties``)
 MarginFn = Callable[[Tensor, Tensor, int, PruneConfig, Tensor], Tensor]
+Grid = tuple[int, int] | None  # a group's (h, w) visual-token grid, raster order
 
 
 @dataclass(frozen=True)
@@ -42,23 +43,44 @@ class Selector:
 
     ``margin`` judges another backend's kept set (``ties``): by default the top-k inversion of ``scores``;
     methods whose scores are ranks or flags replay their own decisions instead.
+
+    A pre-LLM method may also ``merge`` (pooling: each kept token becomes its window's mean); it then
+    reads the projector output as both features and evidence. A ``grid`` method (pooling) needs the
+    group's (h, w) token grid: its functions take it as one more argument (``grid=``).
     """
 
     scores: ScoreFn
     merge: MergeFn | None = None
     margin: MarginFn | None = None
+    grid: bool = False
 
-    def __call__(self, x: Tensor, valid: Tensor, k: int, cfg: PruneConfig) -> Tensor:
+    def __call__(self, x: Tensor, valid: Tensor, k: int, cfg: PruneConfig, grid: Grid = None) -> Tensor:
         """(B, N, D), (B, N) bool, k -> (B, k) int64 indices into N, ascending; invalid slots never
         chosen while valid ones remain."""
-        return keep_topk(self.scores(x, valid, k, cfg), k)
+        return keep_topk(self.group_scores(x, valid, k, cfg, grid), k)
 
-    def tie_margin(self, x: Tensor, valid: Tensor, k: int, cfg: PruneConfig, target: Tensor) -> Tensor:
+    def group_scores(self, x: Tensor, valid: Tensor, k: int, cfg: PruneConfig, grid: Grid = None) -> Tensor:
+        """``scores``, given the group's grid when the method needs it."""
+        return self.scores(x, valid, k, cfg, grid=grid) if self.grid else self.scores(x, valid, k, cfg)
+
+    def group_merge(
+        self, x: Tensor, ev: Tensor, valid: Tensor, k: int, cfg: PruneConfig, follow: Tensor | None, grid: Grid = None
+    ) -> Tensor:
+        """``merge``, given the group's grid when the method needs it."""
+        assert self.merge is not None
+        if self.grid:
+            return self.merge(x, ev, valid, k, cfg, follow, grid=grid)
+        return self.merge(x, ev, valid, k, cfg, follow)
+
+    def tie_margin(
+        self, x: Tensor, valid: Tensor, k: int, cfg: PruneConfig, target: Tensor, grid: Grid = None
+    ) -> Tensor:
         """(B,) float64: how far keeping ``target`` (B, k) lies from this method's choice (0 when it is
         that choice), relative to the range of the method's decision values."""
         if self.margin is not None:
-            return self.margin(x, valid, k, cfg, target)
-        return topk_margin(self.scores(x, valid, k, cfg), target)
+            return self.margin(x, valid, k, cfg, target, grid=grid) if self.grid else self.margin(
+                x, valid, k, cfg, target)  # fmt: skip
+        return topk_margin(self.group_scores(x, valid, k, cfg, grid), target)
 
 
 def _exact(scores: ScoreFn) -> MarginFn:
@@ -74,12 +96,22 @@ def _uniform_scores(x: Tensor, valid: Tensor, k: int, cfg: PruneConfig) -> Tenso
     return baselines.uniform_scores(valid, k)
 
 
+def _pool_scores(x: Tensor, valid: Tensor, k: int, cfg: PruneConfig, grid: Grid = None) -> Tensor:
+    return pool.scores(x, valid, k, grid)
+
+
+def _pool_margin(x: Tensor, valid: Tensor, k: int, cfg: PruneConfig, target: Tensor, grid: Grid = None) -> Tensor:
+    return exact_margin(keep_topk(pool.scores(x, valid, k, grid), k), target)
+
+
 # The built-in pre-LLM selectors, registered by import path in ``vtprune.methods``.
 GPRUNE = Selector(lambda x, valid, k, cfg: gprune.scores(x, cfg.theta, cfg.tau, cfg.iters, cfg.degree, valid))
 RANDOM = Selector(_random_scores, margin=_exact(_random_scores))
 UNIFORM = Selector(_uniform_scores, margin=_exact(_uniform_scores))
 DIVPRUNE = Selector(lambda x, valid, k, cfg: baselines.divprune_scores(x, valid, k),
                     margin=lambda x, valid, k, cfg, target: baselines.divprune_margin(x, valid, k, target))
+POOL = Selector(_pool_scores, lambda x, ev, valid, k, cfg, follow, grid=None: pool.merge(x, k, grid),
+                _pool_margin, grid=True)
 VISIONZIP = Selector(lambda ev, valid, k, cfg: visionzip.scores(ev, valid, k),
                      lambda x, ev, valid, k, cfg, follow: visionzip.merge(x, ev, valid, k, follow),
                      lambda ev, valid, k, cfg, target: visionzip.margin(ev, valid, k, target))
@@ -100,6 +132,9 @@ class VisualLayout:
             high-res grid; LLaVA-1.5 and Qwen2.5-VL: one group).
         always_keep: indices kept whatever the budget (LLaVA-NeXT ``image_newline`` tokens).
         names: a label per group, for reports.
+        capacities: largest size of each group for this model (default: its size).
+        grids: each group's (h, w) token grid in raster order, where it is one (pooling reads it); None:
+            square groups are read as square grids.
     """
 
     num_tokens: int
@@ -107,6 +142,10 @@ class VisualLayout:
     always_keep: Tensor
     names: tuple[str, ...]
     capacities: tuple[int, ...] | None = None
+    grids: tuple[Grid, ...] | None = None
+
+    def grid(self, i: int) -> Grid:
+        return self.grids[i] if self.grids is not None else None
 
     @property
     def sizes(self) -> list[int]:
@@ -162,11 +201,11 @@ def select_visual(x: Tensor, layout: VisualLayout, cfg: PruneConfig) -> Tensor:
         return torch.arange(layout.num_tokens, device=x.device).expand(batch, -1)
     budgets = layout.budgets(cfg.keep)
     kept = [layout.always_keep.to(x.device).expand(batch, -1)]
-    for idx, k in zip(layout.groups, budgets, strict=True):
+    for i, (idx, k) in enumerate(zip(layout.groups, budgets, strict=True)):
         idx = idx.to(x.device)
         feats = gather_tokens(x, idx.expand(batch, -1))  # (B, N_g, D)
         valid = torch.ones(feats.shape[:2], dtype=torch.bool, device=x.device)
-        local = selector(cfg.method)(feats, valid, k, cfg)  # (B, k) into the group
+        local = selector(cfg.method)(feats, valid, k, cfg, layout.grid(i))  # (B, k) into the group
         kept.append(idx[local])  # (B, k) into N_v
     return torch.cat(kept, dim=-1).sort(dim=-1).values  # raster order keeps RoPE positions monotone
 
@@ -187,18 +226,19 @@ def merge_visual(
         (B, N_v, C); gathering ``select_visual(evidence, layout, cfg)`` (or ``follow``) from it gives the
         kept tokens.
     """
-    merge = selector(cfg.method).merge if cfg.pre_llm else None
-    if merge is None:
+    method = selector(cfg.method) if cfg.pre_llm else None
+    if method is None or method.merge is None:
         return x
     out = x.clone()
     batch = x.shape[0]
     locals_ = group_members(follow, layout) if follow is not None else [None] * len(layout.groups)
-    for idx, k, local in zip(layout.groups, layout.budgets(cfg.keep), locals_, strict=True):
+    for i, (idx, k, local) in enumerate(zip(layout.groups, layout.budgets(cfg.keep), locals_, strict=True)):
         idx = idx.to(x.device).expand(batch, -1)
         feats, ev = gather_tokens(x, idx), gather_tokens(evidence, idx)  # (B, N_g, C), (B, N_g, E)
         valid = torch.ones(feats.shape[:2], dtype=torch.bool, device=x.device)
         follow_g = None if local is None else local[None]
-        out.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), merge(feats, ev, valid, k, cfg, follow_g))
+        merged = method.group_merge(feats, ev, valid, k, cfg, follow_g, layout.grid(i))
+        out.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), merged)
     return out
 
 
@@ -225,11 +265,12 @@ def tie_margins(x: Tensor, layout: VisualLayout, cfg: PruneConfig, keep: Tensor)
     if not as_mask(keep, layout.num_tokens)[0, layout.always_keep].all():
         return [float("inf")]
     out = []
-    for idx, k, local in zip(layout.groups, layout.budgets(cfg.keep), group_members(keep, layout), strict=True):
+    groups = zip(layout.groups, layout.budgets(cfg.keep), group_members(keep, layout), strict=True)
+    for i, (idx, k, local) in enumerate(groups):
         if local.numel() != k:
             out.append(float("inf"))
             continue
         feats = gather_tokens(x, idx.to(x.device)[None])  # (1, N_g, D)
         valid = torch.ones(feats.shape[:2], dtype=torch.bool, device=x.device)
-        out.append(float(selector(cfg.method).tie_margin(feats, valid, k, cfg, local[None])[0]))
+        out.append(float(selector(cfg.method).tie_margin(feats, valid, k, cfg, local[None], layout.grid(i))[0]))
     return out

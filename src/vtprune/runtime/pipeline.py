@@ -156,7 +156,9 @@ class PrunedVlm:
                 visual = self.adapter.encode_image(inputs)
             with timer.stage("prune"):
                 keep = self._choose(visual.embeds, visual.layout)  # (1, K)
-            return visual.layout, keep, gather_tokens(visual.embeds, keep)
+                # identity unless the method merges (pooling: each kept token becomes its window's mean)
+                embeds = merge_visual(visual.embeds, visual.embeds, visual.layout, self.cfg, self.follow.visual)
+            return visual.layout, keep, gather_tokens(embeds, keep)
         with timer.stage("vision"):
             enc = self.adapter.encoder_tokens(inputs)
         with timer.stage("prune"):
