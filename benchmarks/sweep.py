@@ -2,9 +2,11 @@
 
     python benchmarks/sweep.py [--limit 100] [--seed 0] [--budgets 128,64,32,16] [--methods all]
                                [--out benchmarks/results/pocket/sweep] [--only METHOD:K] [--render]
+                               [--shard I/N] [--merge]
 
 Each cell answers the same ``--limit`` questions (drawn with ``--seed``) greedily in PyTorch on this
-machine and records exact-match accuracy with a 95% Wilson interval, prefill MACs (pruned, unpruned,
+machine and records exact-match accuracy by generation and by likelihood (the most likely of the 13
+answers, from the same prefill) with 95% Wilson intervals, prefill MACs (pruned, unpruned,
 selection stage), median per-stage wall times and TTFT, and a digest of the visual tokens kept for the
 first questions (so a re-run of one cell, ``--only gprune:64``, can be checked for identical choices;
 ``--only`` on a cell the committed sweep.json lacks, e.g. a newly added method, runs it and adds it).
@@ -36,6 +38,9 @@ from vtprune.runtime.report import environment
 VARIANTS: dict[str, dict[str, Any]] = {
     label: {"method": m.name} | fields for m in methods.all_methods() for label, fields in m.variants.items()
 }
+# Position-id variants for the diagnosis of early pruning (docs/benchmarks.md): the kept tokens renumbered
+# 0..n-1 instead of keeping the original ids.
+VARIANTS |= {f"{m}-contiguous": {"method": m, "positions": "contiguous"} for m in ("random", "pool", "gprune")}
 DIGEST_QUESTIONS = 5
 
 
@@ -69,12 +74,15 @@ def kept_digest(adapter: Any, cfg: PruneConfig, questions: list) -> str:
 def run_cell(adapter: Any, name: str, keep: int | None, questions: list) -> dict[str, Any]:
     fields = VARIANTS[name] if keep is not None else {"method": "none"}
     cfg = PruneConfig(keep=keep, **fields)
-    r = evaluate(adapter, questions, cfg, progress=False)
+    r = evaluate(adapter, questions, cfg, progress=False, likelihood=True)
     lo, hi = wilson(r["correct"], r["n"])
+    lik = r["likelihood"]
     stages = r["time"]["stage_ms_median"]
     return {
         "variant": name, "keep": keep, "prune": cfg.to_dict(), "n": r["n"], "correct": r["correct"],
-        "accuracy": r["accuracy"], "ci95": [lo, hi], "by_type": r["by_type"], "unparsed": r["unparsed"],
+        "accuracy": r["accuracy"], "ci95": [lo, hi],
+        "likelihood": lik | {"ci95": list(wilson(lik["correct"], lik["n"]))},
+        "by_type": r["by_type"], "unparsed": r["unparsed"],
         "tokens": r["tokens"], "flops": r["flops"], "stage_ms_median": stages,
         "ttft_ms_median": sum(v for k, v in stages.items() if k != "decode"),
         "per_question_ms_median": r["time"]["per_question_ms_median"],
@@ -89,6 +97,8 @@ def markdown(result: dict[str, Any]) -> str:
         "# Pruning sweep: pocket VLM on easy-vqa",
         "",
         f"{s['limit']} test questions (seed {s['seed']}), greedy, PyTorch fp32 ({s.get('backend', 'torch-cpu')}); "
+        "accuracy by generation (the first answer word of the greedy reply) and by likelihood (the most likely "
+        "of the 13 answers, from the same prefill); "
         f"one run, medians per cell. Machine: {env.get('cpu')}, {env.get('cores')} cores"
         f"{'; GPU ' + env['gpu'] if env.get('gpu') else ''}; torch {env.get('libraries', {}).get('torch')}.",
         "",
@@ -97,14 +107,17 @@ def markdown(result: dict[str, Any]) -> str:
         f"TTFT {result['unpruned']['ttft_ms_median']:.0f} ms.",
         "",
         *([] if result.get("complete", True) else ["**Partial run**: the sweep stopped before every cell ran.", ""]),
-        "| method | kept | accuracy | 95% CI | retained | prefill GFLOPs | net FLOPs saved | TTFT ms | prefill ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | kept | accuracy (generation) | 95% CI | retained | accuracy (likelihood) | 95% CI | "
+        "prefill GFLOPs | net FLOPs saved | TTFT ms | prefill ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in result["cells"]:
-        f = c["flops"]
+    for c in [result["unpruned"] | {"variant": "none"}, *result["cells"]]:
+        f, lik = c["flops"], c.get("likelihood") or {}
+        lik_cols = (f"{lik['accuracy']:.2f} | {lik['ci95'][0]:.2f}–{lik['ci95'][1]:.2f}" if lik.get("n")
+                    else "– | –")  # fmt: skip
         lines.append(
-            f"| {c['variant']} | {c['keep']} | {c['accuracy']:.2f} | {c['ci95'][0]:.2f}–{c['ci95'][1]:.2f} | "
-            f"{100 * c['accuracy'] / base:.0f}% | {f['prefill_gflops_pruned']:.2f} | "
+            f"| {c['variant']} | {c['keep'] or 'all'} | {c['accuracy']:.2f} | {c['ci95'][0]:.2f}–{c['ci95'][1]:.2f} | "
+            f"{100 * c['accuracy'] / base:.0f}% | {lik_cols} | {f['prefill_gflops_pruned']:.2f} | "
             f"{100 * f['saved_fraction']:.0f}% | "
             f"{c['ttft_ms_median']:.0f} | {c['stage_ms_median'].get('prefill', float('nan')):.0f} |"
         )
@@ -187,6 +200,50 @@ def add_cell(out: Path, cell: dict[str, Any]) -> None:
     (out / "sweep.md").write_text(markdown(result))
 
 
+def run_shard(args: argparse.Namespace, adapter: Any, names: list[str], budgets: list[int], questions: list) -> int:
+    """Cells I, I + N, ... of the sweep (the unpruned cell first) into shards/I-of-N.json; ``--merge`` joins
+    the shards into sweep.json. Shards run side by side as separate processes (one thread each)."""
+    i, n = (int(v) for v in args.shard.split("/"))
+    jobs = [("none", None)] + [(name, keep) for keep in budgets for name in names]
+    path = args.out / "shards" / f"{i}-of-{n}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done: dict[str, Any] = {"settings": {"limit": args.limit, "seed": args.seed, "budgets": budgets, "names": names,
+                                         "backend": f"torch-{args.device}"}, "unpruned": None, "cells": []}  # fmt: skip
+    start = time.perf_counter()
+    for name, keep in jobs[i::n]:
+        cell = run_cell(adapter, name, keep, questions)
+        if keep is None:
+            done["unpruned"] = cell
+        else:
+            done["cells"].append(cell)
+        done["environment"], done["wall_s"] = environment(), time.perf_counter() - start
+        path.write_text(json.dumps(done, indent=2) + "\n")
+        print(f"{name}:{keep}: {cell['accuracy']:.3f} / likelihood {cell['likelihood']['accuracy']:.3f} "
+              f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+    return 0
+
+
+def merge(args: argparse.Namespace) -> int:
+    """Join shards/*.json (same settings) into sweep.json and sweep.md."""
+    shards = [json.loads(p.read_text()) for p in sorted((args.out / "shards").glob("*.json"))]
+    settings = shards[0]["settings"]
+    if any(sh["settings"] != settings for sh in shards):
+        raise SystemExit("shards were run with different settings")
+    unpruned = next(sh["unpruned"] for sh in shards if sh["unpruned"] is not None)
+    names, budgets = settings["names"], settings["budgets"]
+    cells = sorted((c for sh in shards for c in sh["cells"]),
+                   key=lambda c: (budgets.index(c["keep"]), names.index(c["variant"])))  # fmt: skip
+    args.limit, args.seed, args.device = settings["limit"], settings["seed"], settings["backend"].split("-", 1)[1]
+    write(args, budgets, unpruned, cells, time.perf_counter() - max(sh["wall_s"] for sh in shards),
+          complete=len(cells) == len(names) * len(budgets))
+    result = _load(args.out)
+    result["environment"] = shards[0]["environment"] | {"shards": len(shards), "threads_per_shard": 1}
+    (args.out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "sweep.md").write_text(markdown(result))
+    print(f"wrote {args.out}/sweep.json, sweep.md, " + ", ".join(plots(result, args.out)), file=sys.stderr)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--limit", type=int, default=100)
@@ -198,7 +255,11 @@ def main() -> int:
     p.add_argument("--render", action="store_true", help="only rewrite sweep.md and the plots from sweep.json")
     p.add_argument("--device", default="cpu", help="where PyTorch runs: cpu | cuda (timings are that device's)")
     p.add_argument("--cache-dir", type=Path, help="vtprune cache holding the pocket model")
+    p.add_argument("--shard", metavar="I/N", help="run every N-th cell from the I-th into shards/I-of-N.json")
+    p.add_argument("--merge", action="store_true", help="join shards/*.json into sweep.json and sweep.md")
     args = p.parse_args()
+    if args.merge:
+        return merge(args)
     if args.render:
         (args.out / "sweep.md").write_text(markdown(_load(args.out)))
         print(", ".join(plots(_load(args.out), args.out)), file=sys.stderr)
@@ -219,6 +280,8 @@ def main() -> int:
         return 0 if same else 1
     names = list(VARIANTS) if args.methods == "all" else args.methods.split(",")
     budgets = [int(b) for b in args.budgets.split(",")]
+    if args.shard:
+        return run_shard(args, adapter, names, budgets, questions)
     start = time.perf_counter()
     unpruned = run_cell(adapter, "none", None, questions)
     print(f"unpruned: {unpruned['accuracy']:.3f}", file=sys.stderr, flush=True)

@@ -95,3 +95,14 @@ def pocket_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     root = cache.mkdir("vtprune-pocket") if cache is not None else tmp_path_factory.mktemp("pocket-cache")
     pocket.materialize(root, log=lambda _: None)
     return root
+
+
+@pytest.fixture(scope="session")
+def pocket_bundle(pocket_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pocket VLM exported with G-Prune at 64 tokens (validated), once per session."""
+    from vtprune.api import export_bundle
+    from vtprune.export.bundle import ExportConfig
+
+    out = tmp_path_factory.mktemp("pocket") / "k64"
+    export_bundle("pocket", PruneConfig(method="gprune", keep=64), ExportConfig(), out, pocket_cache)
+    return out

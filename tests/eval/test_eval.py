@@ -62,16 +62,19 @@ def test_is_correct_is_exact_match_after_normalisation() -> None:
 
 def test_summarize_per_type() -> None:
     rows = [
-        {"gold": "yes", "prediction": "yes", "correct": True},
-        {"gold": "no", "prediction": None, "correct": False},
-        {"gold": "circle", "prediction": "circle", "correct": True},
-        {"gold": "red", "prediction": "blue", "correct": False},
+        {"type": "yes/no", "prediction": "yes", "correct": True, "lik_correct": True},
+        {"type": "yes/no", "prediction": None, "correct": False, "lik_correct": True},
+        {"type": "shape", "prediction": "circle", "correct": True, "lik_correct": None},
+        {"type": "color", "prediction": "blue", "correct": False, "lik_correct": False},
     ]
     s = summarize(rows)
     assert (s["n"], s["correct"], s["accuracy"], s["unparsed"]) == (4, 2, 0.5, 1)
-    assert s["by_type"]["yes/no"] == {"n": 2, "correct": 1, "accuracy": 0.5}
+    assert s["likelihood"] == {"n": 3, "correct": 2, "accuracy": 2 / 3}
+    assert s["by_type"]["yes/no"] == {"n": 2, "correct": 1, "accuracy": 0.5,
+                                      "likelihood": {"n": 2, "correct": 2, "accuracy": 1.0}}  # fmt: skip
     assert s["by_type"]["shape"]["accuracy"] == 1.0 and s["by_type"]["color"]["accuracy"] == 0.0
-    assert summarize([])["by_type"]["shape"] == {"n": 0, "correct": 0, "accuracy": None}
+    assert summarize([])["by_type"]["shape"] == {"n": 0, "correct": 0, "accuracy": None,
+                                                 "likelihood": {"n": 0, "correct": 0, "accuracy": None}}  # fmt: skip
 
 
 def test_subsample_is_deterministic_and_ordered() -> None:

@@ -4,17 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vtprune.api import export_bundle
-from vtprune.config import PruneConfig
-from vtprune.export.bundle import ExportConfig
 from vtprune.manifest import read_manifest
-
-
-@pytest.fixture(scope="module")
-def pocket_bundle(pocket_cache, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pocket") / "k64"
-    export_bundle("pocket", PruneConfig(method="gprune", keep=64), ExportConfig(), out, pocket_cache)
-    return out
 
 
 def test_pocket_bundle_matches_pytorch(pocket_bundle):

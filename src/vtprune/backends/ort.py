@@ -241,9 +241,12 @@ class OrtVlm:
         logits, past = self.decoder_step(emb, position, past)
         return logits[0], past
 
-    def fork(self, past: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Decoding states are never written in place (each step returns new arrays): shared as they are."""
+    def snapshot(self, past: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Decoding states are never written in place (each step returns new arrays): the state is its own mark."""
         return past
+
+    def restore(self, past: dict[str, np.ndarray], mark: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return mark
 
     def generate(self, image: Any, prompt: str, max_new_tokens: int = 32, raw_prompt: bool = False) -> Generation:
         return generate(self, image, prompt, max_new_tokens, raw_prompt)

@@ -128,7 +128,7 @@ def evaluate_runner(
         bar.update(len(records))
     for q in todo:
         cands = data.candidates(q) if likelihood else None
-        forms = _candidate_forms(runner.adapter, cands) if cands else None
+        forms = _candidate_forms(runner.adapter, cands, data.kind == "easy-vqa") if cands else None
         gen = generate(runner, images.get(q), q.question, max_new_tokens,
                        candidates=[ids for _, ids in forms] if forms else None)  # fmt: skip
         records.append(score_record(data, q, gen.answer, _candidate_scores(cands, forms, gen.candidate_logprobs))
@@ -158,12 +158,13 @@ def _key(q: Question) -> str:
     return q.id if q.id is not None else str(q.index)
 
 
-def _candidate_forms(adapter: Any, candidates: Sequence[str]) -> list[tuple[int, list[int]]]:
-    """Each candidate answer as the reply would start: as written and capitalised (when different);
-    (candidate index, token ids) pairs."""
+def _candidate_forms(adapter: Any, candidates: Sequence[str], as_written: bool = False) -> list[tuple[int, list[int]]]:
+    """Each candidate answer as the reply would start: as written and capitalised (when different; only as
+    written for easy-vqa, whose answers and the pocket VLM's replies are lower case); (candidate index,
+    token ids) pairs."""
     out = []
     for i, c in enumerate(candidates):
-        for form in dict.fromkeys((c, c[:1].upper() + c[1:])):
+        for form in dict.fromkeys((c,) if as_written else (c, c[:1].upper() + c[1:])):
             ids = adapter.tokenizer.encode(form, add_special_tokens=False)
             if ids:
                 out.append((i, list(ids)))

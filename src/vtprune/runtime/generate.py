@@ -55,7 +55,9 @@ class Runner(Protocol):
 
     def next_logits(self, token: int, position: Any, state: Any) -> tuple[np.ndarray, Any]: ...
 
-    def fork(self, state: Any) -> Any: ...
+    def snapshot(self, state: Any) -> Any: ...
+
+    def restore(self, state: Any, mark: Any) -> Any: ...
 
     def flops(self, record: Any) -> FlopsReport: ...
 
@@ -118,33 +120,36 @@ def prefill(
 class CandidateScores:
     """Log-likelihoods of candidate answers (token-id sequences) as the continuation of a prompt.
 
-    Candidates are teacher-forced through the decoder from the prompt's state, one step per token; shared
-    prefixes are run once and each branch works on its own ``runner.fork`` of the state, so the prompt's
-    state is left as the greedy decode needs it. A candidate's score is the sum of its tokens' log-probs.
+    Candidates are teacher-forced through the decoder from the prompt's state, one step per token, walking
+    the candidates' prefix tree depth first: a shared prefix runs once, and after each branch the state
+    is rewound (``runner.snapshot`` / ``runner.restore``: a cache crop in PyTorch, nothing in ONNX
+    Runtime, whose states are never written in place), so the greedy decode afterwards starts from the
+    prompt's state as it was. A candidate's score is the sum of its tokens' log-probs.
     """
 
     def __init__(self, candidates: list[list[int]]) -> None:
         if not candidates or any(not c for c in candidates):
             raise ValueError("every candidate needs at least one token")
-        self.candidates = [list(c) for c in candidates]
+        self.candidates = [tuple(c) for c in candidates]
         self.logprobs: list[float] | None = None
 
     def run(self, runner: Runner, logits: np.ndarray, state: Any, position: Any) -> None:
-        steps: dict[tuple[int, ...], np.ndarray] = {(): _log_softmax(logits)}  # prefix -> next-token log-probs
-        states: dict[tuple[int, ...], Any] = {(): state}
-        out = []
-        for cand in self.candidates:
-            total = 0.0
-            for i, token in enumerate(cand):
-                prefix = tuple(cand[:i])
-                if prefix not in steps:  # extend the parent prefix by its last token, on a fork of its state
-                    parent = prefix[:-1]
-                    row, states[prefix] = runner.next_logits(prefix[-1], position + len(parent),
-                                                             runner.fork(states[parent]))  # fmt: skip
-                    steps[prefix] = _log_softmax(row)
-                total += float(steps[prefix][token])
-            out.append(total)
-        self.logprobs = out
+        totals: dict[tuple[int, ...], float] = {}  # every candidate prefix -> its summed log-prob
+
+        def visit(prefix: tuple[int, ...], logprobs: np.ndarray, state: Any) -> Any:
+            children = dict.fromkeys(c[len(prefix)] for c in self.candidates if len(c) > len(prefix)
+                                     and c[: len(prefix)] == prefix)  # fmt: skip
+            for token in children:
+                node = (*prefix, token)
+                totals[node] = totals.get(prefix, 0.0) + float(logprobs[token])
+                if any(len(c) > len(node) and c[: len(node)] == node for c in self.candidates):
+                    mark = runner.snapshot(state)
+                    row, after = runner.next_logits(token, position + len(prefix), state)
+                    state = runner.restore(visit(node, _log_softmax(row), after), mark)
+            return state
+
+        visit((), _log_softmax(logits), state)
+        self.logprobs = [totals[c] for c in self.candidates]
 
 
 def _log_softmax(logits: Any) -> np.ndarray:

@@ -9,7 +9,6 @@ the unpruned model would continue.
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import wraps
@@ -239,10 +238,17 @@ class PrunedVlm:
         embeds = self.adapter.embed_tokens(torch.tensor([[token]]))
         return self._last_logits(step(embeds, position, cache)), state
 
-    def fork(self, state: tuple[Callable, Any]) -> tuple[Callable, Any]:
-        """An independent copy of a decoding state (the cache is updated in place by ``next_logits``)."""
-        step, cache = state
-        return step, copy.deepcopy(cache)
+    def snapshot(self, state: tuple[Callable, Any]) -> list[int]:
+        """Each cache layer's length: a decoding state to rewind to (``restore``)."""
+        return [layer.get_seq_length() if layer.is_initialized else 0 for layer in state[1].layers]
+
+    def restore(self, state: tuple[Callable, Any], mark: list[int]) -> tuple[Callable, Any]:
+        """The state as it was at ``mark``: the rows added since are cropped off each cache layer."""
+        for layer, n in zip(state[1].layers, mark, strict=True):
+            extra = (layer.get_seq_length() if layer.is_initialized else 0) - n
+            if extra > 0:
+                layer.crop(-extra)
+        return state
 
     def layer_costs(self, prefill: Prefill) -> tuple[list[int], list[int]] | None:
         """In-LLM methods, after a prefill: visual tokens and prefill MACs of each decoder layer."""
