@@ -86,7 +86,7 @@ class Bridge:
         from vtprune.runtime.generate import generate
 
         out = []
-        for ctx, gen_kwargs, doc_to_visual, doc_id, task, split in requests:
+        for ctx, gen_kwargs, doc_to_visual, doc_id, task, split in _progress(requests, "vtprune generate"):
             gen_kwargs = dict(gen_kwargs or {})
             n = int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens)
             text = generate(self.runner, self._image(doc_to_visual, task_dict, task, split, doc_id), ctx, n).answer
@@ -111,7 +111,7 @@ class Bridge:
             if not ids:
                 raise InputError(f"{task} doc {doc_id}: empty continuation {cont!r}")
             groups.setdefault((ctx, doc_id, task, split), (doc_to_visual, []))[1].append((i, list(ids)))
-        for (ctx, doc_id, task, split), (doc_to_visual, members) in groups.items():
+        for (ctx, doc_id, task, split), (doc_to_visual, members) in _progress(groups.items(), "vtprune likelihood"):
             cands = [ids for _, ids in members]
             image = self._image(doc_to_visual, task_dict, task, split, doc_id)
             gen = generate(self.runner, image, ctx, max(len(c) for c in cands), eos=set(), candidates=cands)
@@ -130,6 +130,14 @@ class Bridge:
         image = to_rgb(images[0])
         check_image_size(image, self.runner.adapter.min_image_side, f"{task} doc {doc_id}'s image")
         return image
+
+
+def _progress(items: Any, desc: str) -> Any:
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="q", file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
 def _torch_device(device: str | None) -> str:
