@@ -227,8 +227,22 @@ def _eval(argv: list[str]) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900)  # fmt: skip
 
 
+def _eval_here(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    """``vtprune eval`` in this process (no model reload per run); its stdout."""
+    from vtprune.cli import _Parser
+    from vtprune.eval.cli import add_eval_command, cmd_eval
+
+    parser = _Parser(prog="vtprune")
+    add_eval_command(parser.add_subparsers(dest="command", parser_class=_Parser))
+    capsys.readouterr()
+    assert cmd_eval(parser.parse_args(["eval", *argv, "--no-progress"])) == 0
+    return capsys.readouterr().out
+
+
 @pytest.mark.skipif(not (HAS_DATASETS and HAS_EASY_VQA), reason="needs datasets and easy-vqa")
-def test_pocket_eval_on_user_data_pytorch_and_bundle(tmp_path: Path, pocket_cache: Path, pocket_bundle: Path) -> None:
+def test_pocket_eval_on_user_data_pytorch_and_bundle(
+    tmp_path: Path, pocket_cache: Path, pocket_bundle: Path, capsys: pytest.CaptureFixture
+) -> None:
     recs = _records(tmp_path)
     jsonl = _write_jsonl(tmp_path, recs)
     folder, _ = _save_datasets(tmp_path, recs)
@@ -239,9 +253,8 @@ def test_pocket_eval_on_user_data_pytorch_and_bundle(tmp_path: Path, pocket_cach
         "bundle-saved": [str(pocket_bundle), "--data", str(folder)],
     }.items():
         out = tmp_path / f"{name}.json"
-        proc = _eval([*argv, "--json", str(out), "--items", str(tmp_path / f"{name}.jsonl")])
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert "likelihood" in proc.stdout
+        stdout = _eval_here([*argv, "--json", str(out), "--items", str(tmp_path / f"{name}.jsonl")], capsys)
+        assert "likelihood" in stdout
         results[name] = json.loads(out.read_text())
         lines = (tmp_path / f"{name}.jsonl").read_text().splitlines()
         assert [json.loads(x)["key"] for x in lines] == [r["id"] for r in recs]
