@@ -3,10 +3,15 @@ in the language model (``vtprune export --weights``), unpruned and pruned, in ON
 bundle size, TTFT, decode speed and easy-vqa accuracy, each format beside fp32 with the same method.
 
     python benchmarks/quantized.py [--questions 200] [--rounds 5] [--out benchmarks/results/pocket/quantized]
+                                   [--formats fp32,int8,int4,w8a8] [--methods none,gprune-64,alvts-28]
+
+A format ``F+v8`` adds ``--vision int8`` (the vision encoder and projector in int8, static scales
+calibrated on 32 easy-vqa train images) to the language-model format F, e.g. ``w8a8+v8``.
 
 Latency: rounds alternate the bundles (A, B, C, A, B, C, ...), each round answers the same 4 easy-vqa images
-with up to 16 new tokens, 1 warm-up round; medians over rounds and ratios against fp32 come from this one
-run. Accuracy: the same ``--questions`` easy-vqa test questions (seed 0) for every bundle, greedy, 4 tokens.
+with up to 16 new tokens, 1 warm-up round; medians over rounds (TTFT, its vision stage, decode speed) and
+ratios against fp32 come from this one run. Accuracy: the same ``--questions`` easy-vqa test questions
+(seed 0) for every bundle, greedy, 4 tokens, by generation and by likelihood (``vtprune eval``'s scoring).
 Writes quantized.json and quantized.md with the environment.
 """
 
@@ -33,27 +38,32 @@ def bundle_for(work: Path, fmt: str, name: str, log: Any) -> Path:
     out = work / f"{name}-{fmt}"
     if not (out / "manifest.json").is_file():
         log(f"exporting {out.name}")
-        weights = None if fmt == "fp32" else fmt
-        export_bundle("pocket", PruneConfig(**METHODS[name]), ExportConfig(weights=weights), out)
+        lm, _, vision = fmt.partition("+")
+        weights = None if lm == "fp32" else lm
+        export = ExportConfig(weights=weights, vision="int8" if vision == "v8" else None)
+        export_bundle("pocket", PruneConfig(**METHODS[name]), export, out)
     return out
 
 
-def accuracy(vlm: Any, questions: list, images: Any) -> dict[str, Any]:
-    from vtprune.eval.scoring import normalize_answer
+def accuracy(vlm: Any, questions: list) -> dict[str, Any]:
+    from vtprune.eval.data import EvalData
+    from vtprune.eval.harness import evaluate_runner
+    from vtprune.eval.scoring import ANSWERS
 
-    correct = [normalize_answer(vlm.generate(images.get(q), q.question, 4).answer) == q.answer for q in questions]
-    return {"n": len(correct), "accuracy": sum(correct) / len(correct)}
+    r = evaluate_runner(vlm, EvalData("easy-vqa", "easy-vqa", questions, ANSWERS), 4, progress=False)
+    return {"n": r["n"], "accuracy": r["accuracy"], "likelihood_accuracy": r["likelihood"]["accuracy"]}
 
 
 def latency_rounds(vlms: dict[str, Any], images: list, rounds: int) -> dict[str, dict[str, list[float]]]:
     """Per bundle, per round: median TTFT (ms) and decode tokens/s over the round's images."""
-    out = {k: {"ttft_ms": [], "decode_tok_s": []} for k in vlms}
+    out = {k: {"ttft_ms": [], "vision_ms": [], "decode_tok_s": []} for k in vlms}
     for r in range(rounds + 1):
         for key, vlm in vlms.items():
             gens = [vlm.generate(img, "describe the image in detail.", 16) for img in images]
             if r == 0:
                 continue  # warm-up round
             out[key]["ttft_ms"].append(statistics.median(g.ttft_ms for g in gens))
+            out[key]["vision_ms"].append(statistics.median(g.timings_ms.get("vision", 0.0) for g in gens))
             out[key]["decode_tok_s"].append(statistics.median(g.decode_tokens_per_s for g in gens))
     return out
 
@@ -63,7 +73,7 @@ def main() -> None:
 
     from vtprune.backends.ort import OrtVlm
     from vtprune.eval.data import load_questions, subsample
-    from vtprune.eval.harness import _ImageCache
+    from vtprune.images import load_image
     from vtprune.manifest import read_manifest
     from vtprune.runtime.report import environment
 
@@ -72,17 +82,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--work", type=Path, default=Path(".bench/quantized"), help="where the bundles are exported")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/pocket/quantized"))
+    ap.add_argument("--formats", default=",".join(FORMATS), help="fp32 first; F+v8 adds an int8 vision graph")
+    ap.add_argument("--methods", default=",".join(METHODS))
     args = ap.parse_args()
+    formats, names = args.formats.split(","), args.methods.split(",")
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     args.work.mkdir(parents=True, exist_ok=True)
-    bundles = {f"{m}/{f}": bundle_for(args.work, f, m, log) for m in METHODS for f in FORMATS}
+    bundles = {f"{m}/{f}": bundle_for(args.work, f, m, log) for m in names for f in formats}
     questions = subsample(load_questions("test"), args.questions, 0)
     vlms = {k: OrtVlm(b) for k, b in bundles.items()}
-    cache = _ImageCache(vlms["none/fp32"].adapter.min_image_side)
-    images = [cache.get(q) for q in list({q.image_path: q for q in questions}.values())[:4]]
+    first = next(iter(vlms.values()))
+    images = [load_image(q.image_path, first.adapter.min_image_side)
+              for q in list({q.image_path: q for q in questions}.values())[:4]]  # fmt: skip
     log("latency rounds")
     lat = latency_rounds(vlms, images, args.rounds)
     rows, result = {}, {"date": time.strftime("%Y-%m-%d"), "environment": environment(),
@@ -92,8 +106,9 @@ def main() -> None:
         size = sum(p.stat().st_size for p in bundles[key].glob("*.onnx"))
         validation = read_manifest(bundles[key])["validation"]["checks"]
         rows[key] = {"bundle_mb": size / 2**20, "ttft_ms": statistics.median(lat[key]["ttft_ms"]),
+                     "vision_ms": statistics.median(lat[key]["vision_ms"]),
                      "decode_tok_s": statistics.median(lat[key]["decode_tok_s"]), "rounds": lat[key],
-                     **accuracy(vlm, questions, cache), "validation": validation}  # fmt: skip
+                     **accuracy(vlm, questions), "validation": validation}  # fmt: skip
         base = rows[key.split("/")[0] + "/fp32"]
         rows[key] |= {"size_vs_fp32": rows[key]["bundle_mb"] / base["bundle_mb"],
                       "ttft_vs_fp32": rows[key]["ttft_ms"] / base["ttft_ms"],
@@ -107,18 +122,20 @@ def main() -> None:
 
 def to_markdown(result: dict) -> str:
     env = result["environment"]
-    lines = ["# Pocket VLM: fp32 vs int8 / int4 weights vs w8a8 in the language model, ONNX Runtime CPU", "",
+    lines = ["# Pocket VLM: quantized bundles against fp32, ONNX Runtime CPU", "",
              f"{result['date']}; {env['cpu']}, {env['cores']} cores, ONNX Runtime "
              f"{env['libraries'].get('onnxruntime', '?')}; 1-minute load {env['load_avg']}. Latency: medians of "
              f"{result['rounds']} alternating rounds (4 easy-vqa images, up to 16 new tokens); accuracy: "
              f"{result['questions']} easy-vqa test questions (seed 0), greedy.", "",
-             "| method | weights | bundle MB | vs fp32 | TTFT ms | vs fp32 | decode tok/s | vs fp32 | accuracy |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| method | format | bundle MB | vs fp32 | TTFT ms | vs fp32 | vision ms | decode tok/s | vs fp32 | "
+             "accuracy (generation) | accuracy (likelihood) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for key, r in result["rows"].items():
         method, fmt = key.split("/")
+        lik = r.get("likelihood_accuracy")
         lines.append(f"| {method} | {fmt} | {r['bundle_mb']:.0f} | {r['size_vs_fp32']:.2f} | {r['ttft_ms']:.0f} | "
-                     f"{r['ttft_vs_fp32']:.2f} | {r['decode_tok_s']:.1f} | {r['decode_vs_fp32']:.2f} | "
-                     f"{r['accuracy']:.3f} |")  # fmt: skip
+                     f"{r['ttft_vs_fp32']:.2f} | {r.get('vision_ms', float('nan')):.0f} | {r['decode_tok_s']:.1f} | "
+                     f"{r['decode_vs_fp32']:.2f} | {r['accuracy']:.3f} | {'–' if lik is None else f'{lik:.3f}'} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="quantized language model for ONNX Runtime: int8 / int4 weights (MatMulNBits), or w8a8: "
                           "int8 weights and activations (MatMulInteger; MLP down projections blockwise); "
                           "the vision graph, pruning and selectors stay fp32")  # fmt: skip
+    exp.add_argument("--vision", choices=["int8"], help="int8 vision encoder and projector for ONNX Runtime (QDQ, "
+                     "static activation scales calibrated on --calib-data); the pruning stage stays fp32")  # fmt: skip
+    exp.add_argument("--calib-data", default="easy-vqa", metavar="easy-vqa|DIR",
+                     help="images --vision int8 is calibrated on: easy-vqa's train split or a directory")
+    exp.add_argument("--calib-n", type=count(1, 4096), default=32, help="calibration images (default: 32)")
     add_prune_args(exp)
 
     build = sub.add_parser("build", help="build TensorRT engines for a bundle (TensorRT, or TensorRT for RTX)")
@@ -151,7 +156,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from vtprune.export.bundle import ExportConfig
 
     export = ExportConfig(opset=args.opset, dtype=args.dtype, inline=args.inline, validate=not args.no_validate,
-                          force=args.force, reuse_lm_from=args.reuse_lm_from, weights=args.weights)  # fmt: skip
+                          force=args.force, reuse_lm_from=args.reuse_lm_from, weights=args.weights,
+                          vision=args.vision, calib_data=args.calib_data, calib_n=args.calib_n)  # fmt: skip
 
     def log(msg: str) -> None:
         print(f"vtprune export: {msg}", file=sys.stderr, flush=True)

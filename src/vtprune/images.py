@@ -93,3 +93,29 @@ def scene_image(width: int = 320, height: int = 240) -> Any:
     draw.ellipse((40, 60, 140, 160), fill=(220, 30, 30))
     draw.rectangle((190, 40, 290, 200), fill=(30, 60, 220))
     return image
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def calibration_images(source: str, n: int, seed: int = 0) -> list[Path]:
+    """``n`` images drawn with ``seed`` from ``source``: ``easy-vqa`` (its train split, so the test split
+    stays unseen) or a directory of images (searched recursively); fewer when the source has fewer."""
+    import random
+
+    if source == "easy-vqa":
+        import importlib.util
+
+        spec = importlib.util.find_spec("easy_vqa")
+        if spec is None or spec.origin is None:
+            raise InputError("--calib-data easy-vqa needs the easy-vqa package; pip install --no-deps easy-vqa==1.0, "
+                             "or pass a directory of your own images")  # fmt: skip
+        root = Path(spec.origin).parent / "data" / "train" / "images"
+    else:
+        root = Path(source)
+        if not root.is_dir():
+            raise InputError(f"--calib-data {source}: not a directory of images (or easy-vqa)")
+    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not found:
+        raise InputError(f"--calib-data {source}: no .png/.jpg/.jpeg/.bmp/.webp images under {root}")
+    return sorted(random.Random(seed).sample(found, min(n, len(found))))

@@ -204,3 +204,10 @@ class Sealed:
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     dest.write_bytes(self.read(rel))
             yield Path(tmp)
+
+
+def judged_precision(export: dict) -> str:
+    """The precision a bundle is validated at (``check.validate.thresholds``): its language model's weights
+    format or dtype; an fp32 bundle whose vision graph is int8 is ``vision-int8``."""
+    precision = export.get("weights") or export.get("dtype", "fp32")
+    return "vision-int8" if precision == "fp32" and export.get("vision") == "int8" else precision

@@ -17,6 +17,7 @@ from vtprune.config import PruneConfig, SamplingConfig
 from vtprune.errors import BackendUnavailableError, ConfigError, InputError
 from vtprune.flops import FlopsReport, layer_macs, layerwise_prefill_macs, prefill_macs, prune_stage_macs
 from vtprune.images import check_image_size
+from vtprune.manifest import judged_precision
 from vtprune.prune.alvts import lowrank_selector_macs, paper_selector_macs
 from vtprune.runtime.generate import Generation, PromptFacts, generate
 from vtprune.runtime.timing import StageTimer
@@ -88,7 +89,8 @@ class OrtVlm:
         self.step_graph = "decode" if self.routing else "decoder"
         self.decoder_io = self.manifest["graphs"][self.step_graph]
         self.dtype = self.manifest["export"].get("dtype", "fp32")
-        self.precision = self.manifest["export"].get("weights") or self.dtype  # of the language-model graphs
+        self.precision = judged_precision(self.manifest["export"])  # what validation judges it as
+        self.vision_quantized = self.manifest["export"].get("vision") is not None
         self.sampling = sampling or SamplingConfig()
 
     def close(self) -> None:

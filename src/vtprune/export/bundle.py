@@ -30,15 +30,19 @@ class ExportConfig:
     force: bool = False
     reuse_lm_from: str | None = None  # a bundle of the same model whose embed/decoder graphs are reused
     weights: str | None = None  # int4 / int8 weight-only language model (``export.quantize``)
+    vision: str | None = None  # int8: the vision encoder and projector with static scales (``quantize_vision``)
+    calib_data: str = "easy-vqa"  # the images --vision int8 is calibrated on: easy-vqa or a directory
+    calib_n: int = 32
 
     def __post_init__(self) -> None:
-        from vtprune.export.quantize import check_weights
+        from vtprune.export.quantize import check_vision, check_weights
 
         if not 18 <= self.opset <= 23:
             raise ConfigError(f"--opset {self.opset}: vtprune exports opsets 18..23 (function bodies need >= 18)")
         if self.dtype not in ("fp32", "fp16"):
             raise ConfigError(f"--dtype {self.dtype}: bundles export fp32 or fp16; use --dtype fp16 for half precision")
         check_weights(self.weights, self.dtype)
+        check_vision(self.vision, self.dtype, self.calib_n)
 
     @property
     def precision(self) -> str:
@@ -141,6 +145,8 @@ def write_bundle(
         manifest["graphs"][name] = fn(tmp / f"{name}.onnx") | precision
         if export.weights and name in QUANTIZED_GRAPHS and "reused_from" not in manifest["graphs"][name]:
             manifest["graphs"][name]["quantization"] = quantize_graph(tmp / f"{name}.onnx", export.weights)
+        if name == "vision" and export.vision:
+            manifest["graphs"]["vision"]["quantization"] = _quantize_vision(adapter, prune, export, manifest, tmp)
         log(f"[{i}/{len(steps) + int(export.validate)}] {name}.onnx exported in {time.perf_counter() - start:.1f} s")
     save_processing_files(adapter, tmp / PROCESSOR_DIR)
     if export.inline:  # the graphs holding vtprune functions
@@ -148,6 +154,26 @@ def write_bundle(
             inline_copy(tmp / f"{name}.onnx", tmp / f"{name}.inlined.onnx")
     write_manifest(tmp, manifest)
     return manifest, prune, image
+
+
+def _quantize_vision(
+    adapter: Any, prune: PruneConfig, export: ExportConfig, manifest: dict[str, Any], tmp: Path
+) -> dict[str, Any]:
+    """--vision int8: the vision graph's inputs for ``export.calib_n`` calibration images (the data loader),
+    then ``quantize_vision``."""
+    from vtprune.export.quantize import quantize_vision
+    from vtprune.export.vision import vision_export
+    from vtprune.images import calibration_images, load_image
+    from vtprune.runtime.pipeline import PrunedVlm
+
+    if prune.in_encoder:
+        raise ConfigError(f"--vision int8 with --method {prune.method}: the method reads the encoder's own "
+                          "layers, which would be quantized with it; use another method or no --vision")  # fmt: skip
+    paths = calibration_images(export.calib_data, export.calib_n)
+    pipe, meta = PrunedVlm(adapter, prune), manifest["graphs"]["vision"]["meta"]
+    feeds = (vision_export(adapter.family).graph_feeds(
+        adapter, pipe.inputs(load_image(p, adapter.min_image_side), SAMPLE_PROMPT), meta) for p in paths)  # fmt: skip
+    return quantize_vision(tmp / "vision.onnx", feeds, export.calib_data)
 
 
 def lm_donor(export: ExportConfig, model: str) -> dict[str, Any]:

@@ -35,7 +35,7 @@ FP16_MARGIN = 1e-2
 # quantized bundle legitimately chooses other tokens (pocket, ALVTS k=28 from layer 12: margins up to 0.045
 # with int8 in blocks of 128, above 0.1 with int4). Their margins are reported, not gated: the reference
 # follows those choices and the logits' KL divergence judges the result.
-QUANT_MARGIN: dict[str, float | None] = {"int8": None, "int4": None, "w8a8": None}
+QUANT_MARGIN: dict[str, float | None] = {"int8": None, "int4": None, "w8a8": None, "vision-int8": None}
 
 
 def margin_limit(precision: str) -> float | None:

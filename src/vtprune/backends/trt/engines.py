@@ -60,6 +60,9 @@ def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, A
     if missing:
         raise ConfigError(f"--graphs {','.join(missing)}: {bundle} has only {', '.join(manifest['graphs'])}")
     quantized = [g for g in graphs if "quantization" in manifest["graphs"][g]]
+    if "vision" in quantized:
+        raise ConfigError(f"{bundle}: vision.onnx holds ONNX Runtime's int8 form (uint8 activations), which TensorRT "
+                          "does not take; build the other graphs (--graphs) or export without --vision")  # fmt: skip
     if quantized:
         weights = manifest["export"].get("weights")
         raise ConfigError(f"{bundle}: {', '.join(quantized)} hold ONNX Runtime's {weights} MatMulNBits weights, which "
