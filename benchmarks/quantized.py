@@ -132,10 +132,10 @@ def to_markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for key, r in result["rows"].items():
         method, fmt = key.split("/")
-        lik = r.get("likelihood_accuracy")
+        lik = "–" if r.get("likelihood_accuracy") is None else f"{r['likelihood_accuracy']:.3f}"
         lines.append(f"| {method} | {fmt} | {r['bundle_mb']:.0f} | {r['size_vs_fp32']:.2f} | {r['ttft_ms']:.0f} | "
                      f"{r['ttft_vs_fp32']:.2f} | {r.get('vision_ms', float('nan')):.0f} | {r['decode_tok_s']:.1f} | "
-                     f"{r['decode_vs_fp32']:.2f} | {r['accuracy']:.3f} | {'–' if lik is None else f'{lik:.3f}'} |")  # fmt: skip
+                     f"{r['decode_vs_fp32']:.2f} | {r['accuracy']:.3f} | {lik} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
