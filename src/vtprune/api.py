@@ -36,6 +36,7 @@ def export_bundle(
 
     log = log or (lambda msg: None)
     check_exportable(prune)
+    export.check_method(prune)
     with outputs.atomic_dir(Path(out), "bundle", export.force, BundleError) as tmp:
         log(f"loading {model}")
         adapter = load_vlm(model, cache_dir=cache_dir)

@@ -43,6 +43,16 @@ class ExportConfig:
             raise ConfigError(f"--dtype {self.dtype}: bundles export fp32 or fp16; use --dtype fp16 for half precision")
         check_weights(self.weights, self.dtype)
         check_vision(self.vision, self.dtype, self.calib_n)
+        if self.vision:  # refused before any model is loaded
+            from vtprune.images import calibration_images
+
+            calibration_images(self.calib_data, 1)
+
+    def check_method(self, prune: PruneConfig) -> None:
+        """Refuse combinations with the pruning method before any work."""
+        if self.vision and prune.in_encoder:
+            raise ConfigError(f"--vision int8 with --method {prune.method}: the method reads the encoder's own "
+                              "layers, which would be quantized too; use another method or no --vision")  # fmt: skip
 
     @property
     def precision(self) -> str:
@@ -166,13 +176,12 @@ def _quantize_vision(
     from vtprune.images import calibration_images, load_image
     from vtprune.runtime.pipeline import PrunedVlm
 
-    if prune.in_encoder:
-        raise ConfigError(f"--vision int8 with --method {prune.method}: the method reads the encoder's own "
-                          "layers, which would be quantized with it; use another method or no --vision")  # fmt: skip
+    export.check_method(prune)
     paths = calibration_images(export.calib_data, export.calib_n)
     pipe, meta = PrunedVlm(adapter, prune), manifest["graphs"]["vision"]["meta"]
     feeds = (vision_export(adapter.family).graph_feeds(
-        adapter, pipe.inputs(load_image(p, adapter.min_image_side), SAMPLE_PROMPT), meta) for p in paths)  # fmt: skip
+        adapter, pipe.inputs(adapter.export_image(load_image(p, adapter.min_image_side)), SAMPLE_PROMPT), meta)
+        for p in paths)  # fmt: skip; export_image: the graph's input size where it is fixed (Qwen2.5-VL)
     return quantize_vision(tmp / "vision.onnx", feeds, export.calib_data)
 
 
