@@ -258,10 +258,11 @@ def test_run_json_succeeds(raw: bool, tmp_path: Path, cache_dir: Path, png: Path
 
 
 PRE_LLM_STAGE_MACS = {"random": 0, "uniform": 0, "divprune": 64 * 64 * 64,  # N^2 * D
-                      "visionzip": (1 + 2) * 64 * 64}  # (c + 2) * N * D, keep 8 = 7 dominant + 1 contextual
+                      "visionzip": (1 + 2) * 64 * 64,  # (c + 2) * N * D, keep 8 = 7 dominant + 1 contextual
+                      "pool": 64 * 64}  # N * D
 
 
-@pytest.mark.parametrize("method", ["random", "uniform", "divprune", "visionzip"])
+@pytest.mark.parametrize("method", ["random", "uniform", "divprune", "visionzip", "pool"])
 def test_run_pre_llm_baselines(method: str, cache_dir: Path, png: Path, capsys) -> None:
     capsys.readouterr()
     rc = run_main([
