@@ -50,12 +50,17 @@ FP32_WEIGHT_PREFIXES = ("alvts_",)  # in-LLM selector factors: token choices sta
 
 
 def check_weights(weights: str | None, dtype: str) -> None:
-    if weights is None:
+    _check_format("--weights", weights, tuple(WEIGHT_FORMATS), dtype)
+
+
+def _check_format(flag: str, value: str | None, choices: tuple[str, ...], dtype: str) -> None:
+    """A quantized format is one of ``choices`` and quantizes fp32 graphs."""
+    if value is None:
         return
-    if weights not in WEIGHT_FORMATS:
-        raise ConfigError(f"--weights {weights}: choose one of {', '.join(WEIGHT_FORMATS)}")
+    if value not in choices:
+        raise ConfigError(f"{flag} {value}: choose one of {', '.join(choices)}")
     if dtype != "fp32":
-        raise ConfigError(f"--weights {weights} quantizes fp32 graphs; drop --dtype {dtype}")
+        raise ConfigError(f"{flag} {value} quantizes fp32 graphs; drop --dtype {dtype}")
 
 
 def quantize_graph(path: Path, weights: str) -> dict[str, Any]:
@@ -181,13 +186,8 @@ VISION_LAYER_OPS = ("aten.linear", "aten.conv2d")
 
 
 def check_vision(vision: str | None, dtype: str, calib_n: int) -> None:
-    if vision is None:
-        return
-    if vision not in VISION_FORMATS:
-        raise ConfigError(f"--vision {vision}: choose one of {', '.join(VISION_FORMATS)}")
-    if dtype != "fp32":
-        raise ConfigError(f"--vision {vision} quantizes the fp32 vision graph; drop --dtype {dtype}")
-    if not 1 <= calib_n <= 4096:
+    _check_format("--vision", vision, VISION_FORMATS, dtype)
+    if vision is not None and not 1 <= calib_n <= 4096:
         raise ConfigError(f"--calib-n {calib_n}: calibrate on 1 to 4096 images")
 
 
