@@ -152,11 +152,16 @@ def plots(result: dict[str, Any], out: Path) -> list[str]:
         for name in VARIANTS:
             cells = sorted((c for c in result["cells"] if c["variant"] == name), key=xkey)
             if cells:
-                ax.plot([xkey(c) for c in cells], [c["accuracy"] for c in cells], marker="o", label=name)
+                line = ax.plot([xkey(c) for c in cells], [c["accuracy"] for c in cells], marker="o", label=name)[0]
+                lik = [(xkey(c), c["likelihood"]["accuracy"]) for c in cells if (c.get("likelihood") or {}).get("n")]
+                if lik and fname == "accuracy_vs_budget.png":  # dashed: the same cells scored by likelihood
+                    ax.plot(*zip(*lik, strict=True), linestyle="--", color=line.get_color(), linewidth=1)
         ax.axhline(base["accuracy"], color="k", linestyle="--", linewidth=1, label="unpruned")
         if fname == "accuracy_vs_budget.png":
             ax.set_xscale("log", base=2)
-        ax.set_xlabel(xlabel), ax.set_ylabel("easy-vqa accuracy"), ax.legend(fontsize=8), ax.grid(alpha=0.3)
+        ylabel = "easy-vqa accuracy (solid: generation, dashed: likelihood)" if fname == "accuracy_vs_budget.png" \
+            else "easy-vqa accuracy (generation)"  # fmt: skip
+        ax.set_xlabel(xlabel), ax.set_ylabel(ylabel), ax.legend(fontsize=7), ax.grid(alpha=0.3)
         ax.set_title(f"pocket VLM, {result['settings']['limit']} easy-vqa test questions")
         fig.tight_layout()
         fig.savefig(out / fname, dpi=110)
