@@ -266,7 +266,8 @@ def test_pocket_eval_on_user_data_pytorch_and_bundle(
     for name in ("bundle-jsonl", "bundle-saved"):
         for a, b in zip(ref["items"], results[name]["items"], strict=True):
             assert (a["key"], a["output"], a["correct"]) == (b["key"], b["output"], b["correct"]), name
-            if min(a["lik_margin"], b["lik_margin"]) > 1e-3:  # a near-tie may flip between backends
+            assert (a["lik_margin"] is None) == (b["lik_margin"] is None)
+            if a["lik_margin"] is not None and min(a["lik_margin"], b["lik_margin"]) > 1e-3:  # near-ties may flip
                 assert a["lik_prediction"] == b["lik_prediction"], (name, a["key"])
 
 
