@@ -121,6 +121,16 @@ def markdown(result: dict[str, Any]) -> str:
             f"{100 * f['saved_fraction']:.0f}% | "
             f"{c['ttft_ms_median']:.0f} | {c['stage_ms_median'].get('prefill', float('nan')):.0f} |"
         )
+    cells = [result["unpruned"] | {"variant": "none"}, *result["cells"]]
+    if any((c.get("likelihood") or {}).get("n") for c in cells):
+        lines += ["", "By question type, generation / likelihood (chance by likelihood: shape 1/3, color 1/8, yes/no "
+                  "1/2); `unparsed`: replies with no answer word.", "",
+                  "| method | kept | shape | color | yes/no | unparsed |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for c in cells:
+            by = c["by_type"]
+            cols = " | ".join(f"{by[t]['accuracy']:.2f} / {by[t]['likelihood']['accuracy']:.2f}" if by[t]["n"]
+                              else "–" for t in ("shape", "color", "yes/no"))  # fmt: skip
+            lines.append(f"| {c['variant']} | {c['keep'] or 'all'} | {cols} | {c['unparsed']} |")
     added = [f"{a['cell']} ({a['environment'].get('load_avg', ['?'])[0]})" for a in result.get("added_cells", [])]
     if added:
         lines += ["", f"Cells added later with `--only` ran on the same questions in later sessions (1-minute load "
