@@ -107,6 +107,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"TTFT {result['unpruned']['ttft_ms_median']:.0f} ms.",
         "",
         *([] if result.get("complete", True) else ["**Partial run**: the sweep stopped before every cell ran.", ""]),
+        *([f"Cells ran in {env['shards']} processes side by side (`--shard`), one thread each: TTFT and prefill ms "
+           "are single-thread times on a busy machine, comparable within this table only; reference latencies "
+           "are the ONNX Runtime tables in docs/benchmarks.md.", ""] if env.get("shards") else []),
         "| method | kept | accuracy (generation) | 95% CI | retained | accuracy (likelihood) | 95% CI | "
         "prefill GFLOPs | net FLOPs saved | TTFT ms | prefill ms |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
