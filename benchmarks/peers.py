@@ -8,8 +8,8 @@ script copies the pocket checkpoint, adds the ``preprocessor_config.json`` OpenV
 writes ``processor_config.json``), converts it with ``optimum-cli export openvino`` (fp32 and int8 weights)
 and measures:
 
-- vtprune's ONNX Runtime bundles from ``benchmarks/quantized.py`` (fp32, int8, int4, w8a8; unpruned and
-  G-Prune 64);
+- vtprune's ONNX Runtime bundles from ``benchmarks/quantized.py`` (fp32, int8, int4, w8a8, w8a8 with an
+  int8 vision graph; unpruned and G-Prune 64); ``--only`` picks configurations by label;
 - OpenVINO GenAI's ``VLMPipeline``: fp32 weights computed in fp32 (``INFERENCE_PRECISION_HINT=f32``), fp32
   weights with its default precision (bf16 on CPUs with AMX/AVX-512 BF16), and int8 weights.
 
@@ -38,7 +38,8 @@ NEW_TOKENS = 16
 VTPRUNE = {"vtprune fp32, unpruned": "none-fp32", "vtprune fp32, G-Prune 64": "gprune-64-fp32",
            "vtprune int8, unpruned": "none-int8", "vtprune int4, unpruned": "none-int4",
            "vtprune int4, G-Prune 64": "gprune-64-int4", "vtprune w8a8, unpruned": "none-w8a8",
-           "vtprune w8a8, G-Prune 64": "gprune-64-w8a8"}  # fmt: skip
+           "vtprune w8a8, G-Prune 64": "gprune-64-w8a8", "vtprune w8a8 + int8 vision, unpruned": "none-w8a8+v8",
+           "vtprune w8a8 + int8 vision, G-Prune 64": "gprune-64-w8a8+v8"}  # fmt: skip
 OPENVINO = {"OpenVINO fp32 (f32 compute)": ("fp32", {"INFERENCE_PRECISION_HINT": "f32"}),
             "OpenVINO fp32 (default compute)": ("fp32", {}),
             "OpenVINO int8": ("int8", {})}  # fmt: skip
@@ -159,6 +160,7 @@ def main() -> None:
     ap.add_argument("--bundles", type=Path, default=Path(".bench/quantized"), help="benchmarks/quantized.py's work")
     ap.add_argument("--work", type=Path, default=Path(".bench/peers"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/pocket/peers"))
+    ap.add_argument("--only", help="comma-separated configuration labels to run (default: every one available)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)  # internal: KIND TARGET [PROPS] -- IMAGES
     args = ap.parse_args()
     if args.worker:
@@ -180,10 +182,18 @@ def run_driver(args: argparse.Namespace) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     images = list(dict.fromkeys(q.image_path for q in load_questions("test")))[:4]
     me = os.path.abspath(__file__)
+    only = set(args.only.split(",")) if args.only else None
+
+    def wanted(label: str) -> bool:
+        return only is None or label in only
+
     workers = [Worker(label, [sys.executable, me, "--worker", "vtprune", str(args.bundles / name), *images])
-               for label, name in VTPRUNE.items() if (args.bundles / name / "manifest.json").is_file()]  # fmt: skip
+               for label, name in VTPRUNE.items()
+               if wanted(label) and (args.bundles / name / "manifest.json").is_file()]  # fmt: skip
     if args.openvino_python:
         for label, (fmt, props) in OPENVINO.items():
+            if not wanted(label):
+                continue
             model = convert_openvino(args.openvino_python, args.work, fmt, log)
             cmd = [args.openvino_python, me, "--worker", "openvino", str(model), json.dumps(props), *images]
             workers.append(Worker(label, cmd))
