@@ -160,7 +160,7 @@ def main() -> None:
     ap.add_argument("--bundles", type=Path, default=Path(".bench/quantized"), help="benchmarks/quantized.py's work")
     ap.add_argument("--work", type=Path, default=Path(".bench/peers"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/pocket/peers"))
-    ap.add_argument("--only", help="comma-separated configuration labels to run (default: every one available)")
+    ap.add_argument("--only", help="semicolon-separated configuration labels to run (default: every one available)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)  # internal: KIND TARGET [PROPS] -- IMAGES
     args = ap.parse_args()
     if args.worker:
@@ -182,7 +182,7 @@ def run_driver(args: argparse.Namespace) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     images = list(dict.fromkeys(q.image_path for q in load_questions("test")))[:4]
     me = os.path.abspath(__file__)
-    only = set(args.only.split(",")) if args.only else None
+    only = set(args.only.split(";")) if args.only else None
 
     def wanted(label: str) -> bool:
         return only is None or label in only
