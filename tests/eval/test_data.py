@@ -239,18 +239,33 @@ def _eval_here(argv: list[str], capsys: pytest.CaptureFixture) -> str:
     return capsys.readouterr().out
 
 
+@pytest.fixture(scope="module")
+def uniform_bundle(pocket_cache: Path, pocket_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pocket VLM with uniform pruning at 64 tokens: integer scores, so PyTorch and ONNX Runtime keep
+    the same tokens on any CPU (no near-ties); its language-model graphs are the G-Prune bundle's."""
+    from vtprune.api import export_bundle
+    from vtprune.config import PruneConfig
+    from vtprune.export.bundle import ExportConfig
+
+    out = tmp_path_factory.mktemp("pocket-uniform") / "k64"
+    export_bundle("pocket", PruneConfig(method="uniform", keep=64), ExportConfig(reuse_lm_from=str(pocket_bundle)),
+                  out, pocket_cache)  # fmt: skip
+    return out
+
+
 @pytest.mark.skipif(not (HAS_DATASETS and HAS_EASY_VQA), reason="needs datasets and easy-vqa")
 def test_pocket_eval_on_user_data_pytorch_and_bundle(
-    tmp_path: Path, pocket_cache: Path, pocket_bundle: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, pocket_cache: Path, uniform_bundle: Path, capsys: pytest.CaptureFixture
 ) -> None:
     recs = _records(tmp_path)
     jsonl = _write_jsonl(tmp_path, recs)
     folder, _ = _save_datasets(tmp_path, recs)
     results = {}
+    torch_args = ["--model", "pocket", "--cache-dir", str(pocket_cache), "--method", "uniform", "--keep", "64"]
     for name, argv in {
-        "torch-jsonl": ["--model", "pocket", "--cache-dir", str(pocket_cache), "--keep", "64", "--data", str(jsonl)],
-        "bundle-jsonl": [str(pocket_bundle), "--data", str(jsonl)],
-        "bundle-saved": [str(pocket_bundle), "--data", str(folder)],
+        "torch-jsonl": [*torch_args, "--data", str(jsonl)],
+        "bundle-jsonl": [str(uniform_bundle), "--data", str(jsonl)],
+        "bundle-saved": [str(uniform_bundle), "--data", str(folder)],
     }.items():
         out = tmp_path / f"{name}.json"
         stdout = _eval_here([*argv, "--json", str(out), "--items", str(tmp_path / f"{name}.jsonl")], capsys)

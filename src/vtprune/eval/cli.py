@@ -78,8 +78,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         source, backend, prune = args.model or "pocket", "torch", prune_config(args)
     if args.resume and args.json is None:
         raise ConfigError("--resume continues a --json result; give --json OUT")
-    done = _resumable(args.json, args.force) if args.resume else []
-    if args.json is not None and not (args.resume and done is not None):
+    earlier = _resumable(args.json) if args.resume else None
+    if args.json is not None and earlier is None:
         outputs.check_file_target(args.json, EVAL_FORMAT, args.force, InputError)  # refused before the run
     if args.items is not None:
         _check_items_target(args.items, args.force)
@@ -92,7 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         settings = {"format": EVAL_FORMAT, "model": str(source), "backend": _backend_label(backend, args.provider),
                     "dtype": args.dtype} | data_settings(data, args.limit, args.seed) | {  # fmt: skip
             "prune": runner.cfg.to_dict(), "max_new_tokens": max_new, "likelihood_scoring": likelihood}
-        prior = _matching_items(done, settings, args.json) if done else []
+        prior = _matching_items(earlier, settings, args.json) if earlier is not None else []
 
         def checkpoint(records: list[dict[str, Any]]) -> None:
             if args.json is not None:
@@ -114,8 +114,8 @@ def _backend_label(backend: str, provider: str) -> str:
     return {"torch": "pytorch", "trt": "tensorrt"}.get(backend, f"onnxruntime-{provider}")
 
 
-def _resumable(path: Path, force: bool) -> list[dict[str, Any]] | None:
-    """The settings and records of ``path`` to continue (None when there is no file yet)."""
+def _resumable(path: Path) -> dict[str, Any] | None:
+    """The result in ``path`` to continue (None when there is no file yet)."""
     from vtprune.errors import InputError
 
     if not path.exists():
@@ -126,18 +126,18 @@ def _resumable(path: Path, force: bool) -> list[dict[str, Any]] | None:
         raise InputError(f"--resume: cannot read {path} ({exc}); remove it or choose another --json") from None
     if not (isinstance(data, dict) and data.get("format") == EVAL_FORMAT and isinstance(data.get("items"), list)):
         raise InputError(f"--resume: {path} is not a vtprune eval result")
-    return [data]
+    return data
 
 
-def _matching_items(done: list[dict[str, Any]], settings: dict[str, Any], path: Path) -> list[dict[str, Any]]:
+def _matching_items(earlier: dict[str, Any], settings: dict[str, Any], path: Path) -> list[dict[str, Any]]:
+    """The records of an earlier run of ``path``, refused when it ran with other settings."""
     from vtprune.errors import InputError
 
-    prior = done[0]
-    differ = [k for k in RESUME_KEYS if prior.get(k) != settings.get(k)]
+    differ = [k for k in RESUME_KEYS if earlier.get(k) != settings.get(k)]
     if differ:
         raise InputError(f"--resume: {path} was run with other settings ({', '.join(differ)}); "
                          "use another --json, or --force without --resume to start over")  # fmt: skip
-    return list(prior["items"])
+    return list(earlier["items"])
 
 
 def _check_items_target(path: Path, force: bool) -> None:

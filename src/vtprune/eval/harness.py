@@ -118,7 +118,8 @@ def evaluate_runner(
     from vtprune.runtime.generate import generate
 
     images = _ImageCache(data, runner.adapter.min_image_side)
-    todo = [q for q in data.questions if _key(q) not in {r["key"] for r in done}]
+    answered = {r["key"] for r in done}
+    todo = [q for q in data.questions if _key(q) not in answered]
     if warmup and todo:
         generate(runner, images.get(todo[0]), todo[0].question, max_new_tokens)
     records, generations = list(done), []
