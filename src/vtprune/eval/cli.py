@@ -147,9 +147,10 @@ def _check_items_target(path: Path, force: bool) -> None:
     if path.exists() and force and path.is_file():
         first = path.read_text(errors="replace").split("\n", 1)[0]
         try:
-            ours = isinstance(json.loads(first), dict) and "key" in json.loads(first)
+            record = json.loads(first)
         except ValueError:
-            ours = False
+            record = None
+        ours = isinstance(record, dict) and "key" in record
         if not ours:
             raise InputError(f"{path} exists and is not a vtprune eval --items file; choose another path")
         return

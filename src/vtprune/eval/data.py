@@ -64,6 +64,11 @@ class Question:
     id: str | None = None
 
     @property
+    def key(self) -> str:
+        """The question's identity in result files: its id, or its position in the data set."""
+        return self.id if self.id is not None else str(self.index)
+
+    @property
     def references(self) -> tuple[str, ...]:
         return self.answers or (self.answer,)
 

@@ -119,7 +119,7 @@ def evaluate_runner(
 
     images = _ImageCache(data, runner.adapter.min_image_side)
     answered = {r["key"] for r in done}
-    todo = [q for q in data.questions if _key(q) not in answered]
+    todo = [q for q in data.questions if q.key not in answered]
     if warmup and todo:
         generate(runner, images.get(todo[0]), todo[0].question, max_new_tokens)
     records, generations = list(done), []
@@ -141,7 +141,7 @@ def evaluate_runner(
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - start
-    order = {_key(q): i for i, q in enumerate(data.questions)}
+    order = {q.key: i for i, q in enumerate(data.questions)}
     records.sort(key=lambda r: order.get(r["key"], len(order)))
     return {
         "prune": runner.cfg.to_dict(), "max_new_tokens": max_new_tokens, "model_info": model_info(runner.adapter),
@@ -152,11 +152,6 @@ def evaluate_runner(
 
 
 CHECKPOINT_EVERY = 10
-
-
-def _key(q: Question) -> str:
-    """A question's identity in result files: its id, or its position in the data set."""
-    return q.id if q.id is not None else str(q.index)
 
 
 def _candidate_forms(adapter: Any, candidates: Sequence[str], as_written: bool = False) -> list[tuple[int, list[int]]]:

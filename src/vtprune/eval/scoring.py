@@ -72,7 +72,7 @@ def score_record(data: Any, q: Any, output: str, likelihoods: Mapping[str, float
     gap between the best and second-best candidates (near-ties can flip between CPUs and backends).
     """
     refs = list(q.references)
-    rec: dict[str, Any] = {"key": q.id if q.id is not None else str(q.index), "index": q.index,
+    rec: dict[str, Any] = {"key": q.key, "index": q.index,
                            "image_id": q.image_id, "question": q.question, "gold": q.answer, "type": q.qtype,
                            "output": output}  # fmt: skip
     if len(refs) > 1:
