@@ -112,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--alvts-keep", type=count(1),
                       help="ALVTS visual tokens per routed layer (default 28; tiny models 4)")
     demo.add_argument("--cache-dir", type=Path, help="where built-in tiny models are written")
+    mk = sub.add_parser("make-checkpoint",
+                        help="write a published VLM architecture with seeded random weights (real-size tests)")
+    mk.add_argument("--config", required=True, metavar="NAME",
+                    help="llava-1.5-7b | llava-next-7b | qwen2.5-vl-3b | qwen2.5-vl-7b")
+    mk.add_argument("--out", required=True, type=Path, help="checkpoint directory to create")
+    mk.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="weight dtype (default bf16)")
+    mk.add_argument("--seed", type=seed, default=0, help="weight seed (default 0)")
+    mk.add_argument("--force", action="store_true", help="replace a checkpoint this command wrote at --out")
     add_bench_commands(sub)
     add_eval_command(sub)
     add_calib_command(sub)
@@ -170,6 +178,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(format_rows(checks))
     top = sorted({f.split("/")[0] + ("/" if "/" in f else "") for f in manifest["files"]})  # processor/ once
     print(f"wrote {args.out} ({', '.join(top)})")
+    return 0
+
+
+def cmd_make_checkpoint(args: argparse.Namespace) -> int:
+    from vtprune.models.published import published, write_checkpoint
+
+    spec = published(args.config)
+    rec = write_checkpoint(spec.name, args.out, args.dtype, args.seed, args.force)
+    print(f"wrote {args.out}: {spec.name} ({spec.source} architecture), {rec['parameters'] / 1e9:.2f} B parameters, "
+          f"{rec['bytes'] / 1e9:.1f} GB {args.dtype} in {rec['shards']} shard(s), random weights (seed {args.seed})")
     return 0
 
 
@@ -236,7 +254,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "export": cmd_export, "build": cmd_build, "check": cmd_check, "demo": cmd_demo,
-            "eval": cmd_eval, "calib": cmd_calib, **BENCH_COMMANDS}  # fmt: skip
+            "eval": cmd_eval, "calib": cmd_calib, "make-checkpoint": cmd_make_checkpoint, **BENCH_COMMANDS}  # fmt: skip
 
 
 def _quiet_libraries() -> None:

@@ -34,7 +34,8 @@ MARKER = ".vtprune-output"
 FORMAT = "vtprune-output"
 VERSION = 1
 KINDS = {"bundle": "bundle", "report": "report directory", "comparison": "comparison directory",
-         "factors": "calibration directory", "model": "model cache"}  # kind: how messages name it
+         "factors": "calibration directory", "model": "model cache",
+         "checkpoint": "random-weight checkpoint"}  # kind: how messages name it
 
 
 # Outputs written before markers existed, known by a file of their own format: file -> (key, value, kind).
@@ -329,6 +330,18 @@ def check_file_target(path: Path, fmt: str, force: bool, error: type[VtpruneErro
     data = _read_json(path)
     if not (isinstance(data, dict) and data.get("format") == fmt):
         raise error(f"{path} is not a {fmt} file; refusing to replace it even with --force")
+
+
+def check_free_space(out: Path, need: int, error: type[VtpruneError]) -> None:
+    """Refuse, before anything is written, an output of ``need`` bytes that the disk holding ``out``
+    cannot take."""
+    base = Path(out).absolute()
+    while not base.exists():
+        base = base.parent
+    free = shutil.disk_usage(base).free
+    if free < need:
+        raise error(f"{out} needs {need / 1e9:.1f} GB of disk and {base} has {free / 1e9:.1f} GB free; "
+                    "free space or write elsewhere")  # fmt: skip
 
 
 def write_json_atomic(path: Path, data: object, error: type[VtpruneError]) -> None:
