@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--calib-data", default="easy-vqa", metavar="easy-vqa|DIR",
                      help="images --vision int8 is calibrated on: easy-vqa's train split or a directory")
     exp.add_argument("--calib-n", type=count(1, 4096), default=32, help="calibration images (default: 32)")
+    exp.add_argument("--external-data", action="store_true",
+                     help="keep every graph's weights in <graph>.onnx.data beside it (always done above 2 GB)")
     add_prune_args(exp)
 
     build = sub.add_parser("build", help="build TensorRT engines for a bundle (TensorRT, or TensorRT for RTX)")
@@ -165,7 +167,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     export = ExportConfig(opset=args.opset, dtype=args.dtype, inline=args.inline, validate=not args.no_validate,
                           force=args.force, reuse_lm_from=args.reuse_lm_from, weights=args.weights,
-                          vision=args.vision, calib_data=args.calib_data, calib_n=args.calib_n)  # fmt: skip
+                          vision=args.vision, calib_data=args.calib_data, calib_n=args.calib_n,
+                          external_data=args.external_data)  # fmt: skip
 
     def log(msg: str) -> None:
         print(f"vtprune export: {msg}", file=sys.stderr, flush=True)

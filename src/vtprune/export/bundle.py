@@ -33,6 +33,7 @@ class ExportConfig:
     vision: str | None = None  # int8: the vision encoder and projector with static scales (``quantize_vision``)
     calib_data: str = "easy-vqa"  # the images --vision int8 is calibrated on: easy-vqa or a directory
     calib_n: int = 32
+    external_data: bool = False  # every graph's weights in <graph>.onnx.data (always done above 2 GB)
 
     def __post_init__(self) -> None:
         from vtprune.export.quantize import check_vision, check_weights
@@ -157,6 +158,10 @@ def write_bundle(
             manifest["graphs"][name]["quantization"] = quantize_graph(tmp / f"{name}.onnx", export.weights)
         if name == "vision" and export.vision:
             manifest["graphs"]["vision"]["quantization"] = _quantize_vision(adapter, prune, export, manifest, tmp)
+        if export.external_data:
+            from vtprune.export.onnx_io import externalize
+
+            manifest["graphs"][name]["files"] = externalize(tmp / f"{name}.onnx")
         log(f"[{i}/{len(steps) + int(export.validate)}] {name}.onnx exported in {time.perf_counter() - start:.1f} s")
     save_processing_files(adapter, tmp / PROCESSOR_DIR)
     if export.inline:  # the graphs holding vtprune functions
@@ -203,10 +208,11 @@ def lm_donor(export: ExportConfig, model: str) -> dict[str, Any]:
             if graph not in manifest["graphs"]:
                 raise BundleError(f"--reuse-lm-from {src} has no {graph} graph (it prunes inside the decoder); "
                                   "reuse a bundle of a pre-LLM method")  # fmt: skip
-            try:
-                os.link(src / f"{graph}.onnx", dest)  # same bytes, no extra disk
-            except OSError:
-                shutil.copyfile(src / f"{graph}.onnx", dest)
+            for name in manifest["graphs"][graph].get("files", [f"{graph}.onnx"]):  # the graph and its data file
+                try:
+                    os.link(src / name, dest.parent / name)  # same bytes, no extra disk
+                except OSError:
+                    shutil.copyfile(src / name, dest.parent / name)
             return manifest["graphs"][graph] | {"reused_from": str(src)}
 
         return copy

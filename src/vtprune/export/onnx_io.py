@@ -12,11 +12,67 @@ import torch
 
 from vtprune.errors import ExportError
 
+# Tensor bytes above which a graph's weights go into ``<graph>.onnx.data`` beside it: one protobuf message
+# cannot exceed 2 GiB, and the graph structure needs room too.
+EXTERNAL_ABOVE = 1_800_000_000
+
+
+def data_file(path: Path) -> str:
+    """The external-data file name of graph ``path`` (``vision.onnx`` -> ``vision.onnx.data``)."""
+    return Path(path).name + ".data"
+
+
+def tensor_bytes(model: Any) -> int:
+    """Bytes of the tensors a model holds inline (initializers and constant attributes)."""
+    total = sum(t.ByteSize() for t in model.graph.initializer)
+    for node in model.graph.node:
+        total += sum(a.t.ByteSize() for a in node.attribute if a.HasField("t"))
+    return total
+
+
+def save_graph(model: Any, path: Path, external: bool = False) -> list[str]:
+    """Save ``model`` at ``path`` atomically (a temp dir beside it; the data file moved in first, the
+    ``.onnx`` last), with its tensors in ``data_file(path)`` when ``external`` or above ``EXTERNAL_ABOVE``;
+    returns the file names written. A data file left by an earlier save to the same path is removed."""
+    import os
+    import shutil
+    import tempfile
+
+    import onnx
+
+    path = Path(path)
+    if not external and tensor_bytes(model) <= EXTERNAL_ABOVE:
+        save_atomic(model, path)
+        (path.parent / data_file(path)).unlink(missing_ok=True)
+        return [path.name]
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        # Tensors under 1 KB (shapes, axes, scalars) stay inline: shape inference reads them.
+        onnx.save_model(model, str(tmp / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_file(path), size_threshold=1024)  # fmt: skip
+        os.replace(tmp / data_file(path), path.parent / data_file(path))
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [path.name, data_file(path)]
+
+
+def externalize(path: Path) -> list[str]:
+    """Rewrite the saved graph ``path`` with every tensor in ``data_file(path)`` (``--external-data``); a
+    graph that already keeps its weights outside is left as it is. Returns its files."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    if external_locations(model):
+        return [path.name, *external_locations(model)]
+    return save_graph(onnx.load(str(path)), path, external=True)
+
 
 def export_module(
     module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict, opset: int
 ) -> dict[str, Any]:
-    """Export ``module(*args)`` with the dynamo exporter, attach vtprune function bodies, check, save."""
+    """Export ``module(*args)`` with the dynamo exporter, attach vtprune function bodies, check, save
+    (weights beside the graph above ``EXTERNAL_ABOVE``); the IO description holds the files written."""
     import onnx
 
     from vtprune.export.ops.onnx_defs import attach_functions, translations
@@ -30,9 +86,14 @@ def export_module(
     except Exception as exc:  # the exporter raises many types; surface one line, keep the cause
         raise ExportError(f"torch.onnx.export failed for {path.name}: {str(exc).splitlines()[0][:300]}") from exc
     model = attach_functions(program.model_proto)
-    onnx.checker.check_model(model, full_check=True)
-    save_atomic(model, path)
-    return describe(model)
+    del program
+    big = tensor_bytes(model) > EXTERNAL_ABOVE
+    if not big:
+        onnx.checker.check_model(model, full_check=True)
+    files = save_graph(model, path)
+    if big:
+        onnx.checker.check_model(str(path), full_check=True)  # by path: a model above 2 GB
+    return describe(model) | {"files": files}
 
 
 def save_atomic(model: Any, path: Path) -> None:
