@@ -32,20 +32,37 @@ def export_bundle(
     ``export.validate`` is off) before it is swapped into place; returns the manifest."""
     from vtprune.check.validate import validate_bundle
     from vtprune.export.layerwise import check_exportable
+    from vtprune.export.memory import plan_export
     from vtprune.models import load_vlm
 
     log = log or (lambda msg: None)
     check_exportable(prune)
     export.check_method(prune)
+    plan = plan_export(Path(model), export.dtype, export.validate)
+    if plan.slice_validation and prune.in_llm:
+        raise ConfigError(f"--method {prune.method} at {plan.parameters / 1e9:.1f} B parameters: validating its routed "
+                          "prefill graph needs the whole model in ONNX Runtime, which does not fit this machine; "
+                          "pass --no-validate, or export on a larger one")  # fmt: skip
     with outputs.atomic_dir(Path(out), "bundle", export.force, BundleError) as tmp:
-        log(f"loading {model}")
-        adapter = load_vlm(model, cache_dir=cache_dir)
+        if plan.lean:
+            log(f"loading {model} in {export.dtype} ({plan.parameters / 1e9:.2f} B parameters: an fp32 reference "
+                f"beside it would not fit {plan.available / 1e9:.0f} GB; the {export.dtype} model is the reference)")
+        else:
+            log(f"loading {model}")
+        adapter = load_vlm(model, dtype=export.dtype if plan.lean else "fp32", cache_dir=cache_dir)
         manifest, exported, image = write_bundle(adapter, model, prune, export, tmp, log)
+        manifest["export_memory"] = plan.to_dict()
         if export.validate:
             start, n = time.perf_counter(), len(manifest["graphs"]) + 1
-            manifest["validation"] = validate_bundle(adapter, exported, tmp, image, SAMPLE_PROMPT)
+            if plan.slice_validation:
+                from vtprune.check.validate import validate_slice
+
+                log("validating a slice: the full bundle in ONNX Runtime beside the reference would not fit")
+                manifest["validation"] = validate_slice(adapter, exported, tmp, image, SAMPLE_PROMPT)
+            else:
+                manifest["validation"] = validate_bundle(adapter, exported, tmp, image, SAMPLE_PROMPT)
             log(f"[{n}/{n}] validated against PyTorch in {time.perf_counter() - start:.1f} s")
-            write_manifest(tmp, manifest)
+        write_manifest(tmp, manifest)
         return manifest
 
 

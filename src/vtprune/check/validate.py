@@ -172,6 +172,56 @@ def validate_bundle(adapter: Any, cfg: PruneConfig, bundle: Path, image: Any, pr
             "thresholds": thresholds(precision, export.get("vision") is not None), "checks": rows}  # fmt: skip
 
 
+SLICE_LAYERS = 2
+
+
+def validate_slice(adapter: Any, cfg: PruneConfig, bundle: Path, image: Any, prompt: str,
+                   layers: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """``validate_bundle`` on a slice of ``bundle``, for a model whose full bundle does not fit in ONNX
+    Runtime beside its PyTorch reference (``export.memory``): the bundle's own vision and embedding graphs,
+    and a decoder exported again by the same code from the model cut to its first ``layers`` layers (final
+    norm and LM head kept), against the PyTorch model cut the same way. ``adapter``'s model is cut in place
+    (the export is done with it). Pre-LLM bundles only (a routed prefill needs every layer)."""
+    import os
+    import shutil
+    import tempfile
+
+    from vtprune.export.decoder import export_decoder
+    from vtprune.manifest import read_manifest, write_manifest
+
+    manifest = read_manifest(bundle, verify=False)
+    total, layers = adapter.text_dims().layers, layers or SLICE_LAYERS
+    cut_decoder(adapter, layers)
+    work = Path(tempfile.mkdtemp(prefix=f".{bundle.name}.slice-", dir=bundle.parent))
+    try:
+        shipped = set(manifest["graphs"]["decoder"].get("files", ["decoder.onnx"]))
+        for rel in manifest["files"]:
+            if rel not in shipped:
+                (work / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.link(bundle / rel, work / rel)
+        precision = {k: manifest["graphs"]["decoder"][k] for k in ("dtype", "fp32_parts")}
+        manifest["graphs"]["decoder"] = export_decoder(adapter, work / "decoder.onnx", manifest["export"]["opset"])
+        manifest["graphs"]["decoder"] |= precision
+        write_manifest(work, manifest)
+        result = validate_bundle(adapter, cfg, work, image, prompt)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    scope = (f"slice: vision and embed graphs as shipped; the decoder exported again with its first {layers} of "
+             f"{total} layers (final norm and LM head kept), against PyTorch {adapter.model.dtype} cut the same way")
+    return result | {"scope": scope, "reference": str(adapter.model.dtype).removeprefix("torch.")}
+
+
+def cut_decoder(adapter: Any, layers: int) -> None:
+    """Keep the first ``layers`` decoder layers of ``adapter``'s model (in place; the rest are freed)."""
+    from torch import nn
+
+    stack, config = adapter.decoder, adapter.text_config
+    stack.layers = nn.ModuleList(list(stack.layers)[:layers])
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:layers]
+
+
 @torch.inference_mode()
 def routed_reference(ref: Any, prefill: Any) -> tuple[np.ndarray, list[np.ndarray]]:
     """In-LLM reference: last-position logits (1, V) of the routed PyTorch prefill and, per routed layer

@@ -54,15 +54,27 @@ def export_dtype(name: str) -> torch.dtype:
 def export_copy(adapter: Any, dtype: str) -> Any:
     """The adapter whose model the graphs are traced from: ``adapter`` itself for fp32, else a new
     adapter around a deep copy of its model in ``dtype`` with the family's fp32 islands
-    (``VlmAdapter.fp32_islands``) applied."""
+    (``VlmAdapter.fp32_islands``) applied; an adapter already loaded in ``dtype`` (a lean export,
+    ``export.memory``) gets its islands in place and is returned itself."""
     target = export_dtype(dtype)
-    if target == adapter.model.dtype:
+    if target == adapter.model.dtype == torch.float32:
+        return adapter
+    if target == adapter.model.dtype:  # loaded in the export dtype (a lean export): islands applied in place
+        apply_islands(adapter, adapter.model)
         return adapter
     model = copy.deepcopy(adapter.model).to(target)
+    apply_islands(adapter, model)
+    return type(adapter)(model, adapter.processor, adapter.path)
+
+
+def apply_islands(adapter: Any, model: Any) -> None:
+    """The family's fp32 islands of ``model``: fp32 weights, inputs cast to fp32 (once per model)."""
+    if getattr(model, "_vtprune_islands", False):
+        return
     for island in adapter.fp32_islands(model).values():
         island.float()
         island.register_forward_pre_hook(_inputs_to_fp32, with_kwargs=True)
-    return type(adapter)(model, adapter.processor, adapter.path)
+    model._vtprune_islands = True
 
 
 def fp32_parts(adapter: Any, graph: str) -> list[str]:
