@@ -85,8 +85,18 @@ def test_vision_graph_outputs_follow_the_method(baseline_bundle):
     assert (np.diff(valid_kept) > 0).all()  # ascending, unique
     if family == "tiny-llava-next":
         assert not kept_valid.all(), "the high-res budget should exceed this image's grid (padding in play)"
-    elif method == "uniform":
+    elif method == "uniform" and family == "tiny-llava":
         assert kept[0].tolist() == LATTICE_8X8_K16
+    elif method == "uniform":  # Qwen2.5-VL at native resolution: the lattice of this image's own grid
+        import torch
+
+        from vtprune.backends.ort import OrtVlm
+        from vtprune.prune.baselines import uniform_scores
+
+        t, h, w = OrtVlm(baseline_bundle).inputs(_other_image(), PROMPT)["image_grid_thw"][0].tolist()
+        n = t * h * w // 4
+        expected = uniform_scores(torch.ones(1, n, dtype=torch.bool), KEEP[family])[0].nonzero().ravel()
+        assert kept[0].tolist() == expected.tolist() and n != 64
 
 
 def test_vision_graph_builds_with_tensorrt_rtx(baseline_bundle):

@@ -176,13 +176,14 @@ def test_bench_target_reports_the_engines(bundles, scene, monkeypatch):
 
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2.5-vl"])
 def test_check_compares_the_engines_with_pytorch(bundles, tiny_dirs, scene, name):
-    from tests.conftest import BUNDLE_CFG
     from vtprune.check.validate import compare_backends
+    from vtprune.manifest import read_manifest
     from vtprune.models import load_vlm
     from vtprune.prune.ties import FP16_MARGIN
 
     adapter = load_vlm(str(tiny_dirs[name]))
-    rows = compare_backends(adapter, BUNDLE_CFG, bundles[name], scene, "what is in the image ?", 8,
+    cfg = PruneConfig.from_dict(read_manifest(bundles[name])["prune"])  # the budget as exported (a count)
+    rows = compare_backends(adapter, cfg, bundles[name], scene, "what is in the image ?", 8,
                             fake_runner(bundles[name]))  # fmt: skip
     assert all(r["ok"] for r in rows), rows
     assert {"kept visual indices", "prefill logits", "greedy tokens (8 steps)"} <= {r["check"] for r in rows}

@@ -34,7 +34,7 @@ def import_ort() -> Any:
 
 
 def make_session(
-    model: Path | bytes, provider: str = "cpu", threads: int | None = None, external: dict[str, bytes] | None = None
+    model: Path | bytes, provider: str = "cpu", threads: int | None = None, external: dict[str, Any] | None = None
 ) -> Any:
     """An InferenceSession on ``provider`` from a graph's path or bytes (``external``: its external-data
     files' bytes by location), with a clear error when that provider is not available."""
@@ -119,7 +119,7 @@ class OrtVlm:
 
         data = self.sealed.read(f"{graph}.onnx")
         locations = external_locations(onnx.load_model_from_string(data))
-        return data, {loc: self.sealed.read(loc) for loc in locations}
+        return data, {loc: self.sealed.mapped(loc) for loc in locations}  # GBs: mapped, not copied
 
     # --- preprocessing ---------------------------------------------------------------------------
     def inputs(self, image: Any, prompt: str, raw_prompt: bool = False) -> dict[str, torch.Tensor]:

@@ -89,6 +89,9 @@ def compare_backends(
     if runner is None and bun.vision_quantized:  # int8 features may rank tokens differently: reported
         vision_limit = None
     image = bun._fit_image(image)
+    if bun.manifest["graphs"]["vision"]["meta"].get("dynamic_grid"):
+        # the bundle's processor bounds the image size (at least K tokens): the reference processes alike
+        adapter.processor.image_processor.size = dict(bun.adapter.processor.image_processor.size)
     bun_in = bun.inputs(image, prompt)
     bun_pre = bun.prefill_inputs(bun_in, StageTimer())
     bun_keep = bun_pre["keep_idx"]
@@ -182,6 +185,7 @@ def validate_slice(adapter: Any, cfg: PruneConfig, bundle: Path, image: Any, pro
     and a decoder exported again by the same code from the model cut to its first ``layers`` layers (final
     norm and LM head kept), against the PyTorch model cut the same way. ``adapter``'s model is cut in place
     (the export is done with it). Pre-LLM bundles only (a routed prefill needs every layer)."""
+    import gc
     import os
     import shutil
     import tempfile
@@ -192,6 +196,7 @@ def validate_slice(adapter: Any, cfg: PruneConfig, bundle: Path, image: Any, pro
     manifest = read_manifest(bundle, verify=False)
     total, layers = adapter.text_dims().layers, layers or SLICE_LAYERS
     cut_decoder(adapter, layers)
+    gc.collect()  # the exporter's programs held the cut layers through reference cycles
     work = Path(tempfile.mkdtemp(prefix=f".{bundle.name}.slice-", dir=bundle.parent))
     try:
         shipped = set(manifest["graphs"]["decoder"].get("files", ["decoder.onnx"]))

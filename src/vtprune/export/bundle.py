@@ -5,6 +5,7 @@ next to the target, validates them and swaps them into place."""
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import shutil
@@ -152,6 +153,7 @@ def write_bundle(
              *_lm_steps(traced, prune, sample, export, donor)]  # fmt: skip
     for i, (name, fn) in enumerate(steps, 1):
         start = time.perf_counter()
+        log(f"[{i}/{len(steps) + int(export.validate)}] exporting {name}.onnx")
         precision = {"dtype": export.dtype, "fp32_parts": fp32_parts(traced, name) if export.dtype != "fp32" else []}
         manifest["graphs"][name] = fn(tmp / f"{name}.onnx") | precision
         if export.weights and name in QUANTIZED_GRAPHS and "reused_from" not in manifest["graphs"][name]:
@@ -163,6 +165,7 @@ def write_bundle(
 
             manifest["graphs"][name]["files"] = externalize(tmp / f"{name}.onnx")
         log(f"[{i}/{len(steps) + int(export.validate)}] {name}.onnx exported in {time.perf_counter() - start:.1f} s")
+        gc.collect()  # the exporter's program (reference cycles) before the next graph is traced
     save_processing_files(adapter, tmp / PROCESSOR_DIR)
     if export.inline:  # the graphs holding vtprune functions
         for name in ("vision", "prefill") if prune.in_llm else ("vision",):

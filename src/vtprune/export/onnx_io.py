@@ -4,6 +4,7 @@ atomic save, and an IO description a runtime can read."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 from pathlib import Path
 from typing import Any
@@ -87,13 +88,14 @@ def export_module(
         raise ExportError(f"torch.onnx.export failed for {path.name}: {str(exc).splitlines()[0][:300]}") from exc
     model = attach_functions(program.model_proto)
     del program
-    big = tensor_bytes(model) > EXTERNAL_ABOVE
-    if not big:
-        onnx.checker.check_model(model, full_check=True)
+    # Saved first, then checked from the file: one in-memory copy of the weights at a time (a real-size
+    # vision tower is GBs); the bundle is written aside, so a graph that fails the check is never kept.
     files = save_graph(model, path)
-    if big:
-        onnx.checker.check_model(str(path), full_check=True)  # by path: a model above 2 GB
-    return describe(model) | {"files": files}
+    spec = describe(model) | {"files": files}
+    del model
+    gc.collect()
+    onnx.checker.check_model(str(path), full_check=True)  # by path: works above 2 GB too
+    return spec
 
 
 def save_atomic(model: Any, path: Path) -> None:

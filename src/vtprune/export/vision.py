@@ -210,11 +210,74 @@ def _llava_next_spec(adapter: Any, cfg: PruneConfig, sample: dict[str, Tensor]) 
             "meta": meta}  # fmt: skip
 
 
+# Native resolution: the most pixels a bundle's processor lets through (1280 merged tokens, the value Qwen's
+# model card suggests for bounded memory), below the checkpoint's own limit.
+QWEN_MAX_PIXELS = 1280 * 28 * 28
+# Pre-LLM methods whose graph is fixed by the token count: pooling's matrix, random's seeded priority table.
+FIXED_GRID_METHODS = ("pool", "random")
+QWEN_DYNAMIC_INPUTS = ["pixel_values", "vision_position_ids", "cu_seqlens", "window_index", "cu_window_seqlens",
+                       "token_positions"]  # fmt: skip
+
+
 def _qwen_spec(adapter: Any, cfg: PruneConfig, sample: dict[str, Tensor]) -> dict[str, Any]:
-    module = QwenVision(adapter, cfg, sample["image_grid_thw"][0].tolist())
-    meta = {"grid_thw": module.grid, "num_tokens": module.n}
-    return {"module": module, "args": (sample["pixel_values"],), "inputs": ["pixel_values"], "dynamic": None,
-            "meta": meta, "outputs": [*OUTPUTS, "kept_positions"], "patch": qwen_vision_patched(adapter)}  # fmt: skip
+    """Pre-LLM methods and unpruned bundles: one graph for any image size (``dynamic``), the budget K fixed.
+    In-LLM methods route a prefill graph of fixed length and ``FIXED_GRID_METHODS`` build constants of the
+    token count, so their vision graph keeps the sample's grid (the runtime resizes images to it)."""
+    grid = sample["image_grid_thw"][0].tolist()
+    outputs, patch = [*OUTPUTS, "kept_positions"], qwen_vision_patched(adapter)
+    if cfg.in_llm or cfg.method in FIXED_GRID_METHODS:
+        module = QwenVision(adapter, cfg, grid)
+        return {"module": module, "args": (sample["pixel_values"],), "inputs": ["pixel_values"], "dynamic": None,
+                "meta": {"grid_thw": module.grid, "num_tokens": module.n}, "outputs": outputs, "patch": patch}
+    module = QwenVision(adapter, cfg, grid, dynamic=True)
+    bounds = qwen_pixel_bounds(adapter, module.k)
+    feeds = qwen_feeds(adapter, sample, {})
+    args = tuple(torch.from_numpy(feeds[name]) for name in QWEN_DYNAMIC_INPUTS)
+    dim = torch.export.Dim
+    merge2 = int(adapter.config.vision_config.spatial_merge_size) ** 2
+    low = bounds["min_tokens"] if cfg.pre_llm else 2
+    m = dim("merged_tokens", min=low, max=bounds["max_tokens"])
+    dynamic = ({0: merge2 * m}, {0: merge2 * m}, None, {0: m}, {0: dim("windows_plus_one", min=2, max=4096)},
+               {1: m})  # fmt: skip
+    meta = {"dynamic_grid": True, "num_tokens": None, "budget": module.k, **bounds}
+    return {"module": module, "args": args, "inputs": QWEN_DYNAMIC_INPUTS, "dynamic": dynamic, "meta": meta,
+            "outputs": outputs, "patch": patch}  # fmt: skip
+
+
+def qwen_pixel_bounds(adapter: Any, k: int) -> dict[str, int]:
+    """Set (on ``adapter``'s image processor, which the bundle saves) and return the pixel bounds of a
+    dynamic-grid bundle: at least K merged tokens (the budget; smaller images are upscaled by the
+    processor), at most ``QWEN_MAX_PIXELS``."""
+    proc = adapter.processor.image_processor
+    unit = (adapter.patch_size * int(adapter.config.vision_config.spatial_merge_size)) ** 2  # pixels per token
+    size = dict(proc.size) if not hasattr(proc.size, "items") else {k2: v for k2, v in proc.size.items()}
+    lo, hi = int(size["shortest_edge"]), min(int(size["longest_edge"]), QWEN_MAX_PIXELS)
+    lo = max(lo, k * unit)
+    if lo > hi:
+        raise ConfigError(f"--keep {k}: Qwen2.5-VL images give at most {hi // unit} visual tokens here; keep fewer")
+    proc.size = {"shortest_edge": lo, "longest_edge": hi}
+    return {"min_pixels": lo, "max_pixels": hi, "min_tokens": max(lo // unit, 1), "max_tokens": hi // unit}
+
+
+def qwen_feeds(adapter: Any, inputs: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The vision graph's inputs for one image: its patches and, computed on the host from its grid (as
+    TensorRT Edge-LLM does), the rotary position ids, attention segments, window order, and each merged
+    token's (t, h, w) M-RoPE offsets. A fixed-grid graph (``meta["grid_thw"]``) takes the patches only."""
+    from transformers import vision_utils
+
+    pixels = inputs["pixel_values"].numpy()
+    if meta.get("grid_thw") is not None:
+        return {"pixel_values": pixels}
+    vc = adapter.config.vision_config
+    grid, merge = inputs["image_grid_thw"].reshape(1, 3), int(vc.spatial_merge_size)
+    wi, cuw = vision_utils.get_vision_window_index(grid, merge, vc.window_size, vc.patch_size)
+    t, h, w = (int(v) for v in grid[0])
+    gh, gw = h // merge, w // merge
+    ids = np.stack(np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")).reshape(3, -1)
+    return {"pixel_values": pixels,
+            "vision_position_ids": vision_utils.get_vision_position_ids(grid, merge).numpy().astype(np.int64),
+            "cu_seqlens": np.array([0, t * h * w], dtype=np.int32), "window_index": wi.numpy().astype(np.int64),
+            "cu_window_seqlens": np.asarray(cuw, dtype=np.int32), "token_positions": ids.astype(np.int64)}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -265,7 +328,7 @@ def _llava_next_feeds(adapter: Any, inputs: dict[str, Tensor], meta: dict[str, A
 
 register_vision_export("llava", VisionExport(_llava_spec))
 register_vision_export("llava_next", VisionExport(_llava_next_spec, _llava_next_feeds))
-register_vision_export("qwen2_5_vl", VisionExport(_qwen_spec))
+register_vision_export("qwen2_5_vl", VisionExport(_qwen_spec, qwen_feeds))
 
 
 def export_vision(adapter: Any, cfg: PruneConfig, sample: dict[str, Tensor], path: Any, opset: int) -> dict:
@@ -286,15 +349,18 @@ def export_vision(adapter: Any, cfg: PruneConfig, sample: dict[str, Tensor], pat
 
 # --- Qwen2.5-VL ------------------------------------------------------------------------------------
 class QwenVision(nn.Module):
-    """Qwen2.5-VL at one fixed image grid (the runtime resizes images to it): ``pixel_values
-    [n_patches, C*tp*p*p]`` -> kept tokens, plus ``kept_positions [3, 1, K]``, the kept tokens' M-RoPE
-    (t, h, w) ids relative to the image's start position."""
+    """Qwen2.5-VL's vision tower and pruning: ``pixel_values [n_patches, C*tp*p*p]`` -> kept tokens, plus
+    ``kept_positions [3, 1, K]``, the kept tokens' M-RoPE (t, h, w) ids relative to the image's start.
 
-    def __init__(self, adapter: Any, cfg: PruneConfig, grid_thw: list[int]) -> None:
+    ``dynamic``: any image size (``n_patches`` is a graph dimension), the grid-derived tensors are graph
+    inputs computed on the host (``qwen_feeds``) and K is fixed by the budget. Otherwise one fixed grid
+    (the runtime resizes images to it) whose grid-derived tensors are constants."""
+
+    def __init__(self, adapter: Any, cfg: PruneConfig, grid_thw: list[int], dynamic: bool = False) -> None:
         from transformers import vision_utils
 
         super().__init__()
-        self.adapter, self.cfg, self.grid = adapter, cfg, grid_thw
+        self.adapter, self.cfg, self.grid, self.dynamic = adapter, cfg, grid_thw, dynamic
         visual, grid = adapter.model.model.visual, torch.tensor([grid_thw])
         merge = visual.spatial_merge_size
         self.pre = {  # grid-derived constants, precomputed eagerly so nothing data-dependent is traced
@@ -308,18 +374,31 @@ class QwenVision(nn.Module):
         self.n = grid_thw[0] * self.gh * self.gw
         self.k = single_budget(self.n, cfg)
 
-    def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        pre = {k: torch.tensor(v, dtype=torch.int32 if k.startswith("cu") else torch.long) for k, v in self.pre.items()}
+    def forward(self, pixel_values: Tensor, vision_position_ids: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                window_index: Tensor | None = None, cu_window_seqlens: Tensor | None = None,
+                token_positions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
         visual = self.adapter.model.model.visual
+        if self.dynamic:
+            pre = {"position_ids": vision_position_ids, "cu_seqlens": cu_seqlens, "window_index": window_index,
+                   "cu_window_seqlens": cu_window_seqlens}  # fmt: skip
+        else:
+            pre = {k: torch.tensor(v, dtype=torch.int32 if k.startswith("cu") else torch.long)
+                   for k, v in self.pre.items()}  # fmt: skip
+        # grid_thw only feeds the helpers that derive the tensors given in ``pre``.
         out = visual(pixel_values.to(visual.dtype), grid_thw=torch.tensor([self.grid]), **pre)
         feats = out.pooler_output.unsqueeze(0)  # (1, N, D) merger output, raster order over (t, h, w)
+        n = feats.shape[1]
         valid = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
         if self.cfg.pre_llm:
-            tokens, idx = prune_tokens(feats, valid, self.cfg, self.k, (self.n // self.gw, self.gw))
+            grid = None if self.dynamic else (self.n // self.gw, self.gw)
+            tokens, idx = prune_tokens(feats, valid, self.cfg, self.k, grid)
         else:
-            tokens, idx = feats, torch.arange(self.n, device=feats.device)[None]
-        per_frame = self.gh * self.gw
-        rel = torch.stack([idx // per_frame, (idx % per_frame) // self.gw, idx % self.gw])  # (3, 1, K)
+            tokens, idx = feats, torch.arange(n, device=feats.device)[None]
+        if self.dynamic:
+            rel = token_positions[:, idx]  # (3, 1, K)
+        else:
+            per_frame = self.gh * self.gw
+            rel = torch.stack([idx // per_frame, (idx % per_frame) // self.gw, idx % self.gw])  # (3, 1, K)
         tokens = tokens.to(self.adapter.model.get_input_embeddings().weight.dtype)  # merger: maybe an fp32 island
         return tokens, idx, torch.ones_like(idx, dtype=torch.bool), rel
 

@@ -76,8 +76,11 @@ def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, A
     routing = manifest["graphs"].get("prefill", {}).get("routing")
     visual = (routing["min_visual_tokens"], routing["visual_tokens"], max(routing["visual_tokens"], max_seq)) \
         if routing else None  # fmt: skip
+    vision_meta = manifest["graphs"].get("vision", {}).get("meta", {})
+    merged = (vision_meta["min_tokens"], min(max(256, vision_meta["min_tokens"]), vision_meta["max_tokens"]),
+              vision_meta["max_tokens"]) if vision_meta.get("dynamic_grid") else (1, 256, 1280)  # fmt: skip
     limits = ProfileLimits(batch=(1, 1, cfg.max_batch), sequence=(1, min(64, max_seq), max_seq),
-                           past=(0, max_seq // 2, max_seq), visual=visual)  # fmt: skip
+                           past=(0, max_seq // 2, max_seq), visual=visual, merged=merged)  # fmt: skip
     plugin_graphs = {g for g in graphs if _has_vtprune_ops(bundle / f"{g}.onnx")} if cfg.plugins else set()
     if cfg.plugins and not plugin_graphs:
         raise ConfigError(f"--plugins: no graph of {', '.join(graphs)} has a vtprune op (GraphPropagate, TopKRoute)")

@@ -16,8 +16,16 @@ class ProfileLimits:
     sequence: tuple[int, int, int] = (1, 64, 1024)  # new tokens per decoder call (prefill up to max)
     past: tuple[int, int, int] = (0, 256, 1024)  # KV-cache length (each layer's own in decode graphs)
     visual: tuple[int, int, int] | None = None  # visual rows of a routed prefill (default: ``sequence``)
+    merged: tuple[int, int, int] = (1, 256, 1280)  # merged tokens of a native-resolution vision graph (Qwen2.5-VL)
 
     def dim(self, name: str, which: int) -> int:
+        factor, _, base = name.partition("*")
+        if base and factor.isdigit():  # "4*merged_tokens": patches of a native-resolution vision graph
+            return int(factor) * self.dim(base, which)
+        if name.startswith("merged_tokens"):
+            return self.merged[which]
+        if name.startswith("windows_plus_one"):  # attention windows + 1: at most one window per merged token
+            return (2, min(17, self.merged[2] + 1), self.merged[2] + 1)[which]
         if "+" in name or name.startswith("total"):
             return self.sequence[which] + self.past[which]
         if name.startswith("past"):
