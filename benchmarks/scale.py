@@ -126,14 +126,44 @@ def steps_for(cfg: str, work: Path, steps: list[str]) -> list[tuple[str, list[st
             out.append((f"ort cpu bench {name}", [*vt, "bench", str(b), "--iters", "2", "--warmup", "1",
                         "--num-images", "1", "--new-tokens", "4", "--no-progress", "--out", str(report), "--force"],
                         report))  # fmt: skip
+    if "torchbench" in steps:  # PyTorch bf16 on the CPU, for sizes whose fp32 ONNX Runtime sessions do not fit
+        report = work / "reports" / f"{cfg}-torch-bf16"
+        out.append(("torch cpu bench bf16", [*vt, "bench", "--backend", "torch", "--model", str(ckpt), "--dtype",
+                    "bf16", "--budgets", f"all,{k25},{k11}", "--iters", "2", "--warmup", "1", "--num-images", "1",
+                    "--new-tokens", "4", "--no-progress", "--out", str(report), "--force"], report))  # fmt: skip
+    if "predict" in steps:
+        budgets = f"all,{k25},{k11}"
+        for device in PREDICT_DEVICES:
+            for precision in ("fp16", "int8"):
+                report = work / "reports" / f"{cfg}-predict-{device}-{precision}"
+                out.append((f"predict {device} {precision}", [*vt, "predict", str(full), "--device", device,
+                            "--precision", precision, "--budgets", budgets, "--out", str(report), "--force"],
+                            report))  # fmt: skip
     return out
+
+
+PREDICT_DEVICES = ("orin-nano-8gb", "orin-nx-16gb", "agx-orin-64gb", "thor")
+
+
+def report_summary(path: Path) -> dict[str, Any] | None:
+    """TTFT / prefill / decode per budget (and the memory check of a prediction) from a report directory."""
+    file = path / "report.json"
+    if not file.is_file():
+        return None
+    r = json.loads(file.read_text())
+    rows = {}
+    for b in r["budgets"]:
+        st = b["stages"]
+        rows[str(b.get("keep") if b.get("keep") is not None else b.get("label"))] = {
+            k: round(st[k]["p50_ms"], 1) for k in ("vision_prune", "prefill", "ttft", "decode") if k in st}
+    return {"budgets": rows, "memory_check": r.get("memory_check"), "predicted": r.get("predicted", False)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="qwen2.5-vl-3b,llava-1.5-7b")
     ap.add_argument("--work", type=Path, required=True, help="where checkpoints and bundles go (tens of GB)")
-    ap.add_argument("--steps", default="make,export,build,bench")
+    ap.add_argument("--steps", default="make,export,build,bench,predict")
     ap.add_argument("--only", help="run only steps whose label contains this text")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/scale"))
     args = ap.parse_args()
@@ -152,6 +182,9 @@ def main() -> None:
             r["files"] = du(path) if path else {}
             r["date"] = time.strftime("%F %T")
             manifest = path / "manifest.json" if path else None
+            summary = report_summary(path) if path else None
+            if summary:
+                r["report"] = summary
             if manifest and manifest.is_file() and label.startswith("export"):
                 m = json.loads(manifest.read_text())
                 r["validation"] = m.get("validation")
@@ -186,6 +219,22 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                 notes.append(r["stderr_tail"].strip().splitlines()[-1][:160] if r["stderr_tail"].strip() else "")
             lines.append(f"| {cfg} | {label} | {r['rc']} | {r['wall_s']} | {r['peak_gb'].get('VmRSS')} | "
                          f"{r['peak_gb'].get('RssAnon')} | {size:.2f} | {'; '.join(notes)} |")  # fmt: skip
+    lines += ["", "## Latency by budget (ms, medians; predictions are rooflines, `vtprune predict`)", "",
+              "| config | step | budget | vision+prune | prefill | TTFT | decode | weights + KV fit |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for cfg, runs in results["runs"].items():
+        for label, r in runs.items():
+            rep = r.get("report")
+            if not rep:
+                continue
+            mc = rep.get("memory_check") or {}
+            fit = ""
+            if mc:
+                need, have = mc["needed_mb"] / 1024, mc["device_mb"] / 1024
+                fit = f"{'yes' if mc['fits'] else 'no'} ({need:.1f} of {have:.0f} GiB)"
+            for budget, st in rep["budgets"].items():
+                lines.append(f"| {cfg} | {label} | {budget} | {st.get('vision_prune', '')} | {st.get('prefill', '')} "
+                             f"| {st.get('ttft', '')} | {st.get('decode', '')} | {fit} |")  # fmt: skip
     path.write_text("\n".join(lines) + "\n")
 
 
