@@ -22,9 +22,30 @@ PROMPT = "what color is the shape ?"
 
 @pytest.fixture(scope="module")
 def external_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """Exported as a real-size model is: the 1 GB threshold lowered to 1 KB, so every graph's weights are
+    streamed to its data file by the exporter (``--external-data`` then has nothing left to move)."""
+    from vtprune.export import onnx_io
+
     out = tmp_path_factory.mktemp("external") / "b"
-    export_bundle("tiny-llava", BUNDLE_CFG, ExportConfig(external_data=True), out, cache_dir)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onnx_io, "EXTERNAL_ABOVE", 1024)
+        export_bundle("tiny-llava", BUNDLE_CFG, ExportConfig(external_data=True), out, cache_dir)
     return out
+
+
+def test_external_data_flag_moves_an_inline_graphs_weights(bundles, tmp_path):
+    import onnx
+
+    from vtprune.export.onnx_io import external_locations, externalize
+
+    path = tmp_path / "embed.onnx"
+    shutil.copy(bundles["tiny-llava"] / "embed.onnx", path)
+    before = onnx.load(str(path))
+    assert externalize(path) == ["embed.onnx", "embed.onnx.data"] == externalize(path)  # once
+    after = onnx.load(str(path))  # external data read back
+    assert external_locations(onnx.load(str(path), load_external_data=False)) == ["embed.onnx.data"]
+    assert [onnx.numpy_helper.to_array(t).tobytes() for t in after.graph.initializer] == [
+        onnx.numpy_helper.to_array(t).tobytes() for t in before.graph.initializer]
 
 
 def test_every_graph_keeps_its_weights_beside_it(external_bundle):

@@ -223,7 +223,7 @@ def save_program_atomic(program: Any, path: Path, check: Callable[[Path], None] 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        program.save(tmp / path.name)  # external data only above the 2 GB protobuf limit
+        program.save(tmp / path.name, **_external_kw(program))  # weights beside it above EXTERNAL_ABOVE
         check(tmp / path.name)
         extra = sorted(f.name for f in tmp.iterdir() if f.name != path.name)
         for name in extra:
@@ -235,6 +235,17 @@ def save_program_atomic(program: Any, path: Path, check: Callable[[Path], None] 
     if not extra and stale.exists():
         stale.unlink()  # left by an earlier, larger export to the same path
     return [path.name, *extra]
+
+
+def _external_kw(program: Any) -> dict[str, Any]:
+    """``external_data=True`` for an exported program whose weights pass ``onnx_io.EXTERNAL_ABOVE``."""
+    from torch.onnx import ONNXProgram
+
+    from vtprune.export.onnx_io import EXTERNAL_ABOVE, program_tensor_bytes
+
+    if isinstance(program, ONNXProgram) and program_tensor_bytes(program) > EXTERNAL_ABOVE:
+        return {"external_data": True}
+    return {}
 
 
 def _check_model(path: Path) -> None:

@@ -14,8 +14,9 @@ import torch
 from vtprune.errors import ExportError
 
 # Tensor bytes above which a graph's weights go into ``<graph>.onnx.data`` beside it: one protobuf message
-# cannot exceed 2 GiB, and the graph structure needs room too.
-EXTERNAL_ABOVE = 1_800_000_000
+# cannot exceed 2 GiB, and above 1 GB the exporter streams them to the file instead of building an in-memory
+# protobuf copy first (a real-size vision tower in fp16 is 0.6-1.5 GB).
+EXTERNAL_ABOVE = 1_000_000_000
 
 
 def data_file(path: Path) -> str:
@@ -58,6 +59,38 @@ def save_graph(model: Any, path: Path, external: bool = False) -> list[str]:
     return [path.name, data_file(path)]
 
 
+def program_tensor_bytes(program: Any) -> int:
+    """Bytes of an exported program's initializers, without serializing them."""
+    values = program.model.graph.initializers.values()
+    return sum(v.const_value.nbytes for v in values if v.const_value is not None)
+
+
+def save_program_streamed(program: Any, path: Path) -> list[str]:
+    """Save an exported program with its weights streamed into ``data_file(path)`` (tensors of 1 KB and up;
+    no in-memory protobuf of the weights), then attach the vtprune function bodies to the graph file; both
+    written aside and moved in (data first). Returns the file names."""
+    import os
+    import shutil
+    import tempfile
+
+    import onnx
+    import onnx_ir
+
+    from vtprune.export.ops.onnx_defs import attach_functions
+
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        onnx_ir.save(program.model, tmp / path.name, external_data=data_file(path), size_threshold_bytes=1024)
+        graph = attach_functions(onnx.load(str(tmp / path.name), load_external_data=False))
+        onnx.save_model(graph, str(tmp / path.name))
+        os.replace(tmp / data_file(path), path.parent / data_file(path))
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [path.name, data_file(path)]
+
+
 def externalize(path: Path) -> list[str]:
     """Rewrite the saved graph ``path`` with every tensor in ``data_file(path)`` (``--external-data``); a
     graph that already keeps its weights outside is left as it is. Returns its files."""
@@ -86,6 +119,12 @@ def export_module(
             )  # fmt: skip
     except Exception as exc:  # the exporter raises many types; surface one line, keep the cause
         raise ExportError(f"torch.onnx.export failed for {path.name}: {str(exc).splitlines()[0][:300]}") from exc
+    if program_tensor_bytes(program) > EXTERNAL_ABOVE:
+        files = save_program_streamed(program, path)
+        del program
+        gc.collect()
+        onnx.checker.check_model(str(path), full_check=True)  # by path: reads the data file
+        return describe(onnx.load(str(path), load_external_data=False)) | {"files": files}
     model = attach_functions(program.model_proto)
     del program
     # Saved first, then checked from the file: one in-memory copy of the weights at a time (a real-size
