@@ -9,6 +9,8 @@
 #   bash scripts/gpu_session.sh measure    # with /root/proj: accuracy curve on the whole test split, the
 #                                          # method sweep, the ALVTS target and a torch-cuda latency bench
 #                                          # (-> $OUT/results.tgz)
+#   bash scripts/gpu_session.sh scale      # LLaVA-1.5-7B at its published config (random fp16 weights) in
+#                                          # PyTorch CUDA: prefill and TTFT by method at 576/192/128/64 tokens
 #
 # Needs: this repo, python3 with CUDA torch, and the wheels of scripts/stage_wheels.sh. Everything else is
 # on the machine. Writes only under $GPU_SESSION_ROOT (default /root) and $OUT; PY picks the interpreter.
@@ -85,6 +87,25 @@ measure() {
   log "measure done in $((SECONDS - started)) s"
 }
 
+scale() {  # real-size LLaVA-1.5-7B (random fp16 weights at the published config) in PyTorch on the GPU
+  setup || { log "setup failed"; return 1; }
+  local ck=${SCALE_MODEL:-$ROOT/llava-1.5-7b} budgets=${SCALE_BUDGETS:-all,192,128,64} started=$SECONDS
+  if [ -z "${SCALE_MODEL:-}" ] && [ ! -f "$ck/config.json" ]; then
+    "$PY" -m vtprune.cli make-checkpoint --config llava-1.5-7b --dtype fp16 --out "$ck" --force || return 1
+  fi
+  (while sleep 20; do pack; done) &
+  local packer=$!
+  for method in ${SCALE_METHODS:-gprune alvts fastv random}; do
+    [ -f "$RES/scale-$method/report.json" ] && continue
+    "$PY" -m vtprune.cli bench --backend torch --device "$DEVICE" --dtype fp16 --model "$ck" --method "$method" \
+      --budgets "$budgets" --num-images 4 --iters "${ITERS:-10}" --warmup 2 --new-tokens 16 --no-progress \
+      --out "$RES/scale-$method" --note "LLaVA-1.5-7B architecture, random fp16 weights (vtprune make-checkpoint)"
+  done
+  kill "$packer" 2>/dev/null
+  pack
+  log "scale done in $((SECONDS - started)) s"
+}
+
 pack() {  # atomically, so a call stopped at its time limit still brings back the last complete archive
   tar -C "$RES" -czf "$OUT/.results.tgz" . && mv "$OUT/.results.tgz" "$OUT/results.tgz"
 }
@@ -92,6 +113,6 @@ pack() {  # atomically, so a call stopped at its time limit still brings back th
 phase="${1:-}"
 shift || true
 case "$phase" in
-  stage | train | measure) mkdir -p "$STAGE" "$PROJ" "$RES" "$OUT" && "$phase" "$@" ;;
-  *) echo "usage: bash scripts/gpu_session.sh stage|train|measure [train_projector args]" >&2; exit 2 ;;
+  stage | train | measure | scale) mkdir -p "$STAGE" "$PROJ" "$RES" "$OUT" && "$phase" "$@" ;;
+  *) echo "usage: bash scripts/gpu_session.sh stage|train|measure|scale [train_projector args]" >&2; exit 2 ;;
 esac
