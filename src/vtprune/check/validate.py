@@ -196,7 +196,7 @@ def validate_slice(adapter: Any, cfg: PruneConfig, bundle: Path, image: Any, pro
     manifest = read_manifest(bundle, verify=False)
     total, layers = adapter.text_dims().layers, layers or SLICE_LAYERS
     cut_decoder(adapter, layers)
-    gc.collect()  # the exporter's programs held the cut layers through reference cycles
+    gc.collect()
     work = Path(tempfile.mkdtemp(prefix=f".{bundle.name}.slice-", dir=bundle.parent))
     try:
         shipped = set(manifest["graphs"]["decoder"].get("files", ["decoder.onnx"]))
@@ -217,10 +217,13 @@ def validate_slice(adapter: Any, cfg: PruneConfig, bundle: Path, image: Any, pro
 
 
 def cut_decoder(adapter: Any, layers: int) -> None:
-    """Keep the first ``layers`` decoder layers of ``adapter``'s model (in place; the rest are freed)."""
+    """Keep the first ``layers`` decoder layers of ``adapter``'s model (in place; the rest are emptied)."""
     from torch import nn
 
     stack, config = adapter.decoder, adapter.text_config
+    for dropped in list(stack.layers)[layers:]:  # storage released even where an exported program still
+        for tensor in [*dropped.parameters(), *dropped.buffers()]:  # refers to these modules
+            tensor.data = torch.empty(0, dtype=tensor.dtype)
     stack.layers = nn.ModuleList(list(stack.layers)[:layers])
     config.num_hidden_layers = layers
     if getattr(config, "layer_types", None):
