@@ -400,3 +400,18 @@ def test_bundle_build_with_timing_cache_through_the_cli(bundles, tmp_path: Path,
     assert (copy / "embed.engine").read_bytes() == engine  # no new engine was written over the old one
     (line,) = [line for line in err.splitlines() if line.startswith("vtprune: error:")]
     assert "ConfigError" not in line and str(cache) in line and "delete it" in line
+
+
+def test_a_build_that_would_not_fit_is_refused_with_the_need(bundles, tmp_path: Path, monkeypatch, capsys):
+    import shutil
+
+    from vtprune.cli import main
+    from vtprune.export import memory
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundles["tiny-llava"], copy)
+    monkeypatch.setattr(memory, "available_memory", lambda: 1 << 20)  # 1 MB: nothing fits
+    assert main(["build", str(copy), "--graphs", "decoder", "--target", "sm89"]) == 2
+    err = capsys.readouterr().err
+    assert "building decoder.engine from" in err and "GB of host memory" in err and "Traceback" not in err
+    assert not list(copy.glob("*.engine"))

@@ -86,6 +86,7 @@ def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, A
         raise ConfigError(f"--plugins: no graph of {', '.join(graphs)} has a vtprune op (GraphPropagate, TopKRoute)")
     if cfg.plugins:
         require_plugins(*import_tensorrt())  # refused before any graph is built
+    check_build_memory(bundle, manifest, graphs)
     engines = dict(manifest.get("engines", {}))
     # The bundle is rebuilt beside itself from hard links, then swapped in: engines and manifest change
     # together or not at all (files in it are replaced, never written in place: they share the old inodes).
@@ -107,6 +108,29 @@ def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, A
         manifest["engines"] = engines
         write_manifest(tmp, manifest)
     return engines
+
+
+# Host memory of a TensorRT(-RTX) build, per byte of the graph's weights: the parsed network holds them and
+# the engine being serialized holds them again (TensorRT-RTX 1.7 on the CPU, Qwen2.5-VL-3B fp16: 13.1 GB
+# for the 6.2 GB decoder, 3.5 GB for the 1.5 GB vision graph; benchmarks/results/scale).
+BUILD_BYTES_PER_WEIGHT_BYTE = 2.2
+BUILD_HEADROOM = 1 << 30
+
+
+def check_build_memory(bundle: Path, manifest: dict[str, Any], graphs: list[str]) -> None:
+    """Refuse, before anything is built, a graph whose build would not fit the memory available, with
+    the estimated need (builds run one graph at a time)."""
+    from vtprune.export.memory import available_memory
+
+    avail = available_memory()
+    for graph in graphs:
+        files = manifest["graphs"][graph].get("files", [f"{graph}.onnx"])
+        size = sum((bundle / f).stat().st_size for f in files if (bundle / f).is_file())
+        need = int(size * BUILD_BYTES_PER_WEIGHT_BYTE) + BUILD_HEADROOM
+        if need > avail:
+            raise ConfigError(f"building {graph}.engine from {size / 1e9:.1f} GB of weights needs about "
+                              f"{need / 1e9:.0f} GB of host memory and {avail / 1e9:.0f} GB is available; build on "
+                              "a larger host (engines for another GPU build anywhere with --target)")  # fmt: skip
 
 
 def _has_vtprune_ops(path: Path) -> bool:
