@@ -230,24 +230,23 @@ def _qwen_spec(adapter: Any, cfg: PruneConfig, sample: dict[str, Tensor]) -> dic
         return {"module": module, "args": (sample["pixel_values"],), "inputs": ["pixel_values"], "dynamic": None,
                 "meta": {"grid_thw": module.grid, "num_tokens": module.n}, "outputs": outputs, "patch": patch}
     module = QwenVision(adapter, cfg, grid, dynamic=True)
-    bounds = qwen_pixel_bounds(adapter, module.k)
+    bounds = qwen_pixel_bounds(adapter, module.k if cfg.pre_llm else 0)  # unpruned: the checkpoint's minimum
     feeds = qwen_feeds(adapter, sample, {})
     args = tuple(torch.from_numpy(feeds[name]) for name in QWEN_DYNAMIC_INPUTS)
     dim = torch.export.Dim
     merge2 = int(adapter.config.vision_config.spatial_merge_size) ** 2
-    low = bounds["min_tokens"] if cfg.pre_llm else 2
-    m = dim("merged_tokens", min=low, max=bounds["max_tokens"])
+    m = dim("merged_tokens", min=max(bounds["min_tokens"], 2), max=bounds["max_tokens"])
     dynamic = ({0: merge2 * m}, {0: merge2 * m}, None, {0: m}, {0: dim("windows_plus_one", min=2, max=4096)},
                {1: m})  # fmt: skip
-    meta = {"dynamic_grid": True, "num_tokens": None, "budget": module.k, **bounds}
+    meta = {"dynamic_grid": True, "num_tokens": None, "budget": module.k if cfg.pre_llm else None, **bounds}
     return {"module": module, "args": args, "inputs": QWEN_DYNAMIC_INPUTS, "dynamic": dynamic, "meta": meta,
             "outputs": outputs, "patch": patch}  # fmt: skip
 
 
 def qwen_pixel_bounds(adapter: Any, k: int) -> dict[str, int]:
     """Set (on ``adapter``'s image processor, which the bundle saves) and return the pixel bounds of a
-    dynamic-grid bundle: at least K merged tokens (the budget; smaller images are upscaled by the
-    processor), at most ``QWEN_MAX_PIXELS``."""
+    dynamic-grid bundle: at least K merged tokens (a pruning budget; smaller images are upscaled by the
+    processor; 0 keeps the checkpoint's minimum), at most ``QWEN_MAX_PIXELS``."""
     proc = adapter.processor.image_processor
     unit = (adapter.patch_size * int(adapter.config.vision_config.spatial_merge_size)) ** 2  # pixels per token
     size = dict(proc.size) if not hasattr(proc.size, "items") else {k2: v for k2, v in proc.size.items()}
