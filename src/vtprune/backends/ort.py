@@ -66,8 +66,10 @@ class OrtVlm:
 
     def __init__(
         self, bundle: str | Path, provider: str = "cpu", threads: int | None = None, verify: bool = True,
-        sampling: SamplingConfig | None = None,
+        sampling: SamplingConfig | None = None, only: tuple[str, ...] | None = None,
     ):  # fmt: skip
+        """``only``: open just these graphs (``("vision", "embed")`` for the prefill inputs of a model whose
+        language model would not fit this machine's memory: ``vtprune predict``)."""
         from transformers import AutoConfig
 
         from vtprune.manifest import Sealed
@@ -85,7 +87,7 @@ class OrtVlm:
         # In-LLM bundles (ALVTS, FastV) route tokens inside a prefill graph and decode with per-layer caches.
         self.routing = self.manifest["graphs"].get("prefill", {}).get("routing")
         graphs = ("vision", "embed", "prefill", "decode") if self.routing else ("vision", "embed", "decoder")
-        self.sessions = self.open_sessions(graphs, provider, threads)
+        self.sessions = self.open_sessions(tuple(g for g in graphs if only is None or g in only), provider, threads)
         self.step_graph = "decode" if self.routing else "decoder"
         self.decoder_io = self.manifest["graphs"][self.step_graph]
         self.dtype = self.manifest["export"].get("dtype", "fp32")

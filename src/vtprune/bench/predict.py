@@ -98,7 +98,7 @@ def measured_tokens(facts: BundleFacts, image: Any, prompt: str) -> tuple[dict[s
     from vtprune.backends.ort import OrtVlm
     from vtprune.runtime.timing import StageTimer
 
-    vlm = OrtVlm(facts.path, "cpu")
+    vlm = OrtVlm(facts.path, "cpu", only=("vision", "embed"))  # the decoder is not run: a 7B one would not fit
     prefill = vlm.prefill_inputs(vlm.inputs(image, prompt), StageTimer())
     tokens = {"visual_total": prefill["visual_total"], "visual_kept": prefill["visual_kept"],
               "prompt": prefill["prompt_len"], "prefill": int(prefill["embeds"].shape[1])}  # fmt: skip
