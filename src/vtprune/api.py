@@ -43,6 +43,9 @@ def export_bundle(
         raise ConfigError(f"--method {prune.method} at {plan.parameters / 1e9:.1f} B parameters: validating its routed "
                           "prefill graph needs the whole model in ONNX Runtime, which does not fit this machine; "
                           "pass --no-validate, or export on a larger one")  # fmt: skip
+    if plan.parameters and not export.reuse_lm_from:  # the graphs hold every weight once in the export dtype
+        outputs.check_free_space(Path(out), int(plan.parameters * (2 if export.dtype == "fp16" else 4) * 1.05),
+                                 BundleError)  # fmt: skip
     with outputs.atomic_dir(Path(out), "bundle", export.force, BundleError) as tmp:
         if plan.lean:
             log(f"loading {model} in {export.dtype} ({plan.parameters / 1e9:.2f} B parameters: an fp32 reference "
