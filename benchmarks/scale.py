@@ -101,8 +101,21 @@ def environment() -> dict[str, Any]:
             "packages": pkgs}  # fmt: skip
 
 
+def bench_image(work: Path) -> Path:
+    """A 448x448 scene: 256 visual tokens for Qwen2.5-VL at native resolution (the budgets are 25% and 11%
+    of that), LLaVA resizes it to 336."""
+    from vtprune.images import scene_image
+
+    folder = work / "images"
+    if not (folder / "scene448.png").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        scene_image().resize((448, 448)).save(folder / "scene448.png")
+    return folder
+
+
 def steps_for(cfg: str, work: Path, steps: list[str]) -> list[tuple[str, list[str], Path | None]]:
     vt = [sys.executable, "-m", "vtprune.cli"]
+    images = bench_image(work)
     ckpt, full = work / "ckpt" / cfg, work / "bundles" / f"{cfg}-fp16-none"
     k25, k11 = BUDGETS[cfg]
     out: list[tuple[str, list[str], Path | None]] = []
@@ -124,12 +137,14 @@ def steps_for(cfg: str, work: Path, steps: list[str]) -> list[tuple[str, list[st
             b = work / "bundles" / f"{cfg}-fp16-{name}"
             report = work / "reports" / f"{cfg}-{name}"
             out.append((f"ort cpu bench {name}", [*vt, "bench", str(b), "--iters", "2", "--warmup", "1",
-                        "--num-images", "1", "--new-tokens", "4", "--no-progress", "--out", str(report), "--force"],
+                        "--images", str(images), "--num-images", "1", "--new-tokens", "4", "--no-progress",
+                        "--out", str(report), "--force"],
                         report))  # fmt: skip
     if "torchbench" in steps:  # PyTorch bf16 on the CPU, for sizes whose fp32 ONNX Runtime sessions do not fit
         report = work / "reports" / f"{cfg}-torch-bf16"
         out.append(("torch cpu bench bf16", [*vt, "bench", "--backend", "torch", "--model", str(ckpt), "--dtype",
-                    "bf16", "--budgets", f"all,{k25},{k11}", "--iters", "2", "--warmup", "1", "--num-images", "1",
+                    "bf16", "--budgets", f"all,{k25},{k11}", "--iters", "2", "--warmup", "1", "--images", str(images),
+                    "--num-images", "1",
                     "--new-tokens", "4", "--no-progress", "--out", str(report), "--force"], report))  # fmt: skip
     if "predict" in steps:
         budgets = f"all,{k25},{k11}"
@@ -137,7 +152,8 @@ def steps_for(cfg: str, work: Path, steps: list[str]) -> list[tuple[str, list[st
             for precision in ("fp16", "int8"):
                 report = work / "reports" / f"{cfg}-predict-{device}-{precision}"
                 out.append((f"predict {device} {precision}", [*vt, "predict", str(full), "--device", device,
-                            "--precision", precision, "--budgets", budgets, "--out", str(report), "--force"],
+                            "--precision", precision, "--budgets", budgets, "--image",
+                            str(images / "scene448.png"), "--out", str(report), "--force"],
                             report))  # fmt: skip
     return out
 

@@ -185,18 +185,18 @@ def validate_slice(adapter: Any, cfg: PruneConfig, bundle: Path, image: Any, pro
     and a decoder exported again by the same code from the model cut to its first ``layers`` layers (final
     norm and LM head kept), against the PyTorch model cut the same way. ``adapter``'s model is cut in place
     (the export is done with it). Pre-LLM bundles only (a routed prefill needs every layer)."""
-    import gc
     import os
     import shutil
     import tempfile
 
     from vtprune.export.decoder import export_decoder
+    from vtprune.export.memory import release_memory
     from vtprune.manifest import read_manifest, write_manifest
 
     manifest = read_manifest(bundle, verify=False)
     total, layers = adapter.text_dims().layers, layers or SLICE_LAYERS
     cut_decoder(adapter, layers)
-    gc.collect()
+    release_memory()
     work = Path(tempfile.mkdtemp(prefix=f".{bundle.name}.slice-", dir=bundle.parent))
     try:
         shipped = set(manifest["graphs"]["decoder"].get("files", ["decoder.onnx"]))

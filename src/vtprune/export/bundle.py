@@ -5,7 +5,6 @@ next to the target, validates them and swaps them into place."""
 from __future__ import annotations
 
 import datetime
-import gc
 import json
 import os
 import shutil
@@ -135,6 +134,7 @@ def write_bundle(
     image the graphs were traced with. Validation is ``api.export_bundle``'s next step."""
     import time
 
+    from vtprune.export.memory import release_memory
     from vtprune.export.precision import export_copy, fp32_parts
     from vtprune.export.quantize import QUANTIZED_GRAPHS, quantize_graph
     from vtprune.export.vision import export_vision
@@ -165,7 +165,7 @@ def write_bundle(
 
             manifest["graphs"][name]["files"] = externalize(tmp / f"{name}.onnx")
         log(f"[{i}/{len(steps) + int(export.validate)}] {name}.onnx exported in {time.perf_counter() - start:.1f} s")
-        gc.collect()  # the exporter's program (reference cycles) before the next graph is traced
+        release_memory()  # the exporter's program and buffers, before the next graph is traced
     save_processing_files(adapter, tmp / PROCESSOR_DIR)
     if export.inline:  # the graphs holding vtprune functions
         for name in ("vision", "prefill") if prune.in_llm else ("vision",):

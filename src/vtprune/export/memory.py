@@ -114,3 +114,17 @@ def plan_export(path: Path, dtype: str, validate: bool, available: int | None = 
                           f"{need / 1e9:.0f} GB of memory and {avail / 1e9:.0f} GB is available{hint}")  # fmt: skip
     full = int(params * (size + ORT_FP16_BYTES)) + HEADROOM
     return MemoryPlan(params, True, validate and full > avail, lean, avail)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps freed blocks below its mmap
+    threshold in the heap; after an export of GBs of weights that is GBs of resident memory)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
