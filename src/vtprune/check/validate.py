@@ -221,8 +221,8 @@ def cut_decoder(adapter: Any, layers: int) -> None:
     from torch import nn
 
     stack, config = adapter.decoder, adapter.text_config
-    for dropped in list(stack.layers)[layers:]:  # storage released even where an exported program still
-        for tensor in [*dropped.parameters(), *dropped.buffers()]:  # refers to these modules
+    for dropped in list(stack.layers)[layers:]:  # emptied, not only unlinked; the full export's tracing
+        for tensor in [*dropped.parameters(), *dropped.buffers()]:  # still holds aliases of some storages
             tensor.data = torch.empty(0, dtype=tensor.dtype)
     stack.layers = nn.ModuleList(list(stack.layers)[:layers])
     config.num_hidden_layers = layers
