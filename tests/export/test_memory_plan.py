@@ -17,8 +17,9 @@ GB = 1e9
 
 
 @pytest.fixture
-def seven_b(monkeypatch):
-    monkeypatch.setattr(memory, "checkpoint_parameters", lambda path: 7_063_427_072)
+def seven_b(monkeypatch):  # LLaVA-1.5-7B's parts, as read from the headers of make-checkpoint's output
+    parts = memory.Parts(7_063_427_072, 324_487_168, 131_334_144, 131_334_144, 32, 202_383_360)
+    monkeypatch.setattr(memory, "checkpoint_parts", lambda path: parts)
 
 
 @pytest.mark.parametrize(
@@ -34,9 +35,12 @@ def test_the_plan_follows_the_memory_available(seven_b, dtype, available, lean, 
 
 
 def test_what_does_not_fit_is_refused_with_the_need(seven_b):
-    with pytest.raises(ConfigError, match=r"needs about 18 GB of memory and 15 GB is available"):
+    with pytest.raises(ConfigError, match=r"needs about 22 GB of memory and 15 GB is available; free memory"):
         memory.plan_export(Path("ckpt"), "fp16", True, int(15 * GB))
-    with pytest.raises(ConfigError, match=r"in fp32 needs about 32 GB .* export --dtype fp16, which needs 18 GB"):
+    with pytest.raises(ConfigError, match=r"needs about 22 GB of memory and 20 GB .* --no-validate needs about 18 GB"):
+        memory.plan_export(Path("ckpt"), "fp16", True, int(20 * GB))
+    assert memory.plan_export(Path("ckpt"), "fp16", False, int(20 * GB)).lean
+    with pytest.raises(ConfigError, match=r"in fp32 needs about 32 GB .* export --dtype fp16, which needs about 22 GB"):
         memory.plan_export(Path("ckpt"), "fp32", True, int(22 * GB))
 
 
@@ -47,7 +51,10 @@ def test_small_models_keep_the_default_plan(tiny_dirs):
 
 def test_parameters_are_read_from_the_safetensors_headers(tiny_adapter):
     expected = sum(t.numel() for t in tiny_adapter.model.state_dict().values())
-    assert memory.checkpoint_parameters(tiny_adapter.path) == expected
+    parts = memory.checkpoint_parts(tiny_adapter.path)
+    assert parts.total == memory.checkpoint_parameters(tiny_adapter.path) == expected
+    assert parts.layers == tiny_adapter.text_dims().layers and parts.vision > 0 and parts.embed > 0
+    assert parts.embed == tiny_adapter.model.get_input_embeddings().weight.numel()
 
 
 def test_lean_export_is_validated_as_a_slice(tiny_dirs, tmp_path, monkeypatch, scene):
@@ -59,7 +66,9 @@ def test_lean_export_is_validated_as_a_slice(tiny_dirs, tmp_path, monkeypatch, s
     params = memory.checkpoint_parameters(tiny_dirs["tiny-llava"])
     monkeypatch.setattr(memory, "SMALL", 0)
     monkeypatch.setattr(memory, "HEADROOM", 0)
-    monkeypatch.setattr(memory, "available_memory", lambda: params * 4)  # fp16 fits; fp32 + fp16 does not
+    monkeypatch.setattr(memory, "ORT_FP16_BYTES", 1)  # a tiny model is nearly all vision and slice
+    monkeypatch.setattr(memory, "VISION_EXPORT_COPIES", 1)
+    monkeypatch.setattr(memory, "available_memory", lambda: params * 6)  # fp16 fits; fp32 + fp16 does not
     monkeypatch.setattr(validate, "SLICE_LAYERS", 1)
     out = tmp_path / "b"
     export_bundle(str(tiny_dirs["tiny-llava"]), BUNDLE_CFG, ExportConfig(dtype="fp16"), out)

@@ -175,7 +175,7 @@ def validate_bundle(adapter: Any, cfg: PruneConfig, bundle: Path, image: Any, pr
             "thresholds": thresholds(precision, export.get("vision") is not None), "checks": rows}  # fmt: skip
 
 
-SLICE_LAYERS = 2
+from vtprune.export.memory import SLICE_LAYERS  # noqa: E402  (the memory plan counts the same layers)
 
 
 def validate_slice(adapter: Any, cfg: PruneConfig, bundle: Path, image: Any, prompt: str,

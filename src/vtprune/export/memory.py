@@ -18,7 +18,9 @@ is traced with fake tensors and saved tensor by tensor).
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,32 +29,68 @@ from vtprune.errors import ConfigError
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
-HEADROOM = 2 * 1024**3  # the runtime, the exporter's graph, the sample image's activations
+HEADROOM = 1_500_000_000  # the runtime, the exporter's graph, the sample image's activations
 EXPORT_OVERHEAD = 0.25  # bytes per parameter above the loaded model while tracing and saving (measured)
+VISION_EXPORT_COPIES = 3  # the vision graph's weights held again while it is exported and checked (measured)
 # ONNX Runtime on the CPU holding an fp16 bundle: the file's bytes (2) while the session is created, and
 # the weights converted to fp32 (4).
 ORT_FP16_BYTES = 6
 SMALL = 1_000_000_000  # below a billion parameters: the default plan, whatever the machine
+SLICE_LAYERS = 2  # decoder layers a slice validation keeps (``check.validate.validate_slice``)
+_LAYER = re.compile(r"(?:language_model|^model)\.(?:model\.)?layers\.(\d+)\.")
 
 
-def checkpoint_parameters(path: Path) -> int | None:
-    """Elements of every tensor in the checkpoint's safetensors files (headers only); None when the
-    directory has none (a built-in name, pickle weights)."""
+@dataclass(frozen=True)
+class Parts:
+    """Parameter counts of a checkpoint by part, from its safetensors headers."""
+
+    total: int
+    vision: int  # vision tower, projector / merger
+    embed: int
+    head: int  # the LM head (the embedding again when tied)
+    layers: int  # decoder layers
+    per_layer: int
+
+    @property
+    def slice(self) -> int:
+        """What a slice validation loads in ONNX Runtime: vision, embedding, head and ``SLICE_LAYERS`` layers."""
+        return self.vision + self.embed + self.head + SLICE_LAYERS * self.per_layer
+
+
+def checkpoint_parts(path: Path) -> Parts | None:
+    """The checkpoint's parameters by part (headers only); None when the directory holds no safetensors
+    files (a built-in name, pickle weights)."""
     files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
     if not files:
         return None
-    total = 0
+    total = vision = embed = head = decoder = 0
+    layer_ids: set[int] = set()
     for file in files:
         with open(file, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(size))
         for name, entry in header.items():
-            if name != "__metadata__":
-                count = 1
-                for dim in entry["shape"]:
-                    count *= dim
-                total += count
-    return total
+            if name == "__metadata__":
+                continue
+            count = math.prod(entry["shape"])
+            total += count
+            if any(k in name for k in ("vision", "visual", "multi_modal_projector", "image_newline")):
+                vision += count
+            elif "embed_tokens" in name:
+                embed += count
+            elif "lm_head" in name:
+                head += count
+            elif m := _LAYER.search(name):
+                layer_ids.add(int(m.group(1)))
+                decoder += count
+    n = len(layer_ids)
+    return Parts(total, vision, embed, head or embed, n, decoder // n if n else 0)
+
+
+def checkpoint_parameters(path: Path) -> int | None:
+    """Elements of every tensor in the checkpoint's safetensors files (headers only), or None."""
+    parts = checkpoint_parts(path)
+    return parts.total if parts else None
 
 
 def available_memory() -> int:
@@ -84,7 +122,7 @@ class MemoryPlan:
     parameters: int | None
     lean: bool  # load once in the export dtype; that model is the validation reference
     slice_validation: bool  # validate the decoder as its first layers (the full bundle would not fit)
-    need: int  # bytes the chosen plan needs (export; validation counted separately)
+    need: int  # bytes the chosen plan needs at its peak (export, and validation when on)
     available: int
 
     def to_dict(self) -> dict[str, object]:
@@ -95,25 +133,38 @@ class MemoryPlan:
 
 def plan_export(path: Path, dtype: str, validate: bool, available: int | None = None) -> MemoryPlan:
     """The plan for exporting the checkpoint at ``path`` in ``dtype``, or ``ConfigError`` (before anything
-    loads) when even the lean plan would not fit, naming what it needs."""
-    params = checkpoint_parameters(path)
+    loads) when even the lean plan would not fit, naming what it needs.
+
+    Bytes per parameter (measured on Qwen2.5-VL-3B and LLaVA-1.5-7B, benchmarks/results/scale): the default
+    plan holds an fp32 reference (4) and the traced copy; full validation adds the bundle in ONNX Runtime
+    (fp16: 6, fp32: 8). The lean plan holds the model once (2), the vision graph's weights three more
+    times while it is exported, and for a slice validation the slice's weights in ONNX Runtime (6)."""
+    parts = checkpoint_parts(path)
     avail = available_memory() if available is None else available
-    if params is None or params < SMALL:
-        return MemoryPlan(params, False, False, 0, avail)
-    size = {"fp32": 4, "fp16": 2}[dtype]
-    default = int(params * (4 + (size if dtype != "fp32" else 0) + EXPORT_OVERHEAD)) + HEADROOM
+    if parts is None or parts.total < SMALL:
+        return MemoryPlan(parts.total if parts else None, False, False, 0, avail)
+    p, size = parts.total, {"fp32": 4, "fp16": 2}[dtype]
+    default = int(p * (4 + (size if dtype != "fp32" else 0) + EXPORT_OVERHEAD)) + HEADROOM
     if default <= avail:
-        full = int(params * (4 + ORT_FP16_BYTES if dtype != "fp32" else 4 + 8)) + HEADROOM
-        return MemoryPlan(params, False, validate and full > avail, default, avail)
-    lean = int(params * (size + EXPORT_OVERHEAD)) + HEADROOM
-    if dtype == "fp32" or lean > avail:
-        hint = ("; export --dtype fp16, which needs " f"{(params * (2 + EXPORT_OVERHEAD) + HEADROOM) / 1e9:.0f} GB"
-                if dtype == "fp32" else "; free memory or export on a larger machine")  # fmt: skip
-        need = default if dtype == "fp32" else lean
-        raise ConfigError(f"exporting {path} ({params / 1e9:.2f} B parameters) in {dtype} needs about "
+        full = int(p * (4 + (ORT_FP16_BYTES if dtype != "fp32" else 8))) + HEADROOM
+        if not validate or full <= avail:
+            return MemoryPlan(p, False, False, max(default, full if validate else 0), avail)
+        sliced = int(p * 4 + parts.slice * ORT_FP16_BYTES) + HEADROOM
+        return MemoryPlan(p, False, True, max(default, sliced), avail)
+    export = int(p * size + parts.vision * size * VISION_EXPORT_COPIES) + HEADROOM
+    sliced = int(p * size + parts.slice * ORT_FP16_BYTES) + HEADROOM
+    need = max(export, sliced) if validate else export
+    if dtype == "fp32" or need > avail:
+        if dtype == "fp32":
+            lean = max(int(p * 2 + parts.vision * 2 * VISION_EXPORT_COPIES), int(p * 2 + parts.slice * 6)) + HEADROOM
+            hint, need = f"; export --dtype fp16, which needs about {lean / 1e9:.0f} GB", default
+        elif validate and export <= avail:
+            hint = f"; --no-validate needs about {export / 1e9:.0f} GB"
+        else:
+            hint = "; free memory or export on a larger machine"
+        raise ConfigError(f"exporting {path} ({p / 1e9:.2f} B parameters) in {dtype} needs about "
                           f"{need / 1e9:.0f} GB of memory and {avail / 1e9:.0f} GB is available{hint}")  # fmt: skip
-    full = int(params * (size + ORT_FP16_BYTES)) + HEADROOM
-    return MemoryPlan(params, True, validate and full > avail, lean, avail)
+    return MemoryPlan(p, True, validate, need, avail)
 
 
 def release_memory() -> None:
