@@ -93,10 +93,12 @@ def environment() -> dict[str, Any]:
                 if ln.startswith("model name")), platform.processor())  # fmt: skip
     mem = next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
     pkgs = {p: version(p) for p in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript")}
-    try:
-        pkgs["tensorrt_rtx"] = version("tensorrt_rtx")
-    except Exception:  # noqa: BLE001 - optional
-        pkgs["tensorrt_rtx"] = "absent"
+    for dist in ("tensorrt_rtx_cu13", "tensorrt_rtx_cu12", "tensorrt_rtx"):
+        try:
+            pkgs["tensorrt_rtx"] = version(dist)
+            break
+        except Exception:  # noqa: BLE001 - optional
+            pkgs["tensorrt_rtx"] = "absent"
     return {"cpu": cpu, "cores": os.cpu_count(), "memory": mem.split(":")[1].strip(), "date": time.strftime("%F"),
             "packages": pkgs}  # fmt: skip
 
@@ -221,6 +223,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
              "kernel reclaims).", "",
              "| config | step | rc | wall s | peak RSS GB | peak anon GB | output GB | notes |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines[6:6] = [f"- {note}" for note in results.get("notes", [])] + ([""] if results.get("notes") else [])
     for cfg, runs in results["runs"].items():
         for label, r in runs.items():
             size = sum(r.get("files", {}).values()) / 1e9
@@ -236,7 +239,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             lines.append(f"| {cfg} | {label} | {r['rc']} | {r['wall_s']} | {r['peak_gb'].get('VmRSS')} | "
                          f"{r['peak_gb'].get('RssAnon')} | {size:.2f} | {'; '.join(notes)} |")  # fmt: skip
     lines += ["", "## Latency by budget (ms, medians; predictions are rooflines, `vtprune predict`)", "",
-              "| config | step | budget | vision+prune | prefill | TTFT | decode | weights + KV fit |",
+              "| config | step | budget | vision+prune | prefill | TTFT | decode, all new tokens | weights + KV fit |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for cfg, runs in results["runs"].items():
         for label, r in runs.items():
