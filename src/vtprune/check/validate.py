@@ -25,6 +25,7 @@ import torch
 
 from vtprune.config import PruneConfig
 from vtprune.errors import AccuracyError
+from vtprune.export.memory import SLICE_LAYERS  # the memory plan counts the same layers
 from vtprune.prune.ties import margin_limit
 
 ATOL = {"embeds": 1e-4, "logits": 1e-3}  # fp32: max abs diff
@@ -173,9 +174,6 @@ def validate_bundle(adapter: Any, cfg: PruneConfig, bundle: Path, image: Any, pr
                             rows)  # fmt: skip
     return {"image_size": list(image.size), "prompt": prompt, "dtype": dtype, "precision": precision,
             "thresholds": thresholds(precision, export.get("vision") is not None), "checks": rows}  # fmt: skip
-
-
-from vtprune.export.memory import SLICE_LAYERS  # noqa: E402  (the memory plan counts the same layers)
 
 
 def validate_slice(adapter: Any, cfg: PruneConfig, bundle: Path, image: Any, prompt: str,
