@@ -31,7 +31,8 @@ demo: $(VENV)/.demo
 	$(VENV)/bin/vtprune demo
 
 # The test models are tiny: one intra-op thread per torch/BLAS call is faster on 2 cores than two threads
-# contending with ONNX Runtime's pools (935 tests: 16 min vs 18 min on the 2-core Xeon, 2026-12-07).
+# contending with ONNX Runtime's pools (2-core Xeon, 2026-12-07: 935 tests in 16-17 min; 901 tests took
+# 18 min with two threads).
 test: $(VENV)/.dev $(VENV)/.pocket
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1} $(PY) -m pytest -q
 
