@@ -24,7 +24,7 @@ def seven_b(monkeypatch):  # LLaVA-1.5-7B's parts, as read from the headers of m
 
 @pytest.mark.parametrize(
     ("dtype", "available", "lean", "sliced"),
-    [("fp16", 80 * GB, False, False), ("fp16", 50 * GB, False, True), ("fp16", 22 * GB, True, True),
+    [("fp16", 80 * GB, False, False), ("fp16", 50 * GB, False, True), ("fp16", 23 * GB, True, True),
      ("fp32", 90 * GB, False, False)],
 )  # fmt: skip
 def test_the_plan_follows_the_memory_available(seven_b, dtype, available, lean, sliced):
