@@ -20,9 +20,6 @@ The graph is our own thin ``nn.Module`` around the adapter's seams (``decoder``,
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -219,18 +216,13 @@ def export_program(module: nn.Module, args: tuple, inputs: list[str], outputs: l
 def save_program_atomic(program: Any, path: Path, check: Callable[[Path], None] | None = None) -> list[str]:
     """Save into a temp dir next to ``path``, check, then move into place (external data first, ``.onnx``
     last), so a failure never leaves a half-written ``.onnx``. Returns the file names written."""
+    from vtprune.export.onnx_io import written_aside
+
     check = check or _check_model
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with written_aside(path) as tmp:
         program.save(tmp / path.name, **_external_kw(program))  # weights beside it above EXTERNAL_ABOVE
         check(tmp / path.name)
         extra = sorted(f.name for f in tmp.iterdir() if f.name != path.name)
-        for name in extra:
-            os.replace(tmp / name, path.parent / name)
-        os.replace(tmp / path.name, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     stale = path.with_name(path.name + ".data")
     if not extra and stale.exists():
         stale.unlink()  # left by an earlier, larger export to the same path

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +33,30 @@ def tensor_bytes(model: Any) -> int:
     return total
 
 
-def save_graph(model: Any, path: Path, external: bool = False) -> list[str]:
-    """Save ``model`` at ``path`` atomically (a temp dir beside it; the data file moved in first, the
-    ``.onnx`` last), with its tensors in ``data_file(path)`` when ``external`` or above ``EXTERNAL_ABOVE``;
-    returns the file names written. A data file left by an earlier save to the same path is removed."""
+@contextlib.contextmanager
+def written_aside(path: Path) -> Iterator[Path]:
+    """A temp dir beside graph ``path`` to save it (and its data file) into. When the block ends without an
+    error, the other files are moved into place first and the graph last, so a failure never leaves a
+    half-written graph; the temp dir is removed either way."""
     import os
     import shutil
     import tempfile
 
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        for name in sorted(f.name for f in tmp.iterdir() if f.name != path.name):
+            os.replace(tmp / name, path.parent / name)
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_graph(model: Any, path: Path, external: bool = False) -> list[str]:
+    """Save ``model`` at ``path`` atomically (a temp dir beside it; the data file moved in first, the
+    ``.onnx`` last), with its tensors in ``data_file(path)`` when ``external`` or above ``EXTERNAL_ABOVE``;
+    returns the file names written. A data file left by an earlier save to the same path is removed."""
     import onnx
 
     path = Path(path)
@@ -47,15 +64,10 @@ def save_graph(model: Any, path: Path, external: bool = False) -> list[str]:
         save_atomic(model, path)
         (path.parent / data_file(path)).unlink(missing_ok=True)
         return [path.name]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with written_aside(path) as tmp:
         # Tensors under 1 KB (shapes, axes, scalars) stay inline: shape inference reads them.
         onnx.save_model(model, str(tmp / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_file(path), size_threshold=1024)  # fmt: skip
-        os.replace(tmp / data_file(path), path.parent / data_file(path))
-        os.replace(tmp / path.name, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return [path.name, data_file(path)]
 
 
@@ -69,25 +81,16 @@ def save_program_streamed(program: Any, path: Path) -> list[str]:
     """Save an exported program with its weights streamed into ``data_file(path)`` (tensors of 1 KB and up;
     no in-memory protobuf of the weights), then attach the vtprune function bodies to the graph file; both
     written aside and moved in (data first). Returns the file names."""
-    import os
-    import shutil
-    import tempfile
-
     import onnx
     import onnx_ir
 
     from vtprune.export.ops.onnx_defs import attach_functions
 
     path = Path(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with written_aside(path) as tmp:
         onnx_ir.save(program.model, tmp / path.name, external_data=data_file(path), size_threshold_bytes=1024)
         graph = attach_functions(onnx.load(str(tmp / path.name), load_external_data=False))
         onnx.save_model(graph, str(tmp / path.name))
-        os.replace(tmp / data_file(path), path.parent / data_file(path))
-        os.replace(tmp / path.name, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return [path.name, data_file(path)]
 
 
@@ -96,9 +99,9 @@ def externalize(path: Path) -> list[str]:
     graph that already keeps its weights outside is left as it is. Returns its files."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
-    if external_locations(model):
-        return [path.name, *external_locations(model)]
+    locations = external_locations(onnx.load(str(path), load_external_data=False))
+    if locations:
+        return [path.name, *locations]
     return save_graph(onnx.load(str(path)), path, external=True)
 
 

@@ -249,8 +249,7 @@ def qwen_pixel_bounds(adapter: Any, k: int) -> dict[str, int]:
     processor; 0 keeps the checkpoint's minimum), at most ``QWEN_MAX_PIXELS``."""
     proc = adapter.processor.image_processor
     unit = (adapter.patch_size * int(adapter.config.vision_config.spatial_merge_size)) ** 2  # pixels per token
-    size = dict(proc.size) if not hasattr(proc.size, "items") else {k2: v for k2, v in proc.size.items()}
-    lo, hi = int(size["shortest_edge"]), min(int(size["longest_edge"]), QWEN_MAX_PIXELS)
+    lo, hi = int(proc.size["shortest_edge"]), min(int(proc.size["longest_edge"]), QWEN_MAX_PIXELS)
     lo = max(lo, k * unit)
     if lo > hi:
         raise ConfigError(f"--keep {k}: Qwen2.5-VL images give at most {hi // unit} visual tokens here; keep fewer")
