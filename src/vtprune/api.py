@@ -38,7 +38,7 @@ def export_bundle(
     log = log or (lambda msg: None)
     check_exportable(prune)
     export.check_method(prune)
-    plan = plan_export(Path(model), export.dtype, export.validate)
+    plan = plan_export(Path(model), export.dtype, export.validate, smoothing=export.weights == "w8a8")
     if plan.slice_validation and prune.in_llm:
         raise ConfigError(f"--method {prune.method} at {plan.parameters / 1e9:.1f} B parameters: validating its routed "
                           "prefill graph needs the whole model in ONNX Runtime, which does not fit this machine; "

@@ -69,12 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--reuse-lm-from", help="bundle of the same model whose embed/decoder graphs to reuse")
     exp.add_argument("--weights", choices=["int8", "int4", "w8a8"],
                      help="quantized language model for ONNX Runtime: int8 / int4 weights (MatMulNBits), or w8a8: "
-                          "int8 weights and activations (MatMulInteger; MLP down projections blockwise); "
+                          "int8 weights and activations (MatMulInteger; SmoothQuant calibrated on --calib-data); "
                           "the vision graph, pruning and selectors stay fp32")  # fmt: skip
     exp.add_argument("--vision", choices=["int8"], help="int8 vision encoder and projector for ONNX Runtime (QDQ, "
                      "static activation scales calibrated on --calib-data); the pruning stage stays fp32")  # fmt: skip
     exp.add_argument("--calib-data", default="easy-vqa", metavar="easy-vqa|DIR",
-                     help="images --vision int8 is calibrated on: easy-vqa's train split or a directory")
+                     help="images --vision int8 and --weights w8a8 are calibrated on: easy-vqa's train split or "
+                          "a directory")  # fmt: skip
     exp.add_argument("--calib-n", type=count(1, 4096), default=32, help="calibration images (default: 32)")
     exp.add_argument("--external-data", action="store_true",
                      help="keep every graph's weights in <graph>.onnx.data beside it (always done above 2 GB)")

@@ -44,6 +44,14 @@ def test_what_does_not_fit_is_refused_with_the_need(seven_b):
         memory.plan_export(Path("ckpt"), "fp32", True, int(22 * GB))
 
 
+def test_w8a8_smoothing_counts_its_fp32_copy(seven_b):
+    plain = memory.plan_export(Path("ckpt"), "fp32", False, int(90 * GB))
+    smoothed = memory.plan_export(Path("ckpt"), "fp32", False, int(90 * GB), smoothing=True)
+    assert smoothed.need - plain.need == pytest.approx(7_063_427_072 * 4, rel=0.01)
+    with pytest.raises(ConfigError, match=r"--weights w8a8 quantizes fp32 graphs"):
+        memory.plan_export(Path("ckpt"), "fp32", False, int(40 * GB), smoothing=True)
+
+
 def test_small_models_keep_the_default_plan(tiny_dirs):
     plan = memory.plan_export(tiny_dirs["tiny-llava"], "fp16", True, 1)
     assert not plan.lean and not plan.slice_validation

@@ -57,24 +57,20 @@ def test_quantized_bundle_validates_and_records_what_it_holds(quantized, weights
     assert q["weights"] == weights and q["block_size"] == {"int8": 128, "int4": 32, "w8a8": 128}[weights]
     assert q["quantized_nodes"] > 0 and q["fp32_matmuls"] == []
     assert "quantization" not in m["graphs"]["vision"]  # the vision graph and its pruning stage stay fp32
-    assert "MatMulNBits" in _ops(bundle / "decoder.onnx") and _weight_matmuls(bundle / "decoder.onnx") == []
+    quantized_op = "MatMulInteger" if weights == "w8a8" else "MatMulNBits"  # w8a8: smoothed, see below
+    assert quantized_op in _ops(bundle / "decoder.onnx") and _weight_matmuls(bundle / "decoder.onnx") == []
     assert "MatMulNBits" not in _ops(bundle / "vision.onnx")
     kept = next(r for r in m["validation"]["checks"] if r["check"] == "kept visual indices")
     assert kept["margin_limit"] == 1e-4  # judged as an fp32 graph
 
 
-def test_w8a8_quantizes_activations_except_in_the_down_projections(quantized, bundles):
-    import onnx
-
-    from vtprune.export.quantize import down_projections
-
-    fp32 = onnx.load(str(bundles["tiny-llava"] / "decoder.onnx"))
-    down = down_projections(fp32)
-    assert len(down) == 2, "one MLP down projection per decoder layer of the tiny model"
+def test_w8a8_is_smoothed_and_quantizes_activations(quantized):
     bundle = quantized("tiny-llava", PruneConfig(method="gprune", keep=16), "w8a8")
     ops = _ops(bundle / "decoder.onnx")
-    q = read_manifest(bundle)["graphs"]["decoder"]["quantization"]
-    assert ops.count("MatMulNBits") == len(down) == q["blockwise_matmuls"]
+    m = read_manifest(bundle)
+    q, smoothing = m["graphs"]["decoder"]["quantization"], m["smoothing"]
+    assert smoothing["method"] == "smoothquant" and smoothing["calibration"]["source"] == "easy-vqa"
+    assert q["smoothquant"] and ops.count("MatMulNBits") == q["blockwise_matmuls"] == len(smoothing["blockwise"])
     assert ops.count("MatMulInteger") == q["dynamic_matmuls"] > 0 and "DynamicQuantizeLinear" in ops
     from vtprune.bench.targets import OrtTarget
 

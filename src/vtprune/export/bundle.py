@@ -31,7 +31,7 @@ class ExportConfig:
     reuse_lm_from: str | None = None  # a bundle of the same model whose embed/decoder graphs are reused
     weights: str | None = None  # int4 / int8 weight-only language model (``export.quantize``)
     vision: str | None = None  # int8: the vision encoder and projector with static scales (``quantize_vision``)
-    calib_data: str = "easy-vqa"  # the images --vision int8 is calibrated on: easy-vqa or a directory
+    calib_data: str = "easy-vqa"  # the images --vision int8 / --weights w8a8 calibrate on: easy-vqa or a directory
     calib_n: int = 32
     external_data: bool = False  # every graph's weights in <graph>.onnx.data (always done above 2 GB)
 
@@ -44,7 +44,7 @@ class ExportConfig:
             raise ConfigError(f"--dtype {self.dtype}: bundles export fp32 or fp16; use --dtype fp16 for half precision")
         check_weights(self.weights, self.dtype)
         check_vision(self.vision, self.dtype, self.calib_n)
-        if self.vision:  # refused before any model is loaded
+        if self.calibrated:  # refused before any model is loaded
             from vtprune.images import calibration_images
 
             calibration_images(self.calib_data, 1)
@@ -54,6 +54,11 @@ class ExportConfig:
         if self.vision and prune.in_encoder:
             raise ConfigError(f"--vision int8 with --method {prune.method}: the method reads the encoder's own "
                               "layers, which would be quantized too; use another method or no --vision")  # fmt: skip
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the export calibrates on images (--vision int8; --weights w8a8's SmoothQuant)."""
+        return self.vision is not None or self.weights == "w8a8"
 
     @property
     def precision(self) -> str:
@@ -149,6 +154,8 @@ def write_bundle(
     manifest = new_manifest(adapter, model, prune, export) | {"keep_requested": requested.keep}
     donor = lm_donor(export, model) if export.reuse_lm_from else None
     traced = export_copy(adapter, export.dtype)  # the fp32 ``adapter`` stays the validation reference
+    if export.weights == "w8a8" and not export.reuse_lm_from:
+        traced, manifest["smoothing"] = _smoothed(adapter, prune, export, log)
     steps = [("vision", lambda p: export_vision(traced, prune, sample, p, export.opset)),
              *_lm_steps(traced, prune, sample, export, donor)]  # fmt: skip
     for i, (name, fn) in enumerate(steps, 1):
@@ -157,7 +164,8 @@ def write_bundle(
         precision = {"dtype": export.dtype, "fp32_parts": fp32_parts(traced, name) if export.dtype != "fp32" else []}
         manifest["graphs"][name] = fn(tmp / f"{name}.onnx") | precision
         if export.weights and name in QUANTIZED_GRAPHS and "reused_from" not in manifest["graphs"][name]:
-            manifest["graphs"][name]["quantization"] = quantize_graph(tmp / f"{name}.onnx", export.weights)
+            blockwise = manifest["smoothing"]["blockwise"] if "smoothing" in manifest else None
+            manifest["graphs"][name]["quantization"] = quantize_graph(tmp / f"{name}.onnx", export.weights, blockwise)
         if name == "vision" and export.vision:
             manifest["graphs"]["vision"]["quantization"] = _quantize_vision(adapter, prune, export, manifest, tmp)
         if export.external_data:
@@ -172,6 +180,19 @@ def write_bundle(
             inline_copy(tmp / f"{name}.onnx", tmp / f"{name}.inlined.onnx")
     write_manifest(tmp, manifest)
     return manifest, prune, image
+
+
+def _smoothed(adapter: Any, prune: PruneConfig, export: ExportConfig, log: Any) -> tuple[Any, dict[str, Any]]:
+    """--weights w8a8: a copy of the model with SmoothQuant folded into its decoder, calibrated on the
+    prefill inputs of ``export.calib_n`` images (``calib.smooth``); the manifest's record."""
+    from vtprune.calib.smooth import prefill_feeds, selector_layers, smoothed_copy
+    from vtprune.images import calibration_images
+
+    paths = calibration_images(export.calib_data, export.calib_n)
+    log(f"calibrating SmoothQuant on {len(paths)} images from {export.calib_data}")
+    keep = selector_layers(prune, adapter.text_dims().layers)
+    traced, record = smoothed_copy(adapter, prefill_feeds(adapter, prune, paths), keep)
+    return traced, record | {"calibration": {"source": export.calib_data, "images": len(paths)}}
 
 
 def _quantize_vision(

@@ -131,20 +131,23 @@ class MemoryPlan:
                 "estimated_need_gb": round(self.need / 1e9, 1), "available_gb": round(self.available / 1e9, 1)}
 
 
-def plan_export(path: Path, dtype: str, validate: bool, available: int | None = None) -> MemoryPlan:
+def plan_export(
+    path: Path, dtype: str, validate: bool, available: int | None = None, smoothing: bool = False
+) -> MemoryPlan:
     """The plan for exporting the checkpoint at ``path`` in ``dtype``, or ``ConfigError`` (before anything
     loads) when even the lean plan would not fit, naming what it needs.
 
     Bytes per parameter (measured on Qwen2.5-VL-3B and LLaVA-1.5-7B, benchmarks/results/scale): the default
     plan holds an fp32 reference (4) and the traced copy; full validation adds the bundle in ONNX Runtime
     (fp16: 6, fp32: 8). The lean plan holds the model once (2), the vision graph's weights three more
-    times while it is exported, and for a slice validation the slice's weights in ONNX Runtime (6)."""
+    times while it is exported, and for a slice validation the slice's weights in ONNX Runtime (6).
+    ``smoothing`` (``--weights w8a8``): the traced copy is a SmoothQuant-ed fp32 copy (4 more)."""
     parts = checkpoint_parts(path)
     avail = available_memory() if available is None else available
     if parts is None or parts.total < SMALL:
         return MemoryPlan(parts.total if parts else None, False, False, 0, avail)
     p, size = parts.total, {"fp32": 4, "fp16": 2}[dtype]
-    default = int(p * (4 + (size if dtype != "fp32" else 0) + EXPORT_OVERHEAD)) + HEADROOM
+    default = int(p * (4 + (size if dtype != "fp32" or smoothing else 0) + EXPORT_OVERHEAD)) + HEADROOM
     if default <= avail:
         full = int(p * (4 + (ORT_FP16_BYTES if dtype != "fp32" else 8))) + HEADROOM
         if not validate or full <= avail:
@@ -155,7 +158,9 @@ def plan_export(path: Path, dtype: str, validate: bool, available: int | None = 
     sliced = int(p * size + parts.slice * ORT_FP16_BYTES) + HEADROOM
     need = max(export, sliced) if validate else export
     if dtype == "fp32" or need > avail:
-        if dtype == "fp32":
+        if dtype == "fp32" and smoothing:
+            hint, need = "; --weights w8a8 quantizes fp32 graphs: free memory or export on a larger machine", default
+        elif dtype == "fp32":
             lean = max(int(p * 2 + parts.vision * 2 * VISION_EXPORT_COPIES), int(p * 2 + parts.slice * 6)) + HEADROOM
             hint, need = f"; export --dtype fp16, which needs about {lean / 1e9:.0f} GB", default
         elif validate and export <= avail:

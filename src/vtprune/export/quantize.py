@@ -17,11 +17,13 @@ of 128 moved the distribution by up to 1.5 nats).
 ``--weights w8a8`` also quantizes activations: every MatMul with a constant weight becomes ONNX Runtime's
 ``DynamicQuantizeLinear`` + ``MatMulInteger`` (``quantize_dynamic``: int8 weights per output channel, uint8
 activations with one scale per tensor, computed at run time), which the CPU runs with int8 GEMM kernels
-(VNNI/AMX) in prefill as well as decode. The exception is each MLP's down projection, whose input carries
-the activation outliers that one scale per tensor cannot hold (pocket VLM: easy-vqa accuracy 0.98 falls to
-0.39 when they are quantized so, and stays 0.98 when they are not): those take the int8 ``MatMulNBits`` form
-above, whose activations are quantized per block of 128. Down projections are found by shape: the only
-weights whose input width is not the model width.
+(VNNI/AMX) in prefill as well as decode. The decoder's activation outliers, which one scale per tensor
+cannot hold, are first moved into the weights by SmoothQuant, calibrated on images (``calib.smooth``,
+applied to the model before its graphs are traced). Without it (``smoothed=False``: a graph of an
+unsmoothed model) each MLP's down projection, whose input carries the largest outliers, takes the int8
+``MatMulNBits`` form above instead, whose activations are quantized per block of 128 (pocket VLM: easy-vqa
+accuracy 0.98 falls to 0.39 with those in dynamic int8 unsmoothed); that form is 2.5x slower per MAC in
+prefill. Down projections are found by shape: the only weights whose input width is not the model width.
 
 ``--vision int8`` (``quantize_vision``) quantizes the vision encoder and projector too, with static
 activation scales calibrated on images; its pruning stage stays fp32.
@@ -40,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from vtprune.errors import ConfigError
+from vtprune.errors import ConfigError, InternalError
 
 WEIGHT_FORMATS = {"int8": 8, "int4": 4, "w8a8": 8}
 BLOCK_SIZE = {"int8": 128, "int4": 32, "w8a8": 128}  # w8a8: the down projections' MatMulNBits blocks
@@ -63,9 +65,12 @@ def _check_format(flag: str, value: str | None, choices: tuple[str, ...], dtype:
         raise ConfigError(f"{flag} {value} quantizes fp32 graphs; drop --dtype {dtype}")
 
 
-def quantize_graph(path: Path, weights: str) -> dict[str, Any]:
+def quantize_graph(path: Path, weights: str, blockwise: list[str] | None = None) -> dict[str, Any]:
     """Rewrite ``path`` in place with ``weights`` (int4 / int8) MatMul (and int4 Gather) weights; returns what
-    the manifest records (format, method, block size, quantized node count, the MatMuls kept in fp32)."""
+    the manifest records (format, method, block size, quantized node count, the MatMuls kept in fp32).
+    ``blockwise`` (w8a8 of a graph traced from a SmoothQuant-ed model, ``calib.smooth``): the down
+    projections, by module name (``layers.11.mlp.down_proj``), that keep block-wise activations; every
+    other MatMul takes dynamic int8 ones. None: an unsmoothed graph, every down projection block-wise."""
     import onnx
 
     from vtprune.export.onnx_io import save_atomic
@@ -74,7 +79,7 @@ def quantize_graph(path: Path, weights: str) -> dict[str, Any]:
     consts = {i.name for i in model.graph.initializer}
     selector = {name for name in consts if name.startswith(FP32_WEIGHT_PREFIXES)}
     islands = [n.name for n in model.graph.node if n.op_type == "MatMul" and selector & set(n.input)]
-    outliers = down_projections(model) if weights == "w8a8" else []
+    outliers = [] if weights != "w8a8" else down_projections(model, blockwise)
     if weights == "w8a8":
         model = _dynamic(model, islands + outliers)
     for config in _configs(weights):
@@ -90,13 +95,14 @@ def quantize_graph(path: Path, weights: str) -> dict[str, Any]:
               + kinds.count("MatMulInteger"), "fp32_matmuls": islands}  # fmt: skip
     if weights == "w8a8":
         record |= {"activations": "int8 dynamic, per tensor", "dynamic_matmuls": kinds.count("MatMulInteger"),
-                   "blockwise_matmuls": len(outliers)}  # fmt: skip
+                   "blockwise_matmuls": len(outliers), "smoothquant": blockwise is not None}  # fmt: skip
     return record
 
 
-def down_projections(model: Any) -> list[str]:
+def down_projections(model: Any, modules: list[str] | None = None) -> list[str]:
     """The MatMuls whose constant weight's input width is not the model width (most MatMuls read the
-    hidden state): the MLP down projections."""
+    hidden state): the MLP down projections; with ``modules``, only those traced from these modules (by
+    the exporter's name scopes, e.g. ``decoder.layers.11.mlp.down_proj`` for ``layers.11.mlp.down_proj``)."""
     from collections import Counter
 
     shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
@@ -105,7 +111,22 @@ def down_projections(model: Any) -> list[str]:
     if not const:
         return []
     width = Counter(shape[0] for _, shape in const).most_common(1)[0][0]
-    return [name for name, shape in const if shape[0] != width]
+    downs = [name for name, shape in const if shape[0] != width]
+    if modules is None or not downs:
+        return downs
+    scopes = {n.name: _name_scopes(n) for n in model.graph.node if n.name in downs}
+    chosen = [d for d in downs if any(s == m or s.endswith(f".{m}") for s in scopes[d] for m in modules)]
+    if len(chosen) != len(modules):
+        raise InternalError(f"found {len(chosen)} of the down projections {modules} in graph {model.graph.name}")
+    return chosen
+
+
+def _name_scopes(node: Any) -> list[str]:
+    """The module paths the exporter recorded for ``node`` (``pkg.torch.onnx.name_scopes``)."""
+    import ast
+
+    raw = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "[]")
+    return [str(s) for s in ast.literal_eval(raw)]
 
 
 def _dynamic(model: Any, exclude: list[str]) -> Any:
