@@ -64,6 +64,8 @@ def test_int8_vision_with_w8a8_language_model(calib_dir, cache_dir, tmp_path):
     m = read_manifest(tmp_path / "b")
     assert m["validation"]["precision"] == "w8a8" and "quantization" in m["graphs"]["vision"]
     assert m["validation"]["thresholds"]["embeds_min_cosine"] == 0.995
+    assert m["validation"]["thresholds"]["greedy"] == "first token in the reference's top 2"  # two quantized stages
+    assert m["smoothing"]["calibration"] == {"source": str(calib_dir), "images": 2}  # w8a8 calibrates on them too
 
 
 def test_calibration_images(calib_dir):
