@@ -71,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="quantized language model for ONNX Runtime: int8 / int4 weights (MatMulNBits), or w8a8: "
                           "int8 weights and activations (MatMulInteger; SmoothQuant calibrated on --calib-data); "
                           "the vision graph, pruning and selectors stay fp32")  # fmt: skip
-    exp.add_argument("--vision", choices=["int8"], help="int8 vision encoder and projector for ONNX Runtime (QDQ, "
-                     "static activation scales calibrated on --calib-data); the pruning stage stays fp32")  # fmt: skip
+    exp.add_argument("--vision", choices=["int8", "int8-trt"],
+                     help="int8 vision encoder and projector, static activation scales calibrated on --calib-data: "
+                          "int8 for ONNX Runtime on CPUs (uint8 activations), int8-trt for TensorRT (symmetric Q/DQ, "
+                          "which vtprune build takes); the pruning stage stays fp32")  # fmt: skip
     exp.add_argument("--calib-data", default="easy-vqa", metavar="easy-vqa|DIR",
                      help="images --vision int8 and --weights w8a8 are calibrated on: easy-vqa's train split or "
                           "a directory")  # fmt: skip

@@ -30,7 +30,7 @@ class ExportConfig:
     force: bool = False
     reuse_lm_from: str | None = None  # a bundle of the same model whose embed/decoder graphs are reused
     weights: str | None = None  # int4 / int8 weight-only language model (``export.quantize``)
-    vision: str | None = None  # int8: the vision encoder and projector with static scales (``quantize_vision``)
+    vision: str | None = None  # int8 / int8-trt: the vision encoder and projector, static scales (quantize_vision)
     calib_data: str = "easy-vqa"  # the images --vision int8 / --weights w8a8 calibrate on: easy-vqa or a directory
     calib_n: int = 32
     external_data: bool = False  # every graph's weights in <graph>.onnx.data (always done above 2 GB)
@@ -211,7 +211,7 @@ def _quantize_vision(
     feeds = (vision_export(adapter.family).graph_feeds(
         adapter, pipe.inputs(adapter.export_image(load_image(p, adapter.min_image_side)), SAMPLE_PROMPT), meta)
         for p in paths)  # fmt: skip; export_image: the graph's input size where it is fixed (Qwen2.5-VL)
-    return quantize_vision(tmp / "vision.onnx", feeds, export.calib_data)
+    return quantize_vision(tmp / "vision.onnx", feeds, export.calib_data, export.vision)
 
 
 def lm_donor(export: ExportConfig, model: str) -> dict[str, Any]:

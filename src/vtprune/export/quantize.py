@@ -199,7 +199,9 @@ def _quiet(fn: Any) -> None:
 
 
 # --- the vision graph: int8 with static activation scales calibrated on images ---------------------------
-VISION_FORMATS = ("int8",)
+# int8: uint8 activations, ONNX Runtime's fast x86 form; int8-trt: symmetric int8 activations (zero points 0),
+# the Q/DQ form TensorRT builds (ONNX Runtime runs it too, 1.4x slower on the pocket VLM's encoder).
+VISION_FORMATS = ("int8", "int8-trt")
 # Only the model's own layers are quantized: the exporter tags each node with the aten op it came from, and
 # nn.Linear / nn.Conv2d weights arrive as aten.linear / aten.conv2d. Attention products (aten.matmul on two
 # activations) and everything in the pruning stage (custom ops, and pooling's constant aten.matmul) stay fp32.
@@ -222,14 +224,17 @@ def vision_layer_nodes(model: Any) -> list[str]:
     return out
 
 
-def quantize_vision(path: Path, feeds: Iterable[dict[str, np.ndarray]], source: str) -> dict[str, Any]:
+def quantize_vision(
+    path: Path, feeds: Iterable[dict[str, np.ndarray]], source: str, fmt: str = "int8"
+) -> dict[str, Any]:
     """Rewrite the vision graph ``path`` in place as int8 QDQ: per-channel symmetric int8 weights and uint8
     activations with static scales (min-max over ``feeds``, the graph's inputs for the calibration images:
     STYLE.md's data-loader contract) on every model layer; returns what the manifest records.
 
-    ONNX Runtime's ``quantize_static`` does the work. uint8 activations are ONNX Runtime's fast x86 path
-    (u8s8; symmetric int8 activations ran 1.4x slower on the pocket VLM's encoder); TensorRT needs
-    symmetric activations, so ``vtprune build`` keeps refusing these graphs."""
+    ONNX Runtime's ``quantize_static`` does the work. ``fmt`` int8: uint8 activations, ONNX Runtime's fast
+    x86 path (u8s8; symmetric int8 activations ran 1.4x slower on the pocket VLM's encoder), which TensorRT
+    does not take; int8-trt: symmetric int8 activations, TensorRT's explicit quantization (``vtprune
+    build`` builds it)."""
     import tempfile
 
     import onnx
@@ -246,7 +251,7 @@ def quantize_vision(path: Path, feeds: Iterable[dict[str, np.ndarray]], source: 
     )
 
     layers = vision_layer_nodes(onnx.load(str(path), load_external_data=False))
-    batches = list(feeds)
+    batches, symmetric = list(feeds), fmt == "int8-trt"
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -260,12 +265,15 @@ def quantize_vision(path: Path, feeds: Iterable[dict[str, np.ndarray]], source: 
         _quiet(lambda: quantize_static(
             str(path), str(dst), Reader(), quant_format=QuantFormat.QDQ,
             op_types_to_quantize=["MatMul", "Gemm", "Conv"], nodes_to_quantize=layers, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"WeightSymmetric": True}))  # fmt: skip
+            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"WeightSymmetric": True, "ActivationSymmetric": symmetric}))  # fmt: skip
         save_atomic(onnx.load(str(dst)), path)
     kinds = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
-    return {"vision": "int8", "method": "onnxruntime quantize_static, QDQ, min-max calibration",
-            "weights": "int8 per channel, symmetric", "activations": "uint8 per tensor, static scales",
+    return {"vision": fmt, "method": "onnxruntime quantize_static, QDQ, min-max calibration",
+            "weights": "int8 per channel, symmetric",
+            "activations": f"{'int8' if symmetric else 'uint8'} per tensor, static scales"
+                           + (", symmetric (TensorRT Q/DQ)" if symmetric else ""),
             "calibration": {"source": source, "images": len(batches)}, "quantized_nodes": len(layers),
             "qdq_pairs": kinds.count("QuantizeLinear"),
             "fp32": "attention products, layer norms, softmax and the pruning stage"}  # fmt: skip

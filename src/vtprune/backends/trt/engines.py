@@ -60,9 +60,12 @@ def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, A
     if missing:
         raise ConfigError(f"--graphs {','.join(missing)}: {bundle} has only {', '.join(manifest['graphs'])}")
     quantized = [g for g in graphs if "quantization" in manifest["graphs"][g]]
+    if "vision" in quantized and manifest["graphs"]["vision"]["quantization"]["vision"] == "int8-trt":
+        quantized.remove("vision")  # symmetric int8 Q/DQ: TensorRT's explicit quantization
     if "vision" in quantized:
-        raise ConfigError(f"{bundle}: vision.onnx holds ONNX Runtime's int8 form (uint8 activations), which TensorRT "
-                          "does not take; build the other graphs (--graphs) or export without --vision")  # fmt: skip
+        raise ConfigError(f"{bundle}: vision.onnx holds ONNX Runtime's int8 form (uint8 activations), which "
+                          "TensorRT does not take; export with --vision int8-trt, or build the other graphs "
+                          "(--graphs)")  # fmt: skip
     if quantized:
         weights = manifest["export"].get("weights")
         raise ConfigError(f"{bundle}: {', '.join(quantized)} hold ONNX Runtime's {weights} MatMulNBits weights, which "
