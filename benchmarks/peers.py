@@ -1,6 +1,7 @@
 """vtprune beside OpenVINO GenAI on the same pocket checkpoint, the same images and the same CPU.
 
-    python benchmarks/peers.py --openvino-python /path/to/ov-venv/bin/python [--rounds 5] [--background-load 2]
+    python benchmarks/peers.py --openvino-python /path/to/ov-venv/bin/python [--ortgenai-python /path/to/gai/bin/python]
+                               [--rounds 5] [--background-load 2]
 
 OpenVINO GenAI runs in its own virtual environment (never a vtprune dependency); make one with
 ``python -m venv V && V/bin/pip install openvino-genai "optimum-intel[openvino]"`` plus a CPU torch. The
@@ -11,7 +12,11 @@ and measures:
 - vtprune's ONNX Runtime bundles from ``benchmarks/quantized.py`` (fp32, int8, int4, w8a8, w8a8 with an
   int8 vision graph; unpruned and G-Prune 64); ``--only`` picks configurations by label;
 - OpenVINO GenAI's ``VLMPipeline``: fp32 weights computed in fp32 (``INFERENCE_PRECISION_HINT=f32``), fp32
-  weights with its default precision (bf16 on CPUs with AMX/AVX-512 BF16), and int8 weights.
+  weights with its default precision (bf16 on CPUs with AMX/AVX-512 BF16), and int8 weights;
+- with ``--ortgenai-python`` (a venv with ``onnxruntime-genai``, torch, transformers, onnx), ONNX Runtime
+  GenAI on the pocket's *language model only* (its model builder, fp32 and int4, both cores): ORT-GenAI has
+  no pipeline for this vision tower, so its rows are the prefill of a text prompt as long as vtprune's
+  prompts (unpruned: every visual token; G-Prune 64) plus the decode, with no vision or preprocessing.
 
 Each configuration lives in one worker process, loaded once; rounds alternate the workers (A, B, C, ...,
 A, B, C, ...), each round answering the same 4 easy-vqa images with 16 new tokens, EOS ignored, greedy; one
@@ -40,6 +45,10 @@ VTPRUNE = {"vtprune fp32, unpruned": "none-fp32", "vtprune fp32, G-Prune 64": "g
            "vtprune int4, G-Prune 64": "gprune-64-int4", "vtprune w8a8, unpruned": "none-w8a8",
            "vtprune w8a8, G-Prune 64": "gprune-64-w8a8", "vtprune w8a8 + int8 vision, unpruned": "none-w8a8+v8",
            "vtprune w8a8 + int8 vision, G-Prune 64": "gprune-64-w8a8+v8"}  # fmt: skip
+ORTGENAI = {"ORT-GenAI fp32, LM only, unpruned-length prompt": ("fp32", "unpruned"),
+            "ORT-GenAI fp32, LM only, G-Prune-64-length prompt": ("fp32", "gprune-64"),
+            "ORT-GenAI int4, LM only, unpruned-length prompt": ("int4", "unpruned"),
+            "ORT-GenAI int4, LM only, G-Prune-64-length prompt": ("int4", "gprune-64")}  # fmt: skip
 OPENVINO = {"OpenVINO fp32 (f32 compute)": ("fp32", {"INFERENCE_PRECISION_HINT": "f32"}),
             "OpenVINO fp32 (default compute)": ("fp32", {}),
             "OpenVINO int8": ("int8", {})}  # fmt: skip
@@ -78,6 +87,31 @@ def openvino_worker(model: str, props: str, images: list[str]) -> None:
         return {"ttft_ms": metrics.get_ttft().mean, "decode_tok_s": 1e3 / metrics.get_tpot().mean}
 
     serve(lambda: [one(img) for img in pics])
+
+
+def ortgenai_worker(model: str, tokens: str) -> None:
+    """ONNX Runtime GenAI on a text prompt of ``tokens`` ids: TTFT is appending them and choosing the first
+    new token; decode is the rest (EOS suppressed by ``min_length``)."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    lm = og.Model(model)
+    n = int(tokens)
+    ids = (np.arange(n, dtype=np.int32) % 2000) + 1000  # ordinary text tokens; their values do not change the cost
+
+    def one() -> dict[str, float]:
+        params = og.GeneratorParams(lm)
+        params.set_search_options(max_length=n + NEW_TOKENS, min_length=n + NEW_TOKENS, do_sample=False)
+        gen = og.Generator(lm, params)
+        start = time.perf_counter()
+        gen.append_tokens(ids)
+        gen.generate_next_token()
+        first = time.perf_counter()
+        for _ in range(NEW_TOKENS - 1):
+            gen.generate_next_token()
+        return {"ttft_ms": (first - start) * 1e3, "decode_tok_s": (NEW_TOKENS - 1) / (time.perf_counter() - first)}
+
+    serve(lambda: [one() for _ in range(4)])
 
 
 def serve(run: Any) -> None:
@@ -134,6 +168,45 @@ def convert_openvino(ov_python: str, work: Path, fmt: str, log: Any) -> Path:
     return out
 
 
+def convert_ortgenai(gai_python: str, work: Path, fmt: str, log: Any) -> Path:
+    """The pocket's language model built by ORT-GenAI's model builder with ``fmt`` weights (once; int4 at
+    accuracy level 4), its sessions told to use both cores."""
+    out = work / f"ortgenai-{fmt}"
+    if (out / "genai_config.json").is_file():
+        return out
+    src = work / "pocket-lm"
+    if not (src / "model.safetensors").is_file():
+        extract_language_model(src)
+    log(f"building the pocket language model with ORT-GenAI's model builder ({fmt})")
+    cmd = [gai_python, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out), "-p", fmt,
+           "-e", "cpu", "-c", str(work / "ortgenai-cache")]  # fmt: skip
+    if fmt == "int4":  # int8 activations in MatMulNBits: ORT-GenAI's recommended CPU setting
+        cmd += ["--extra_options", "int4_accuracy_level=4"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    config = json.loads((out / "genai_config.json").read_text())
+    config["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = os.cpu_count()
+    (out / "genai_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def extract_language_model(dest: Path) -> None:
+    """The pocket checkpoint's language model as a plain Llama checkpoint (config, tokenizer, weights)."""
+    from safetensors.torch import load_file, save_file
+
+    from vtprune.models import pocket
+
+    src = Path(pocket.materialize(None, log=lambda _: None))
+    dest.mkdir(parents=True, exist_ok=True)
+    text = json.loads((src / "config.json").read_text())["text_config"]
+    text |= {"architectures": ["LlamaForCausalLM"], "torch_dtype": "float32"}
+    (dest / "config.json").write_text(json.dumps(text, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copyfile(src / name, dest / name)
+    prefix = "language_model."
+    weights = {k[len(prefix):]: v for k, v in load_file(str(src / "model.safetensors")).items() if k.startswith(prefix)}
+    save_file(weights, str(dest / "model.safetensors"), metadata={"format": "pt"})
+
+
 def rounds(workers: list[Worker], count: int, log: Any) -> dict[str, dict[str, list[float]]]:
     out = {w.label: {"ttft_ms": [], "decode_tok_s": []} for w in workers}
     for r in range(count + 1):
@@ -147,6 +220,21 @@ def rounds(workers: list[Worker], count: int, log: Any) -> dict[str, dict[str, l
     return out
 
 
+def prompt_lengths(bundles: Path) -> dict[str, int]:
+    """Tokens entering vtprune's decoder for the benchmark prompt on the first image: unpruned and G-Prune 64."""
+    from vtprune.backends.ort import OrtVlm
+    from vtprune.eval.data import load_questions
+    from vtprune.images import load_image
+    from vtprune.runtime.timing import StageTimer
+
+    image = next(q.image_path for q in load_questions("test"))
+    out = {}
+    for key, name in (("unpruned", "none-fp32"), ("gprune-64", "gprune-64-fp32")):
+        vlm = OrtVlm(bundles / name, only=("vision", "embed"))
+        out[key] = int(vlm.prefill_inputs(vlm.inputs(load_image(image), PROMPT), StageTimer())["embeds"].shape[1])
+    return out
+
+
 def summarize(measured: dict) -> dict[str, dict[str, float]]:
     return {k: {"ttft_ms": statistics.median(v["ttft_ms"]), "decode_tok_s": statistics.median(v["decode_tok_s"])}
             for k, v in measured.items()}  # fmt: skip
@@ -155,6 +243,7 @@ def summarize(measured: dict) -> dict[str, dict[str, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--openvino-python", help="python of a venv with openvino-genai and optimum-intel")
+    ap.add_argument("--ortgenai-python", help="python of a venv with onnxruntime-genai, torch, transformers, onnx")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--background-load", type=int, default=2, help="busy processes for the loaded rounds (0: skip)")
     ap.add_argument("--bundles", type=Path, default=Path(".bench/quantized"), help="benchmarks/quantized.py's work")
@@ -167,6 +256,8 @@ def main() -> None:
         kind, target, *rest = args.worker
         if kind == "vtprune":
             return vtprune_worker(target, rest)
+        if kind == "ortgenai":
+            return ortgenai_worker(target, rest[0])
         return openvino_worker(target, rest[0], rest[1:])
     run_driver(args)
 
@@ -197,6 +288,13 @@ def run_driver(args: argparse.Namespace) -> None:
             model = convert_openvino(args.openvino_python, args.work, fmt, log)
             cmd = [args.openvino_python, me, "--worker", "openvino", str(model), json.dumps(props), *images]
             workers.append(Worker(label, cmd))
+    if args.ortgenai_python:
+        lengths = prompt_lengths(args.bundles)
+        for label, (fmt, length) in ORTGENAI.items():
+            if wanted(label):
+                model = convert_ortgenai(args.ortgenai_python, args.work, fmt, log)
+                cmd = [args.ortgenai_python, me, "--worker", "ortgenai", str(model), str(lengths[length])]
+                workers.append(Worker(label, cmd))
     log(f"{len(workers)} workers loaded")
     quiet = rounds(workers, args.rounds, log)
     loaded = None
@@ -219,16 +317,17 @@ def run_driver(args: argparse.Namespace) -> None:
 
 def to_markdown(result: dict) -> str:
     env, quiet, loaded = result["environment"], result["quiet"]["medians"], result["loaded"]
-    ov = {k: v for k, v in quiet.items() if k.startswith("OpenVINO")}
+    ov = {k: v for k, v in quiet.items() if k.startswith("OpenVINO")}  # ORT-GenAI rows are LM-only: not "best"
     best_ttft = min((v["ttft_ms"] for v in ov.values()), default=None)
     best_decode = max((v["decode_tok_s"] for v in ov.values()), default=None)
     busy_cols = f" TTFT, {result['background_load']} busy processes | slowdown |" if loaded else ""
-    lines = ["# vtprune beside OpenVINO GenAI: pocket VLM, CPU", "",
+    lines = ["# vtprune beside OpenVINO GenAI and ORT-GenAI: pocket VLM, CPU", "",
              f"{result['date']}; {env['cpu']}, {env['cores']} cores, {env['memory_mb'] / 1024:.0f} GiB. Same 4 "
              f"easy-vqa images, prompt \"{result['prompt']}\", {result['new_tokens']} new tokens (EOS ignored), "
              f"greedy; medians of {result['rounds']} alternating rounds after one warm-up round, one process per "
              "configuration. Ratios are against OpenVINO's best configuration in this run (TTFT: lower is "
-             "better, so < 1 favours the row; decode: > 1 favours the row).", "",
+             "better, so < 1 favours the row; decode: > 1 favours the row). ORT-GenAI rows run the language "
+             "model alone (no vision, no preprocessing) on a text prompt as long as vtprune's decoder input.", "",
              "| configuration | TTFT ms | TTFT vs best OpenVINO | decode tok/s | decode vs best OpenVINO "
              "| peak RSS MB |" + busy_cols,
              "|---|---|---|---|---|---|" + ("---|---|" if loaded else "")]  # fmt: skip
