@@ -44,7 +44,9 @@ VTPRUNE = {"vtprune fp32, unpruned": "none-fp32", "vtprune fp32, G-Prune 64": "g
            "vtprune int8, unpruned": "none-int8", "vtprune int4, unpruned": "none-int4",
            "vtprune int4, G-Prune 64": "gprune-64-int4", "vtprune w8a8, unpruned": "none-w8a8",
            "vtprune w8a8, G-Prune 64": "gprune-64-w8a8", "vtprune w8a8 + int8 vision, unpruned": "none-w8a8+v8",
-           "vtprune w8a8 + int8 vision, G-Prune 64": "gprune-64-w8a8+v8"}  # fmt: skip
+           "vtprune w8a8 + int8 vision, G-Prune 64": "gprune-64-w8a8+v8",
+           "vtprune w8a8, ALVTS 28": "alvts-28-w8a8",
+           "vtprune w8a8 + int8 vision, ALVTS 28": "alvts-28-w8a8+v8"}  # fmt: skip
 ORTGENAI = {"ORT-GenAI fp32, LM only, unpruned-length prompt": ("fp32", "unpruned"),
             "ORT-GenAI fp32, LM only, G-Prune-64-length prompt": ("fp32", "gprune-64"),
             "ORT-GenAI int4, LM only, unpruned-length prompt": ("int4", "unpruned"),
