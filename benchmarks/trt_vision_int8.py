@@ -47,7 +47,9 @@ def main() -> None:
     env = result["environment"]
     lines = ["# Pocket VLM vision engine: fp32 against int8 Q/DQ, TensorRT for RTX", "",
              f"{result['date']}; built on {env['cpu']}, {env['cores']} cores (no GPU: TensorRT-RTX builds on the "
-             f"CPU), target {args.target}; G-Prune 64 bundles, vision graph only. Engines were built, not run.", "",
+             f"CPU), target {args.target}; G-Prune 64 bundles, vision graph only. Engines were built, not run. "
+             "Engine precision is the build's float precision; Q/DQ layers compute in int8 where the graph puts "
+             "them (the pruning stage, attention products and norms stay fp32).", "",
              "| vision graph | ONNX MB | engine MB | build s | engine precision |",
              "|---|---|---|---|---|"]  # fmt: skip
     for label, r in rows.items():

@@ -131,3 +131,31 @@ def test_int8_trt_vision_is_symmetric_and_tensorrt_builds_it(calib_dir, cache_di
         pytest.skip(NO_TRT)  # what TensorRT needs is checked above; the build needs a builder
     engines = build_bundle(out, BuildConfig(graphs=("vision",), target=TARGET))
     assert engines["vision"]["engine_size"] > 0 and (out / "vision.engine").is_file()
+
+
+def test_int8_trt_keeps_biases_float(tmp_path):
+    """TensorRT dequantizes int8 tensors only: ``int8-trt`` leaves a layer's bias fp32 (``int8`` quantizes it
+    to int32, ONNX Runtime's form)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vtprune.export.quantize import quantize_vision
+
+    rng = np.random.default_rng(0)
+    conv = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="patch", kernel_shape=[2, 2], strides=[2, 2])
+    conv.metadata_props.add(key="namespace", value="patch: aten.conv2d.default")
+    graph = helper.make_graph(
+        [conv], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])],
+        [numpy_helper.from_array(rng.standard_normal((4, 3, 2, 2)).astype(np.float32), "w"),
+         numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b")])  # fmt: skip
+    feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
+    for fmt, bias_type in (("int8-trt", None), ("int8", TensorProto.INT32)):
+        path = tmp_path / f"{fmt}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), str(path))
+        quantize_vision(path, feeds, "test", fmt)
+        model = onnx.load(str(path))
+        types = {i.name: i.data_type for i in model.graph.initializer}
+        dq_inputs = [types.get(n.input[0]) for n in model.graph.node if n.op_type == "DequantizeLinear"]
+        assert (TensorProto.INT32 in dq_inputs) == (bias_type is not None), fmt

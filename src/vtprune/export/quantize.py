@@ -267,7 +267,8 @@ def quantize_vision(
             op_types_to_quantize=["MatMul", "Gemm", "Conv"], nodes_to_quantize=layers, per_channel=True,
             activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"WeightSymmetric": True, "ActivationSymmetric": symmetric}))  # fmt: skip
+            extra_options={"WeightSymmetric": True, "ActivationSymmetric": symmetric,
+                           "QuantizeBias": not symmetric}))  # fmt: skip; TensorRT dequantizes no int32 bias
         save_atomic(onnx.load(str(dst)), path)
     kinds = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
     return {"vision": fmt, "method": "onnxruntime quantize_static, QDQ, min-max calibration",
