@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vtprune.api import export_bundle
-from vtprune.calib.smooth import activation_ranges, prefill_feeds, selector_layers, smoothed_copy
+from vtprune.calib.smooth import activation_ranges, prefill_feeds, smoothed_copy
 from vtprune.config import PruneConfig
 from vtprune.errors import InputError, InternalError
 from vtprune.export.bundle import ExportConfig
@@ -63,18 +63,25 @@ def test_smoothing_keeps_the_function_flattens_the_outlier_and_leaves_the_refere
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
-def test_alvts_selector_layers_keep_their_normalised_input(tiny_dirs, calib_dir):
-    layers = 2
-    assert selector_layers(PruneConfig(method="alvts", keep=16, layer=1), layers) == {1}
-    assert selector_layers(PruneConfig(method="alvts", keep=16, layer=0, selector="exact"), layers) == set()
-    assert selector_layers(PruneConfig(method="fastv", keep=16, layer=1), layers) == set()
+@pytest.mark.parametrize("selector", ["lowrank", "paper"])
+def test_alvts_selectors_of_a_smoothed_copy_score_as_their_source(tiny_dirs, calib_dir, selector):
+    from vtprune.runtime.layerwise import selectors_for
+
     adapter = load_vlm(str(tiny_dirs["tiny-llava"]))
-    feeds = prefill_feeds(adapter, GPRUNE, calibration_images(str(calib_dir), 2))
-    twin, record = smoothed_copy(adapter, feeds, frozenset({1}))
-    assert record["unsmoothed_attention_layers"] == [1] and record["groups"] == 5
-    norms = [(a.input_layernorm.weight, b.input_layernorm.weight) for a, b in
-             zip(adapter.decoder.layers, twin.decoder.layers, strict=True)]  # fmt: skip
-    assert not torch.equal(*norms[0]) and torch.equal(*norms[1])
+    twin, _ = smoothed_copy(adapter, prefill_feeds(adapter, GPRUNE, calibration_images(str(calib_dir), 2)))
+    cfg = PruneConfig(method="alvts", keep=16, layer=0, selector=selector)
+    mine, source = selectors_for(twin, cfg), selectors_for(adapter, cfg)
+    assert sorted(mine) == sorted(source) == [0, 1]
+    h = torch.randn(1, 12, adapter.text_dims().hidden, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        for i in mine:
+            x_twin, x_src = (a.decoder.layers[i].input_layernorm(h) for a in (twin, adapter))
+            assert not torch.allclose(x_twin, x_src)  # the norm was smoothed ...
+            sel_twin = mine[i].factors if selector == "paper" else mine[i]
+            sel_src = source[i].factors if selector == "paper" else source[i]
+            want = sel_src.logits(x_src, x_src)
+            torch.testing.assert_close(sel_twin.logits(x_twin, x_twin), want, rtol=1e-4,
+                                       atol=1e-4 * float(want.abs().max()))  # ... and the scores are the same
 
 
 def test_down_projections_by_module_name(bundles, tmp_path):
@@ -102,7 +109,6 @@ def test_w8a8_routed_bundle_finds_its_blockwise_layers_in_every_graph(cache_dir,
     m = read_manifest(out)
     assert m["smoothing"]["blockwise"] == ["layers.0.mlp.down_proj", "layers.1.mlp.down_proj"]
     assert m["smoothing"]["calibration"] == {"source": str(calib_dir), "images": 2}
-    assert m["smoothing"]["unsmoothed_attention_layers"] == [1]
     for graph in ("prefill", "decode"):
         q = m["graphs"][graph]["quantization"]
         assert q["smoothquant"] and q["blockwise_matmuls"] == 2

@@ -71,11 +71,10 @@ class SmoothGroup:
     producer_bias: nn.Parameter | None = None  # the up projection's bias, where it has one
 
 
-def smooth_groups(decoder: nn.Module, keep_attention: frozenset[int] = frozenset()) -> list[SmoothGroup]:
+def smooth_groups(decoder: nn.Module) -> list[SmoothGroup]:
     """The decoder layers' smoothable groups (Llama / Qwen2 layout: ``input_layernorm`` -> ``self_attn.
     {q,k,v}_proj``, ``post_attention_layernorm`` -> ``mlp.{gate,up}_proj``, ``mlp.up_proj`` -> ``mlp.
-    down_proj``), without the q/k/v group of the layers in ``keep_attention`` (their normalised input is
-    read as it is by an in-LLM selector); ``ConfigError`` for a decoder of another layout."""
+    down_proj``); ``ConfigError`` for a decoder of another layout."""
     groups = []
     for i, layer in enumerate(getattr(decoder, "layers", [])):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
@@ -84,10 +83,9 @@ def smooth_groups(decoder: nn.Module, keep_attention: frozenset[int] = frozenset
         if any(m is None or not all(hasattr(m, a) for a in names) for m, names in needed):
             raise ConfigError(f"--weights w8a8 smooths Llama/Qwen2-style decoder layers; layer {i} of this model "
                               "has another layout (use --weights int8)")  # fmt: skip
-        if i not in keep_attention:
-            groups.append(SmoothGroup(f"layers.{i}.self_attn.qkv", (attn.q_proj, attn.k_proj, attn.v_proj),
-                                      layer.input_layernorm.weight, ALPHA_NORM))  # fmt: skip
         groups += [
+            SmoothGroup(f"layers.{i}.self_attn.qkv", (attn.q_proj, attn.k_proj, attn.v_proj),
+                        layer.input_layernorm.weight, ALPHA_NORM),
             SmoothGroup(f"layers.{i}.mlp.gate_up", (mlp.gate_proj, mlp.up_proj),
                         layer.post_attention_layernorm.weight, ALPHA_NORM),
             SmoothGroup(f"layers.{i}.mlp.down_proj", (mlp.down_proj,), mlp.up_proj.weight, ALPHA_DOWN,
@@ -145,17 +143,17 @@ def activation_ranges(decoder: nn.Module, feeds: Iterable[dict[str, np.ndarray]]
 
 
 @torch.no_grad()
-def smooth(
-    decoder: nn.Module, ranges: dict[str, Tensor], keep_attention: frozenset[int] = frozenset()
-) -> dict[str, Any]:
+def smooth(decoder: nn.Module, ranges: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Fold the SmoothQuant scales of ``ranges`` into ``decoder`` in place; returns what the manifest
-    records: alphas, groups, the largest activation range before and after (over all groups, as a multiple
-    of the median channel) and ``blockwise``, the down projections to keep block-wise (``BLOCKWISE_RATIO``)."""
-    before, after, blockwise = [], [], []
-    for g in smooth_groups(decoder, keep_attention):
+    records (alphas, groups, the largest activation range before and after over all groups as a multiple
+    of the median channel, and ``blockwise``: the down projections to keep block-wise, ``BLOCKWISE_RATIO``)
+    and each group's scales by name."""
+    before, after, blockwise, scales = [], [], [], {}
+    for g in smooth_groups(decoder):
         x = ranges[g.name].to(g.producer.device, torch.float32).clamp_min(MIN_RANGE)
         w = torch.stack([r.weight.abs().amax(0).float() for r in g.readers]).amax(0).clamp_min(MIN_RANGE)
         s = x.pow(g.alpha) / w.pow(1 - g.alpha)  # (in,)
+        scales[g.name] = s
         for r in g.readers:
             r.weight.mul_(s.to(r.weight.dtype))  # nn.Linear weight (out, in): input column j times s_j
         scale = (1 / s).to(g.producer.dtype)
@@ -168,27 +166,22 @@ def smooth(
         after.append(float((x / s).max() / (x / s).median()))
     return {"method": "smoothquant", "alpha_norm": ALPHA_NORM, "alpha_down": ALPHA_DOWN, "groups": len(before),
             "outlier_ratio_before": round(max(before), 1), "outlier_ratio_after": round(max(after), 1),
-            "blockwise": blockwise}  # fmt: skip
+            "blockwise": blockwise}, scales  # fmt: skip
 
 
-def selector_layers(prune: Any, layers: int) -> frozenset[int]:
-    """Layers whose normalised input an in-LLM selector reads with factors of its own (ALVTS's low-rank and
-    paper selectors, from ``prune.layer`` on): smoothing their RMSNorm would change the tokens they choose.
-    FastV, DART and ALVTS's exact selector read it through the layer's own q/k projections, which smoothing
-    leaves exact."""
-    if prune.method != "alvts" or prune.selector == "exact":
-        return frozenset()
-    return frozenset(range(prune.layer, layers))
+def smoothed_copy(adapter: Any, feeds: Iterable[dict[str, np.ndarray]]) -> tuple[Any, dict[str, Any]]:
+    """A new adapter around a deep copy of ``adapter``'s model with its decoder smoothed on the activation
+    ranges ``adapter``'s own decoder shows on ``feeds``; ``adapter`` is not modified. Returns it and the
+    manifest record.
 
-
-def smoothed_copy(
-    adapter: Any, feeds: Iterable[dict[str, np.ndarray]], keep_attention: frozenset[int] = frozenset()
-) -> tuple[Any, dict[str, Any]]:
-    """A new adapter around a deep copy of ``adapter``'s model with its decoder smoothed (``keep_attention``:
-    layers whose q/k/v group stays as it is) on the activation ranges ``adapter``'s own decoder shows on
-    ``feeds``; ``adapter`` is not modified. Returns it and the manifest record."""
+    ALVTS selectors read a layer's normalised input with factors of their own: the copy remembers its
+    source and the scales its q/k/v inputs were divided by, and ``runtime.layerwise.selectors_for`` gives
+    it the source's selectors rescaled to match (the same scores, the same tokens). FastV, DART and the
+    exact selector read that input through the layer's q/k projections, which smoothing keeps exact."""
     ranges = activation_ranges(adapter.decoder, feeds)
     model = copy.deepcopy(adapter.model)
     twin = type(adapter)(model, adapter.processor, adapter.path)
-    record = smooth(twin.decoder, ranges, keep_attention)
-    return twin, record | {"unsmoothed_attention_layers": sorted(keep_attention)}
+    record, scales = smooth(twin.decoder, ranges)
+    twin.smoothed_from = adapter
+    twin.selector_input_scales = {i: scales[f"layers.{i}.self_attn.qkv"] for i in range(len(twin.decoder.layers))}
+    return twin, record

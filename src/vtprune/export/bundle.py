@@ -185,13 +185,12 @@ def write_bundle(
 def _smoothed(adapter: Any, prune: PruneConfig, export: ExportConfig, log: Any) -> tuple[Any, dict[str, Any]]:
     """--weights w8a8: a copy of the model with SmoothQuant folded into its decoder, calibrated on the
     prefill inputs of ``export.calib_n`` images (``calib.smooth``); the manifest's record."""
-    from vtprune.calib.smooth import prefill_feeds, selector_layers, smoothed_copy
+    from vtprune.calib.smooth import prefill_feeds, smoothed_copy
     from vtprune.images import calibration_images
 
     paths = calibration_images(export.calib_data, export.calib_n)
     log(f"calibrating SmoothQuant on {len(paths)} images from {export.calib_data}")
-    keep = selector_layers(prune, adapter.text_dims().layers)
-    traced, record = smoothed_copy(adapter, prefill_feeds(adapter, prune, paths), keep)
+    traced, record = smoothed_copy(adapter, prefill_feeds(adapter, prune, paths))
     return traced, record | {"calibration": {"source": export.calib_data, "images": len(paths)}}
 
 

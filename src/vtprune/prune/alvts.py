@@ -65,6 +65,12 @@ class LayerSelector:
         """The same selector at a lower rank (factors are stored in descending singular-value order)."""
         return LayerSelector(self.a[:, :rank], self.b[:, :rank], self.u, self.scale)
 
+    def rescaled(self, s: Tensor) -> LayerSelector:
+        """The same scores for inputs divided channel-wise by ``s`` (d,) (a SmoothQuant-ed RMSNorm,
+        ``calib.smooth``): ``(x / s) @ (s * a) == x @ a``."""
+        s = s.to(self.a.dtype)
+        return LayerSelector(self.a * s[:, None], self.b * s[:, None], self.u * s, self.scale)
+
 
 def lowrank_selector_macs(d: int, rank: int, n_q: int, n_v: int) -> int:
     """MACs of one rank-r selector: visual keys, queries, key-bias term and the score matrix."""
@@ -162,6 +168,10 @@ class PaperSelector:
     @property
     def rank(self) -> int:
         return self.factors.rank
+
+    def rescaled(self, s: Tensor) -> PaperSelector:
+        """See ``LayerSelector.rescaled``."""
+        return PaperSelector(self.factors.rescaled(s))
 
     def scores_all(self, x: Tensor, visual: Tensor) -> Tensor:
         """(B, L, d) normalised rows in sequence order, (N_v,) visual rows -> (B, N_v) scores.
