@@ -19,11 +19,13 @@ of 128 moved the distribution by up to 1.5 nats).
 activations with one scale per tensor, computed at run time), which the CPU runs with int8 GEMM kernels
 (VNNI/AMX) in prefill as well as decode. The decoder's activation outliers, which one scale per tensor
 cannot hold, are first moved into the weights by SmoothQuant, calibrated on images (``calib.smooth``,
-applied to the model before its graphs are traced). Without it (``smoothed=False``: a graph of an
-unsmoothed model) each MLP's down projection, whose input carries the largest outliers, takes the int8
-``MatMulNBits`` form above instead, whose activations are quantized per block of 128 (pocket VLM: easy-vqa
-accuracy 0.98 falls to 0.39 with those in dynamic int8 unsmoothed); that form is 2.5x slower per MAC in
-prefill. Down projections are found by shape: the only weights whose input width is not the model width.
+applied to the model before its graphs are traced); down projections whose inputs keep extreme outliers
+take the int8 ``MatMulNBits`` form above, whose activations are quantized per block of 128. A graph of an
+unsmoothed model (``blockwise=None``) takes that form for every down projection, whose input carries the
+largest outliers (pocket VLM: easy-vqa accuracy 0.98 falls to 0.39 with them in dynamic int8 unsmoothed);
+it ran at under a third of the dynamic MatMuls' speed per MAC in the pocket decoder's prefill (ONNX
+Runtime's profile). Down projections are found by shape: the only weights whose input width is not the
+model width.
 
 ``--vision int8`` (``quantize_vision``) quantizes the vision encoder and projector too, with static
 activation scales calibrated on images; its pruning stage stays fp32.
