@@ -54,8 +54,9 @@ ALPHA_DOWN = 0.8  # down-projection inputs
 # 48 prompts, for a prefill 1 ms shorter (44 against 45 ms).
 BLOCKWISE_RATIO = 300.0
 MIN_RANGE = 1e-5  # channels never active in calibration keep s near 1 instead of dividing by zero
-# Questions asked of the calibration images in turn (the text rows' activations vary with the question:
-# one fixed prompt left a 4x larger worst-case KL on the pocket VLM); none is an evaluation question.
+# Questions asked of the calibration images in turn (the text rows' activations vary with the question: in a
+# pocket VLM trial, one fixed prompt gave a next-token KL of 0.11 nats mean / 0.44 max over 48 prompts, the
+# images' own questions 0.08 / 0.34); none is an evaluation question.
 PROMPTS = ("what shape is in the image ?", "what color is the shape ?", "is there a circle in the image ?",
            "describe the image in detail.", "does the image contain a blue shape ?", "how many shapes are there ?")
 
