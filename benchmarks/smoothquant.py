@@ -1,4 +1,4 @@
-"""SmoothQuant for w8a8 on the pocket VLM: what each part of ``calib.smooth`` buys, decoder by decoder.
+"""SmoothQuant for w8a8 on the pocket VLM: what each part of ``export.smooth`` buys, decoder by decoder.
 
     python benchmarks/smoothquant.py [--prompts 48] [--rounds 5] [--out benchmarks/results/pocket/smoothquant]
 
@@ -34,12 +34,12 @@ def main() -> None:
 
     from vtprune.api import export_bundle
     from vtprune.backends.ort import OrtVlm
-    from vtprune.calib.smooth import prefill_feeds, smoothed_copy
     from vtprune.config import PruneConfig
     from vtprune.eval.data import load_questions, subsample
     from vtprune.export.bundle import ExportConfig
     from vtprune.export.decoder import export_decoder
     from vtprune.export.quantize import quantize_graph
+    from vtprune.export.smooth import prefill_feeds, smoothed_copy
     from vtprune.images import calibration_images, load_image
     from vtprune.models import load_vlm
     from vtprune.runtime.report import environment

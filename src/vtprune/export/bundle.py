@@ -184,8 +184,8 @@ def write_bundle(
 
 def _smoothed(adapter: Any, prune: PruneConfig, export: ExportConfig, log: Any) -> tuple[Any, dict[str, Any]]:
     """--weights w8a8: a copy of the model with SmoothQuant folded into its decoder, calibrated on the
-    prefill inputs of ``export.calib_n`` images (``calib.smooth``); the manifest's record."""
-    from vtprune.calib.smooth import prefill_feeds, smoothed_copy
+    prefill inputs of ``export.calib_n`` images (``export.smooth``); the manifest's record."""
+    from vtprune.export.smooth import prefill_feeds, smoothed_copy
     from vtprune.images import calibration_images
 
     paths = calibration_images(export.calib_data, export.calib_n)

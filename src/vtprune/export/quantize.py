@@ -18,7 +18,7 @@ of 128 moved the distribution by up to 1.5 nats).
 ``DynamicQuantizeLinear`` + ``MatMulInteger`` (``quantize_dynamic``: int8 weights per output channel, uint8
 activations with one scale per tensor, computed at run time), which the CPU runs with int8 GEMM kernels
 (VNNI/AMX) in prefill as well as decode. The decoder's activation outliers, which one scale per tensor
-cannot hold, are first moved into the weights by SmoothQuant, calibrated on images (``calib.smooth``,
+cannot hold, are first moved into the weights by SmoothQuant, calibrated on images (``export.smooth``,
 applied to the model before its graphs are traced); down projections whose inputs keep extreme outliers
 take the int8 ``MatMulNBits`` form above, whose activations are quantized per block of 128. A graph of an
 unsmoothed model (``blockwise=None``) takes that form for every down projection, whose input carries the
@@ -70,7 +70,7 @@ def _check_format(flag: str, value: str | None, choices: tuple[str, ...], dtype:
 def quantize_graph(path: Path, weights: str, blockwise: list[str] | None = None) -> dict[str, Any]:
     """Rewrite ``path`` in place with ``weights`` (int4 / int8) MatMul (and int4 Gather) weights; returns what
     the manifest records (format, method, block size, quantized node count, the MatMuls kept in fp32).
-    ``blockwise`` (w8a8 of a graph traced from a SmoothQuant-ed model, ``calib.smooth``): the down
+    ``blockwise`` (w8a8 of a graph traced from a SmoothQuant-ed model, ``export.smooth``): the down
     projections, by module name (``layers.11.mlp.down_proj``), that keep block-wise activations; every
     other MatMul takes dynamic int8 ones. None: an unsmoothed graph, every down projection block-wise."""
     import onnx

@@ -67,7 +67,7 @@ class LayerSelector:
 
     def rescaled(self, s: Tensor) -> LayerSelector:
         """The same scores for inputs divided channel-wise by ``s`` (d,) (a SmoothQuant-ed RMSNorm,
-        ``calib.smooth``): ``(x / s) @ (s * a) == x @ a``."""
+        ``export.smooth``): ``(x / s) @ (s * a) == x @ a``."""
         s = s.to(self.a.dtype)
         return LayerSelector(self.a * s[:, None], self.b * s[:, None], self.u * s, self.scale)
 

@@ -472,13 +472,13 @@ def selectors_for(adapter: Any, cfg: PruneConfig) -> dict[int, Any]:
     """The ALVTS selectors of layers >= ``cfg.layer`` (computed once per adapter): fitted factors from
     ``cfg.factors`` (``vtprune calib alvts``, ``--mode paper`` for the paper's selector), else the SVD
     factors at rank ``cfg.rank`` (data-free low-rank proxy, or the paper's W_Q / W_K initialisation). A
-    SmoothQuant-ed copy of a model (``calib.smooth.smoothed_copy``) gets its source model's selectors with
+    SmoothQuant-ed copy of a model (``export.smooth.smoothed_copy``) gets its source model's selectors with
     their factors rescaled to its smoothed norms: the same token choices."""
     paper = cfg.selector == "paper"
     memo = adapter.__dict__.setdefault("_alvts_selectors", {})
     key = (cfg.selector, "factors", str(cfg.factors)) if cfg.factors is not None else (cfg.selector, cfg.rank)
     source = adapter.__dict__.get("smoothed_from")
-    if key not in memo and source is not None:  # a SmoothQuant-ed copy (calib.smooth): its source's selectors,
+    if key not in memo and source is not None:  # a SmoothQuant-ed copy (export.smooth): its source's selectors,
         scales = adapter.__dict__["selector_input_scales"]  # rescaled to the inputs its norms now give
         memo[key] = {i: sel.rescaled(scales[i]) for i, sel in selectors_for(source, cfg).items()}
     if key not in memo:  # once per adapter, not once per prompt

@@ -1,4 +1,4 @@
-"""SmoothQuant for w8a8 bundles (``calib.smooth``): calibrated on the decoder's prefill inputs, folded into
+"""SmoothQuant for w8a8 bundles (``export.smooth``): calibrated on the decoder's prefill inputs, folded into
 a copy of the model without changing its function, outliers flattened, the worst down projections kept
 block-wise, ALVTS selectors' inputs left as they are."""
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from vtprune.api import export_bundle
-from vtprune.calib.smooth import activation_ranges, prefill_feeds, smoothed_copy
 from vtprune.config import PruneConfig
 from vtprune.errors import InputError, InternalError
 from vtprune.export.bundle import ExportConfig
 from vtprune.export.quantize import down_projections, quantize_graph
+from vtprune.export.smooth import activation_ranges, prefill_feeds, smoothed_copy
 from vtprune.images import calibration_images
 from vtprune.manifest import read_manifest
 from vtprune.models import load_vlm
@@ -100,7 +100,7 @@ def test_down_projections_by_module_name(bundles, tmp_path):
 
 
 def test_w8a8_routed_bundle_finds_its_blockwise_layers_in_every_graph(cache_dir, calib_dir, tmp_path, monkeypatch):
-    import vtprune.calib.smooth as smooth
+    import vtprune.export.smooth as smooth
 
     monkeypatch.setattr(smooth, "BLOCKWISE_RATIO", 0.0)  # every down projection block-wise: all must be found
     out = tmp_path / "b"
