@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="images --vision int8 and --weights w8a8 are calibrated on: easy-vqa's train split or "
                           "a directory")  # fmt: skip
     exp.add_argument("--calib-n", type=count(1, 4096), default=32, help="calibration images (default: 32)")
+    exp.add_argument("--decoder", choices=["traced", "fused"],
+                     help="decoder graph: traced (portable ONNX; TensorRT builds it) or fused (ONNX Runtime's "
+                          "GroupQueryAttention, RotaryEmbedding and skip-RMSNorm, KV cache updated in place; Llama-"
+                          "family decoders, pre-LLM methods). Default: fused with --weights, else traced")  # fmt: skip
     exp.add_argument("--external-data", action="store_true",
                      help="keep every graph's weights in <graph>.onnx.data beside it (always done above 2 GB)")
     add_prune_args(exp)
@@ -171,7 +175,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     export = ExportConfig(opset=args.opset, dtype=args.dtype, inline=args.inline, validate=not args.no_validate,
                           force=args.force, reuse_lm_from=args.reuse_lm_from, weights=args.weights,
                           vision=args.vision, calib_data=args.calib_data, calib_n=args.calib_n,
-                          external_data=args.external_data)  # fmt: skip
+                          external_data=args.external_data, decoder=args.decoder)  # fmt: skip
 
     def log(msg: str) -> None:
         print(f"vtprune export: {msg}", file=sys.stderr, flush=True)

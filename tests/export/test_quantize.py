@@ -60,6 +60,7 @@ def test_quantized_bundle_validates_and_records_what_it_holds(quantized, weights
     quantized_op = "MatMulInteger" if weights == "w8a8" else "MatMulNBits"  # w8a8: smoothed, see below
     assert quantized_op in _ops(bundle / "decoder.onnx") and _weight_matmuls(bundle / "decoder.onnx") == []
     assert "MatMulNBits" not in _ops(bundle / "vision.onnx")
+    assert m["graphs"]["decoder"]["exporter"] == "fused" and "GroupQueryAttention" in _ops(bundle / "decoder.onnx")
     kept = next(r for r in m["validation"]["checks"] if r["check"] == "kept visual indices")
     assert kept["margin_limit"] == 1e-4  # judged as an fp32 graph
 

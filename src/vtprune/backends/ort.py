@@ -23,6 +23,49 @@ from vtprune.runtime.generate import Generation, PromptFacts, generate
 from vtprune.runtime.timing import StageTimer
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+KV_ROOM = 256  # decode steps a shared KV buffer holds beyond the prompt before it is regrown (doubled)
+
+
+class SharedKv:
+    """The fused decoder's KV cache (``export.fused``): one preallocated buffer per layer's keys and values,
+    ``(1, kv_heads, capacity, head_dim)``, bound as both the past input and the present output, so
+    GroupQueryAttention writes the new token's keys and values in place and reads the first ``length`` rows
+    (no copy of the cache per step; a decode step of the pocket VLM at 293 tokens: 60 instead of 159 us
+    per layer, 2-core Xeon). A state is (buffers, length): rows below ``length`` are never written again,
+    so an older state stays valid when decoding resumes from it (``snapshot`` / ``restore``)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], length: int) -> None:
+        ort = import_ort()
+        self.arrays, self.length = arrays, length
+        self.values = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
+
+    @classmethod
+    def holding(cls, past: dict[str, np.ndarray], room: int = KV_ROOM) -> SharedKv:
+        """Buffers with ``room`` free rows, holding ``past`` (each ``(1, kv_heads, length, head_dim)``)."""
+        length = next(iter(past.values())).shape[2]
+        arrays = {}
+        for name, a in past.items():
+            buf = np.zeros((*a.shape[:2], length + room, a.shape[3]), a.dtype)
+            buf[:, :, :length] = a
+            arrays[name] = buf
+        return cls(arrays, length)
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self.arrays.values())).shape[2]
+
+    def advanced(self, steps: int) -> SharedKv:
+        """The state after ``steps`` more rows were written (the same buffers)."""
+        out = SharedKv.__new__(SharedKv)
+        out.arrays, out.values, out.length = self.arrays, self.values, self.length + steps
+        return out
+
+    def room_for(self, steps: int) -> SharedKv:
+        """This state, or a copy in buffers twice as large when ``steps`` more rows do not fit."""
+        if self.length + steps <= self.capacity:
+            return self
+        return SharedKv.holding({n: a[:, :, : self.length] for n, a in self.arrays.items()},
+                                max(self.capacity, steps + KV_ROOM))  # fmt: skip
 
 
 def import_ort() -> Any:
@@ -92,6 +135,8 @@ class OrtVlm:
         self.decoder_io = self.manifest["graphs"][self.step_graph]
         self.dtype = self.manifest["export"].get("dtype", "fp32")
         self.precision = judged_precision(self.manifest["export"])  # what validation judges it as
+        # the fused decoder's GroupQueryAttention updates a preallocated cache in place on the CPU
+        self.shared_kv = self.decoder_io.get("exporter") == "fused" and provider == "cpu"
         self.vision_quantized = self.manifest["export"].get("vision") is not None
         self.sampling = sampling or SamplingConfig()
 
@@ -236,20 +281,39 @@ class OrtVlm:
     def facts(self, pre: dict[str, Any]) -> PromptFacts:
         return PromptFacts(pre["visual_total"], pre["visual_kept"], pre["prompt_len"], int(pre["embeds"].shape[1]))
 
-    def first_logits(self, pre: dict[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def first_logits(self, pre: dict[str, Any]) -> tuple[np.ndarray, Any]:
         logits, past = self.prefill(pre)
-        return logits[0], past
+        return logits[0], (SharedKv.holding(past) if self.shared_kv else past)
 
-    def next_logits(self, token: int, position: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, Any]:
+    def next_logits(self, token: int, position: np.ndarray, past: Any) -> tuple[np.ndarray, Any]:
         emb = self.sessions["embed"].run(None, {"input_ids": np.array([[token]], np.int64)})[0]
-        logits, past = self.decoder_step(emb, position, past)
+        step = self._shared_step if self.shared_kv else self.decoder_step
+        logits, past = step(emb, position, past)
         return logits[0], past
 
-    def snapshot(self, past: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Decoding states are never written in place (each step returns new arrays): the state is its own mark."""
+    def _shared_step(self, embeds: np.ndarray, positions: np.ndarray, kv: SharedKv) -> tuple[np.ndarray, SharedKv]:
+        """New tokens through the fused decoder, its cache written in place (``SharedKv``)."""
+        kv = kv.room_for(embeds.shape[1])
+        session = self.sessions["decoder"]
+        binding = session.io_binding()
+        feeds = {"inputs_embeds": embeds, "position_ids": positions,
+                 "attention_mask": np.ones((1, kv.length + embeds.shape[1]), np.int64)}  # fmt: skip
+        for name, value in self.typed("decoder", feeds).items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_output("logits")  # first: get_outputs() lists the outputs in binding order
+        for name, value in kv.values.items():
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(name.replace("past_key_values", "present", 1), value)
+        session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
+        return logits[:, -1].astype(np.float32, copy=False), kv.advanced(embeds.shape[1])
+
+    def snapshot(self, past: Any) -> Any:
+        """Decoding states are never changed by later steps (each step returns new arrays, or writes a shared
+        cache only past the state's length): the state is its own mark."""
         return past
 
-    def restore(self, past: dict[str, np.ndarray], mark: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def restore(self, past: Any, mark: Any) -> Any:
         return mark
 
     def generate(self, image: Any, prompt: str, max_new_tokens: int = 32, raw_prompt: bool = False) -> Generation:

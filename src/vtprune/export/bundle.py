@@ -18,6 +18,8 @@ from vtprune.errors import BundleError, ConfigError
 from vtprune.manifest import FORMAT, PROCESSOR_DIR, SCHEMA_VERSION, read_manifest, write_manifest
 from vtprune.prune import group_budgets
 
+DECODERS = ("traced", "fused")  # --decoder: portable ONNX traced from PyTorch, or ONNX Runtime's fused operators
+
 
 @dataclass(frozen=True)
 class ExportConfig:
@@ -34,6 +36,7 @@ class ExportConfig:
     calib_data: str = "easy-vqa"  # the images --vision int8 / --weights w8a8 calibrate on: easy-vqa or a directory
     calib_n: int = 32
     external_data: bool = False  # every graph's weights in <graph>.onnx.data (always done above 2 GB)
+    decoder: str | None = None  # traced | fused (``export.fused``); None: fused for --weights where supported
 
     def __post_init__(self) -> None:
         from vtprune.export.quantize import check_vision, check_weights
@@ -44,6 +47,8 @@ class ExportConfig:
             raise ConfigError(f"--dtype {self.dtype}: bundles export fp32 or fp16; use --dtype fp16 for half precision")
         check_weights(self.weights, self.dtype)
         check_vision(self.vision, self.dtype, self.calib_n)
+        if self.decoder not in (None, *DECODERS):
+            raise ConfigError(f"--decoder {self.decoder!r} must be one of {', '.join(DECODERS)}")
         if self.calibrated:  # refused before any model is loaded
             from vtprune.images import calibration_images
 
@@ -51,6 +56,9 @@ class ExportConfig:
 
     def check_method(self, prune: PruneConfig) -> None:
         """Refuse combinations with the pruning method before any work."""
+        if self.decoder == "fused" and prune.in_llm:
+            raise ConfigError(f"--decoder fused with --method {prune.method}: the method routes tokens inside its own "
+                              "prefill and decode graphs, which stay traced; use a pre-LLM method or no --decoder")
         if self.vision and prune.in_encoder:
             raise ConfigError(f"--vision int8 with --method {prune.method}: the method reads the encoder's own "
                               "layers, which would be quantized too; use another method or no --vision")  # fmt: skip
@@ -59,6 +67,18 @@ class ExportConfig:
     def calibrated(self) -> bool:
         """Whether the export calibrates on images (--vision int8; --weights w8a8's SmoothQuant)."""
         return self.vision is not None or self.weights == "w8a8"
+
+    def decoder_kind(self, adapter: Any, prune: PruneConfig) -> str:
+        """``traced`` or ``fused``: the decoder graph this export writes for ``adapter`` (the fused one by
+        default for quantized language models, which run only in ONNX Runtime; never for in-LLM methods)."""
+        from vtprune.export.fused import fused_support
+
+        if prune.in_llm or self.decoder == "traced" or (self.decoder is None and not self.weights):
+            return "traced"
+        reason = fused_support(adapter)
+        if reason is not None and self.decoder == "fused":
+            raise ConfigError(f"--decoder fused: this model's decoder cannot be fused: {reason}; use --decoder traced")
+        return "traced" if reason else "fused"
 
     @property
     def precision(self) -> str:
@@ -115,10 +135,12 @@ SAMPLE_PROMPT = "what shape is in the image ?"
 def _lm_steps(traced: Any, prune: PruneConfig, sample: dict, export: ExportConfig, donor: Any) -> list:
     """The language-model graphs: embed + decoder (pre-LLM), or embed + routed prefill + decode (in-LLM)."""
     from vtprune.export.decoder import export_decoder, export_embed
+    from vtprune.export.fused import export_fused_decoder
 
     embed = ("embed", lambda p: donor["embed"](p) if donor else export_embed(traced, p, export.opset))
     if not prune.in_llm:
-        return [embed, ("decoder", lambda p: donor["decoder"](p) if donor else export_decoder(traced, p, export.opset))]
+        writer = export_fused_decoder if export.decoder_kind(traced, prune) == "fused" else export_decoder
+        return [embed, ("decoder", lambda p: donor["decoder"](p) if donor else writer(traced, p, export.opset))]
     from vtprune.export.layerwise import export_decode, export_prefill
     from vtprune.runtime.layerwise import layer_budgets
     from vtprune.runtime.pipeline import PrunedVlm
@@ -225,6 +247,9 @@ def lm_donor(export: ExportConfig, model: str) -> dict[str, Any]:
                           f"not {model} at opset {export.opset} in {export.precision}")  # fmt: skip
     if manifest["tools"] != tool_versions():
         raise BundleError(f"--reuse-lm-from {src} was exported with other tool versions; re-export it")
+    kind = "fused" if manifest["graphs"].get("decoder", {}).get("exporter") == "fused" else "traced"
+    if export.decoder not in (None, kind):
+        raise BundleError(f"--reuse-lm-from {src} has a {kind} decoder, not --decoder {export.decoder}")
 
     def copier(graph: str) -> Any:
         def copy(dest: Path) -> dict[str, Any]:

@@ -145,7 +145,9 @@ def _dynamic(model: Any, exclude: list[str]) -> Any:
         onnx.save(model, str(src))
         _quiet(lambda: quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
                                         op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude,
-                                        extra_options={"MatMulConstBOnly": True}))  # fmt: skip
+                                        extra_options={"MatMulConstBOnly": True,  # the fused decoder's
+                                                       # contrib-op outputs have no inferred type
+                                                       "DefaultTensorType": onnx.TensorProto.FLOAT}))  # fmt: skip
         return onnx.load(str(dst))
 
 

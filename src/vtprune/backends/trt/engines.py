@@ -71,6 +71,9 @@ def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, A
         raise ConfigError(f"{bundle}: {', '.join(quantized)} hold ONNX Runtime's {weights} MatMulNBits weights, which "
                           "TensorRT cannot parse; build the vision graph alone (--graphs vision) or an fp32/fp16 "
                           "bundle")  # fmt: skip
+    if "decoder" in graphs and manifest["graphs"]["decoder"].get("exporter") == "fused":
+        raise ConfigError(f"{bundle}: decoder.onnx is the fused decoder (ONNX Runtime's contrib operators), which "
+                          "TensorRT cannot parse; export with --decoder traced, or build the other graphs (--graphs)")
     existing = [g for g in graphs if (bundle / f"{g}.engine").exists()]
     if existing and not cfg.force:
         raise BundleError(f"{bundle} already has {', '.join(existing)} engine(s); pass --force to rebuild")
