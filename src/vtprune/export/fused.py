@@ -11,7 +11,8 @@ layer:
     SkipSimplifiedLayerNormalization (residual add + RMSNorm)
     MatMul q|k|v (one packed weight) -> Split -> RotaryEmbedding q, k (position ids as given: gaps kept)
     GroupQueryAttention (causal, past + new keys, no KV repeat) -> MatMul o
-    SkipSimplifiedLayerNormalization -> MatMul gate, MatMul up -> SiLU (Sigmoid, Mul) * up -> MatMul down
+    SkipSimplifiedLayerNormalization -> MatMul gate|up (one packed weight) -> Split -> SiLU(gate) * up
+    -> MatMul down
 
 and the LM head on the last position only. Weights are read from the loaded PyTorch modules (after
 SmoothQuant, when the bundle is ``w8a8``); ``quantize_graph`` then rewrites its MatMuls like the traced
@@ -127,8 +128,9 @@ def build_fused_decoder(adapter: VlmAdapter, opset: int = 18) -> Any:
                    scale=float(getattr(attn, "scaling", 1.0 / math.sqrt(d.head_dim))))[0]  # fmt: skip
         o = g.linear(a, attn.o_proj.weight, attn.o_proj.bias, f"{scope}.self_attn.o_proj")
         x, residual = g.norm(o, residual, layer.post_attention_layernorm, f"{scope}.post_attention_layernorm")
-        gate = g.linear(x, mlp.gate_proj.weight, None, f"{scope}.mlp.gate_proj")
-        up = g.linear(x, mlp.up_proj.weight, None, f"{scope}.mlp.up_proj")
+        gate_up = g.linear(x, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), None, f"{scope}.mlp.gate_up_proj")
+        gate, up = g.node("Split", [gate_up, g.const("gate_up_sizes", np.array([d.intermediate] * 2, np.int64))],
+                          outputs=2, axis=-1)  # fmt: skip
         act = g.node("Mul", [g.node("Mul", [gate, g.node("Sigmoid", [gate])]), up])
         h = g.linear(act, mlp.down_proj.weight, None, f"{scope}.mlp.down_proj")
     x, _ = g.norm(h, residual, decoder.norm, "decoder.norm")

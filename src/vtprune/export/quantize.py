@@ -84,8 +84,13 @@ def quantize_graph(path: Path, weights: str, blockwise: list[str] | None = None)
     outliers = [] if weights != "w8a8" else down_projections(model, blockwise)
     if weights == "w8a8":
         model = _dynamic(model, islands + outliers)
+    on_grid = {}
+    if weights == "int4":  # weights already on a GGUF-style grid are written on it, exactly (``export.grid``)
+        from vtprune.export.grid import quantize_on_grid
+
+        model, on_grid = quantize_on_grid(model, ACCURACY_LEVEL, set(islands))
     for config in _configs(weights):
-        model = _run_quantizer(model, config, islands)
+        model = _run_quantizer(model, config, islands + on_grid.get("offset_matmuls", []))
     for node in model.graph.node:
         if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
             node.attribute.append(onnx.helper.make_attribute("accuracy_level", ACCURACY_LEVEL))
@@ -95,6 +100,10 @@ def quantize_graph(path: Path, weights: str, blockwise: list[str] | None = None)
               "accuracy_level": ACCURACY_LEVEL,
               "quantized_nodes": kinds.count("MatMulNBits") + kinds.count("GatherBlockQuantized")
               + kinds.count("MatMulInteger"), "fp32_matmuls": islands}  # fmt: skip
+    if on_grid.get("int4_affine") or on_grid.get("int8"):
+        record |= {"method": "own grid where the weights sit on one, else rtn-symmetric",
+                   "on_grid": {"int4_affine": on_grid["int4_affine"], "int8": on_grid["int8"],
+                               "offset_matmuls_fp32": len(on_grid["offset_matmuls"])}}  # fmt: skip
     if weights == "w8a8":
         record |= {"activations": "int8 dynamic, per tensor", "dynamic_matmuls": kinds.count("MatMulInteger"),
                    "blockwise_matmuls": len(outliers), "smoothquant": blockwise is not None}  # fmt: skip
