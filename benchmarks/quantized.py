@@ -38,9 +38,10 @@ def bundle_for(work: Path, fmt: str, name: str, log: Any) -> Path:
     out = work / f"{name}-{fmt}"
     if not (out / "manifest.json").is_file():
         log(f"exporting {out.name}")
-        lm, _, vision = fmt.partition("+")
+        base, _, decoder = fmt.partition("@")
+        lm, _, vision = base.partition("+")
         weights = None if lm == "fp32" else lm
-        export = ExportConfig(weights=weights, vision="int8" if vision == "v8" else None)
+        export = ExportConfig(weights=weights, vision="int8" if vision == "v8" else None, decoder=decoder or None)
         export_bundle("pocket", PruneConfig(**METHODS[name]), export, out)
     return out
 
