@@ -226,4 +226,5 @@ def judged_precision(export: dict) -> str:
     """The precision a bundle is validated at (``check.validate.thresholds``): its language model's weights
     format or dtype; an fp32 bundle whose vision graph is int8 is ``vision-int8``."""
     precision = export.get("weights") or export.get("dtype", "fp32")
+    precision = {"int4-trt": "int4"}.get(precision, precision)  # the same weights in TensorRT's Q/DQ form
     return "vision-int8" if precision == "fp32" and export.get("vision") is not None else precision

@@ -66,3 +66,27 @@ def test_matmuls_and_gathers_on_a_grid_run_exactly_in_onnx_runtime():
     x = table[ids]
     for got, want in ((y1, x @ w1), (y2, x @ w2), (y3, x @ plain)):
         assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_qdq_form_is_exact_too():
+    """The Q/DQ form TensorRT reads (blocked int4 DequantizeLinear + MatMul + block offsets), in ONNX Runtime."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    w = _q4_1(64, 40, rng)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="a")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "S", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w")])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    model, record = quantize_on_grid(model, None, form="qdq")
+    assert record["int4_affine"] == 1 and model.opset_import[0].version == 21
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear")
+    assert next(i for i in model.graph.initializer if i.name == dq.input[0]).data_type == TensorProto.INT4
+    x = rng.standard_normal((1, 5, 64)).astype(np.float32)
+    opts = ort.SessionOptions()  # without ONNX Runtime's Q/DQ -> MatMulNBits fusion (int8 activations: ~0.3%)
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    y = ort.InferenceSession(model.SerializeToString(), opts).run(None, {"x": x})[0]
+    assert np.abs(y - x @ w).max() <= 1e-4 * np.abs(x @ w).max()

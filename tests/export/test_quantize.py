@@ -134,6 +134,7 @@ def test_build_refuses_quantized_graphs_in_one_line(quantized, capsys, tmp_path)
 
     bundle = tmp_path / "q"
     shutil.copytree(quantized("tiny-llava", PruneConfig(method="gprune", keep=16), "int4"), bundle)
+    capsys.readouterr()  # the export's own progress, when this test makes the bundle
     code = main(["build", str(bundle)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "MatMulNBits" in err[0] and "--graphs vision" in err[0]
@@ -152,3 +153,30 @@ def test_reuse_lm_from_needs_the_same_weights(quantized, cache_dir, tmp_path):
                   ExportConfig(reuse_lm_from=str(donor), weights="int4"), reused, cache_dir)  # fmt: skip
     assert (reused / "decoder.onnx").read_bytes() == (donor / "decoder.onnx").read_bytes()
     assert np.isfinite(read_manifest(reused)["validation"]["checks"][-2]["cosine"])
+
+
+def test_int4_trt_is_blocked_qdq_that_tensorrt_builds(cache_dir, tmp_path):
+    """--weights int4-trt: the traced decoder with int4 weights as blocked DequantizeLinear (TensorRT's
+    weight-only form), validated in ONNX Runtime, and built by TensorRT-RTX where it is installed."""
+    import onnx
+
+    from tests.runtime.test_trt_build import NO_TRT, TARGET
+    from vtprune.backends.trt.engines import BuildConfig, build_bundle
+
+    out = tmp_path / "b"
+    export_bundle("tiny-llava", PruneConfig(method="gprune", keep=16), ExportConfig(weights="int4-trt"), out, cache_dir)
+    m = read_manifest(out)
+    q = m["graphs"]["decoder"]["quantization"]
+    assert q["form"] == "qdq" and q["quantized_nodes"] > 0 and m["validation"]["precision"] == "int4"
+    assert all(r["ok"] for r in m["validation"]["checks"])
+    assert m["graphs"]["decoder"]["exporter"] != "fused"  # TensorRT builds the traced decoder
+    graph = onnx.load(str(out / "decoder.onnx")).graph
+    inits = {i.name: i for i in graph.initializer}
+    dqs = [n for n in graph.node if n.op_type == "DequantizeLinear"]
+    assert dqs and all(inits[n.input[0]].data_type == onnx.TensorProto.INT4 for n in dqs)
+    assert all(next(a.i for a in n.attribute if a.name == "block_size") == 32 for n in dqs)
+    assert "MatMulNBits" not in _ops(out / "decoder.onnx") and _weight_matmuls(out / "decoder.onnx") == []
+    if NO_TRT:
+        pytest.skip(NO_TRT)  # what TensorRT needs is checked above; the build needs a builder
+    engines = build_bundle(out, BuildConfig(graphs=("decoder",), target=TARGET))
+    assert engines["decoder"]["engine_size"] > 0 and (out / "decoder.engine").is_file()

@@ -72,8 +72,11 @@ class ExportConfig:
         """``traced`` or ``fused``: the decoder graph this export writes for ``adapter`` (the fused one by
         default for quantized language models, which run only in ONNX Runtime; never for in-LLM methods)."""
         from vtprune.export.fused import fused_support
+        from vtprune.export.quantize import TRT_WEIGHTS
 
-        if prune.in_llm or self.decoder == "traced" or (self.decoder is None and not self.weights):
+        if self.decoder == "fused" and self.weights in TRT_WEIGHTS:
+            raise ConfigError(f"--decoder fused with --weights {self.weights}: TensorRT builds the traced decoder")
+        if prune.in_llm or self.decoder == "traced" or (self.decoder is None and self.weights in (None, *TRT_WEIGHTS)):
             return "traced"
         reason = fused_support(adapter)
         if reason is not None and self.decoder == "fused":

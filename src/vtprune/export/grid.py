@@ -72,10 +72,14 @@ def _on_grid(blocks: np.ndarray, rebuilt: np.ndarray, step: np.ndarray) -> bool:
     return bool(exact.mean() >= ON_GRID)
 
 
-def quantize_on_grid(model: Any, accuracy_level: int, exclude: set[str] = frozenset()) -> tuple[Any, dict[str, Any]]:
-    """Rewrite each constant-weight MatMul (and embedding Gather) of ``model`` whose weight sits on a grid
-    (``grid_of``) exactly, in place, except the nodes named in ``exclude``; returns the model and a record:
-    how many nodes took each form, and the block-offset MatMuls, which stay fp32 (``offset_matmuls``)."""
+def quantize_on_grid(
+    model: Any, accuracy_level: int | None, exclude: set[str] = frozenset(), form: str = "ort"
+) -> tuple[Any, dict[str, Any]]:
+    """Rewrite each constant-weight MatMul (and, in the ``ort`` form, embedding Gather) of ``model`` whose
+    weight sits on a grid (``grid_of``) exactly, in place, except the nodes named in ``exclude``; returns
+    the model and a record: how many nodes took each form, and the block-offset MatMuls, which stay fp32
+    (``offset_matmuls``). ``form``: ``ort`` (``MatMulNBits``, ``GatherBlockQuantized``) or ``qdq`` (blocked
+    ``DequantizeLinear`` of int4 / int8 codes before the MatMul: TensorRT's weight-only form, opset 21)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -92,7 +96,7 @@ def quantize_on_grid(model: Any, accuracy_level: int, exclude: set[str] = frozen
         if node.name in exclude:
             nodes.append(node)
             continue
-        if node.op_type == "Gather" and node.input[0] in inits and uses[node.input[0]] == 1:
+        if form == "ort" and node.op_type == "Gather" and node.input[0] in inits and uses[node.input[0]] == 1:
             nodes.append(_gather(graph, node, inits, counts))
             continue
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
@@ -103,15 +107,24 @@ def quantize_on_grid(model: Any, accuracy_level: int, exclude: set[str] = frozen
             continue
         k, n = weight.dims
         stem = node.name or node.output[0]
-        packed = _packed(grid)
-        graph.initializer.extend([numpy_helper.from_array(packed, f"{stem}.q"),
-                                  numpy_helper.from_array(grid.scale.astype(np.float32).reshape(-1), f"{stem}.scales")])
         product = node.output[0] if grid.bits == 8 else f"{stem}.blocks_out"
-        nbits = helper.make_node("MatMulNBits", [node.input[0], f"{stem}.q", f"{stem}.scales"], [product],
-                                 name=f"{stem}/MatMulNBits", domain="com.microsoft", K=k, N=n, bits=grid.bits,
-                                 block_size=BLOCK, accuracy_level=accuracy_level)  # fmt: skip
-        nbits.metadata_props.extend(node.metadata_props)
-        nodes.append(nbits)
+        if form == "ort":
+            graph.initializer.extend([numpy_helper.from_array(_packed(grid), f"{stem}.q"),
+                                      numpy_helper.from_array(grid.scale.astype(np.float32).reshape(-1),
+                                                              f"{stem}.scales")])  # fmt: skip
+            new = helper.make_node("MatMulNBits", [node.input[0], f"{stem}.q", f"{stem}.scales"], [product],
+                                   name=f"{stem}/MatMulNBits", domain="com.microsoft", K=k, N=n, bits=grid.bits,
+                                   block_size=BLOCK, accuracy_level=accuracy_level)  # fmt: skip
+            new.metadata_props.extend(node.metadata_props)
+            nodes.append(new)
+        else:  # Q/DQ: signed codes (q - 8 or q - 128) per block of 32 along K, as TensorRT reads them
+            graph.initializer.extend([_signed_tensor(grid, f"{stem}.q"),
+                                      numpy_helper.from_array(grid.scale.T.astype(np.float32), f"{stem}.scales")])
+            dq = helper.make_node("DequantizeLinear", [f"{stem}.q", f"{stem}.scales"], [f"{stem}.weight"],
+                                  name=f"{stem}/DequantizeLinear", axis=0, block_size=BLOCK)  # fmt: skip
+            mm = helper.make_node("MatMul", [node.input[0], f"{stem}.weight"], [product], name=node.name)
+            mm.metadata_props.extend(node.metadata_props)
+            nodes.extend([dq, mm])
         counts["int4_affine" if grid.bits == 4 else "int8"] += 1
         if grid.bits == 4:  # + (m + 8 d) . block sums of the input
             sums = block_sums.get(node.input[0])
@@ -136,8 +149,12 @@ def quantize_on_grid(model: Any, accuracy_level: int, exclude: set[str] = frozen
         del inits[weight.name]
     del graph.node[:]
     graph.node.extend(nodes)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+    if form == "ort" and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    if form == "qdq" and (counts["int4_affine"] or counts["int8"]):
+        for opset in model.opset_import:
+            if opset.domain in ("", "ai.onnx"):
+                opset.version = max(opset.version, 21)  # blocked DequantizeLinear and int4 tensors
     return model, counts
 
 
@@ -161,6 +178,20 @@ def _gather(graph: Any, node: Any, inits: dict[str, Any], counts: dict[str, int]
                            gather_axis=0, quantize_axis=1)  # fmt: skip
     out.metadata_props.extend(node.metadata_props)
     return out
+
+
+def _signed_tensor(grid: Grid, name: str) -> Any:
+    """The codes as a signed ``(K, N)`` int4 / int8 ONNX tensor (two int4 values per byte, low nibble first)."""
+    from onnx import TensorProto, helper
+
+    signed = (grid.q.astype(np.int16) - (8 if grid.bits == 4 else 128)).reshape(grid.q.shape[0], -1).T  # (K, N)
+    if grid.bits == 8:
+        return helper.make_tensor(name, TensorProto.INT8, signed.shape, signed.astype(np.int8).tobytes(), raw=True)
+    flat = (signed.reshape(-1) & 0xF).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return helper.make_tensor(name, TensorProto.INT4, signed.shape, (flat[0::2] | (flat[1::2] << 4)).tobytes(),
+                              raw=True)  # fmt: skip
 
 
 def _packed(grid: Grid) -> np.ndarray:

@@ -46,8 +46,9 @@ import numpy as np
 
 from vtprune.errors import ConfigError, InternalError
 
-WEIGHT_FORMATS = {"int8": 8, "int4": 4, "w8a8": 8}
-BLOCK_SIZE = {"int8": 128, "int4": 32, "w8a8": 128}  # w8a8: the down projections' MatMulNBits blocks
+WEIGHT_FORMATS = {"int8": 8, "int4": 4, "w8a8": 8, "int4-trt": 4}
+BLOCK_SIZE = {"int8": 128, "int4": 32, "w8a8": 128, "int4-trt": 32}  # w8a8: the down projections' MatMulNBits
+TRT_WEIGHTS = ("int4-trt",)  # Q/DQ forms TensorRT builds (the others are ONNX Runtime's MatMulNBits / MatMulInteger)
 ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits on the CPU (ORT's fastest x86 path)
 QUANTIZED_GRAPHS = ("embed", "decoder", "prefill", "decode")
 FP32_WEIGHT_PREFIXES = ("alvts_",)  # in-LLM selector factors: token choices stay fp32
@@ -85,21 +86,23 @@ def quantize_graph(path: Path, weights: str, blockwise: list[str] | None = None)
     if weights == "w8a8":
         model = _dynamic(model, islands + outliers)
     on_grid = {}
-    if weights == "int4":  # weights already on a GGUF-style grid are written on it, exactly (``export.grid``)
+    if weights in ("int4", "int4-trt"):  # weights already on a GGUF-style grid are written on it exactly
         from vtprune.export.grid import quantize_on_grid
 
-        model, on_grid = quantize_on_grid(model, ACCURACY_LEVEL, set(islands))
+        form = "qdq" if weights in TRT_WEIGHTS else "ort"
+        model, on_grid = quantize_on_grid(model, ACCURACY_LEVEL, set(islands), form)
     for config in _configs(weights):
         model = _run_quantizer(model, config, islands + on_grid.get("offset_matmuls", []))
-    for node in model.graph.node:
+    for node in model.graph.node:  # (int4-trt: no MatMulNBits; ONNX Runtime fuses its Q/DQ pairs at load)
         if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
             node.attribute.append(onnx.helper.make_attribute("accuracy_level", ACCURACY_LEVEL))
     kinds = [n.op_type for n in model.graph.node]
     save_atomic(model, path)
+    quantized_ops = ("MatMulNBits", "GatherBlockQuantized", "DequantizeLinear", "MatMulInteger")
     record = {"weights": weights, "method": "rtn-symmetric", "block_size": BLOCK_SIZE[weights],
-              "accuracy_level": ACCURACY_LEVEL,
-              "quantized_nodes": kinds.count("MatMulNBits") + kinds.count("GatherBlockQuantized")
-              + kinds.count("MatMulInteger"), "fp32_matmuls": islands}  # fmt: skip
+              "accuracy_level": None if weights in TRT_WEIGHTS else ACCURACY_LEVEL,
+              "form": "qdq" if weights in TRT_WEIGHTS else "ort",
+              "quantized_nodes": sum(kinds.count(op) for op in quantized_ops), "fp32_matmuls": islands}  # fmt: skip
     if on_grid.get("int4_affine") or on_grid.get("int8"):
         record |= {"method": "own grid where the weights sit on one, else rtn-symmetric",
                    "on_grid": {"int4_affine": on_grid["int4_affine"], "int8": on_grid["int8"],
@@ -164,6 +167,12 @@ def _configs(weights: str) -> list[Any]:
     """The quantizer passes for ``weights``: MatMuls, then (int4) the embedding Gather."""
     default, _ = _import_quantizer()
     block, bits = BLOCK_SIZE[weights], WEIGHT_FORMATS[weights]
+    if weights in TRT_WEIGHTS:  # blocked DequantizeLinear + MatMul; the embedding table stays fp32
+        from onnxruntime.quantization import QuantFormat
+
+        return [default(block_size=block, is_symmetric=True, accuracy_level=None, bits=bits,
+                        quant_format=QuantFormat.QDQ, op_types_to_quantize=("MatMul",),
+                        quant_axes=(("MatMul", 0),))]  # fmt: skip
     ops = ("MatMul", "Gather") if weights == "int4" else ("MatMul",)
     return [default(block_size=block, is_symmetric=True, accuracy_level=ACCURACY_LEVEL, bits=bits,
                     op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)))]  # fmt: skip

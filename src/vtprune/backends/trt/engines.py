@@ -59,7 +59,8 @@ def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, A
     missing = [g for g in graphs if g not in manifest["graphs"]]
     if missing:
         raise ConfigError(f"--graphs {','.join(missing)}: {bundle} has only {', '.join(manifest['graphs'])}")
-    quantized = [g for g in graphs if "quantization" in manifest["graphs"][g]]
+    quantized = [g for g in graphs if "quantization" in manifest["graphs"][g]
+                 and manifest["graphs"][g]["quantization"].get("form") != "qdq"]  # --weights int4-trt: Q/DQ
     if "vision" in quantized and manifest["graphs"]["vision"]["quantization"]["vision"] == "int8-trt":
         quantized.remove("vision")  # symmetric int8 Q/DQ: TensorRT's explicit quantization
     if "vision" in quantized:
@@ -69,8 +70,8 @@ def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, A
     if quantized:
         weights = manifest["export"].get("weights")
         raise ConfigError(f"{bundle}: {', '.join(quantized)} hold ONNX Runtime's {weights} MatMulNBits weights, which "
-                          "TensorRT cannot parse; build the vision graph alone (--graphs vision) or an fp32/fp16 "
-                          "bundle")  # fmt: skip
+                          "TensorRT cannot parse; export with --weights int4-trt (Q/DQ), or build the vision graph "
+                          "alone (--graphs vision)")  # fmt: skip
     if "decoder" in graphs and manifest["graphs"]["decoder"].get("exporter") == "fused":
         raise ConfigError(f"{bundle}: decoder.onnx is the fused decoder (ONNX Runtime's contrib operators), which "
                           "TensorRT cannot parse; export with --decoder traced, or build the other graphs (--graphs)")
