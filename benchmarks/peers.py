@@ -10,7 +10,8 @@ writes ``processor_config.json``), converts it with ``optimum-cli export openvin
 and measures:
 
 - vtprune's ONNX Runtime bundles from ``benchmarks/quantized.py`` (fp32, int8, int4, w8a8, w8a8 with an
-  int8 vision graph; unpruned and G-Prune 64); ``--only`` picks configurations by label;
+  int8 vision graph; unpruned, G-Prune 64 and ALVTS 28; a few with the traced decoder beside the fused one
+  quantized bundles get by default); ``--only`` picks configurations by label;
 - OpenVINO GenAI's ``VLMPipeline``: fp32 weights computed in fp32 (``INFERENCE_PRECISION_HINT=f32``), fp32
   weights with its default precision (bf16 on CPUs with AMX/AVX-512 BF16), and int8 weights;
 - with ``--ortgenai-python`` (a venv with ``onnxruntime-genai``, torch, transformers, onnx), ONNX Runtime
@@ -46,7 +47,10 @@ VTPRUNE = {"vtprune fp32, unpruned": "none-fp32", "vtprune fp32, G-Prune 64": "g
            "vtprune w8a8, G-Prune 64": "gprune-64-w8a8", "vtprune w8a8 + int8 vision, unpruned": "none-w8a8+v8",
            "vtprune w8a8 + int8 vision, G-Prune 64": "gprune-64-w8a8+v8",
            "vtprune w8a8, ALVTS 28": "alvts-28-w8a8",
-           "vtprune w8a8 + int8 vision, ALVTS 28": "alvts-28-w8a8+v8"}  # fmt: skip
+           "vtprune w8a8 + int8 vision, ALVTS 28": "alvts-28-w8a8+v8", "vtprune int4, ALVTS 28": "alvts-28-int4",
+           # the same formats with the traced decoder (quantized bundles get the fused one by default)
+           "vtprune w8a8 + int8 vision, G-Prune 64, traced decoder": "gprune-64-w8a8+v8@traced",
+           "vtprune int4, G-Prune 64, traced decoder": "gprune-64-int4@traced"}  # fmt: skip
 ORTGENAI = {"ORT-GenAI fp32, LM only, unpruned-length prompt": ("fp32", "unpruned"),
             "ORT-GenAI fp32, LM only, G-Prune-64-length prompt": ("fp32", "gprune-64"),
             "ORT-GenAI int4, LM only, unpruned-length prompt": ("int4", "unpruned"),

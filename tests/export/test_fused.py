@@ -151,13 +151,16 @@ def test_shared_cache_rewinds_for_candidate_scores(fused_bundle, scene):
     assert np.allclose(results[0][1], results[1][1], atol=1e-4)
 
 
-def test_fused_decoder_is_refused_for_in_llm_methods_in_one_line(tmp_path, capsys):
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--method", "alvts", "--keep", "16"], "--decoder fused with --method alvts"),
+    (["--weights", "int4-trt"], "--decoder fused with --weights int4-trt"),
+])  # fmt: skip
+def test_fused_decoder_is_refused_where_it_cannot_serve_in_one_line(tmp_path, capsys, flags, message):
     from vtprune.cli import main
 
-    code = main(["export", "--model", "tiny-llava", "--out", str(tmp_path / "r"), "--method", "alvts", "--keep",
-                 "16", "--decoder", "fused"])  # fmt: skip
+    code = main(["export", "--model", "tiny-llava", "--out", str(tmp_path / "r"), "--decoder", "fused", *flags])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "--decoder fused with --method alvts" in err[0]
+    assert code == 2 and len(err) == 1 and message in err[0]
     assert not (tmp_path / "r").exists()
 
 

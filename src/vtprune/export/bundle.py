@@ -49,6 +49,8 @@ class ExportConfig:
         check_vision(self.vision, self.dtype, self.calib_n)
         if self.decoder not in (None, *DECODERS):
             raise ConfigError(f"--decoder {self.decoder!r} must be one of {', '.join(DECODERS)}")
+        if self.decoder == "fused" and self.weights == "int4-trt":
+            raise ConfigError("--decoder fused with --weights int4-trt: TensorRT builds the traced decoder; drop one")
         if self.calibrated:  # refused before any model is loaded
             from vtprune.images import calibration_images
 
@@ -74,8 +76,6 @@ class ExportConfig:
         from vtprune.export.fused import fused_support
         from vtprune.export.quantize import TRT_WEIGHTS
 
-        if self.decoder == "fused" and self.weights in TRT_WEIGHTS:
-            raise ConfigError(f"--decoder fused with --weights {self.weights}: TensorRT builds the traced decoder")
         if prune.in_llm or self.decoder == "traced" or (self.decoder is None and self.weights in (None, *TRT_WEIGHTS)):
             return "traced"
         reason = fused_support(adapter)
