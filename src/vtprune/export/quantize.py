@@ -92,7 +92,7 @@ def quantize_graph(path: Path, weights: str, blockwise: list[str] | None = None)
         form = "qdq" if weights in TRT_WEIGHTS else "ort"
         model, on_grid = quantize_on_grid(model, ACCURACY_LEVEL, set(islands), form)
     for config in _configs(weights):
-        model = _run_quantizer(model, config, islands + on_grid.get("offset_matmuls", []))
+        model = _run_quantizer(model, config, islands + on_grid.get("fp32_matmuls", []))
     for node in model.graph.node:  # (int4-trt: no MatMulNBits; ONNX Runtime fuses its Q/DQ pairs at load)
         if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
             node.attribute.append(onnx.helper.make_attribute("accuracy_level", ACCURACY_LEVEL))
@@ -106,7 +106,7 @@ def quantize_graph(path: Path, weights: str, blockwise: list[str] | None = None)
     if on_grid.get("int4_affine") or on_grid.get("int8"):
         record |= {"method": "own grid where the weights sit on one, else rtn-symmetric",
                    "on_grid": {"int4_affine": on_grid["int4_affine"], "int8": on_grid["int8"],
-                               "offset_matmuls_fp32": len(on_grid["offset_matmuls"])}}  # fmt: skip
+                               "fp32_matmuls": len(on_grid["fp32_matmuls"])}}  # fmt: skip
     if weights == "w8a8":
         record |= {"activations": "int8 dynamic, per tensor", "dynamic_matmuls": kinds.count("MatMulInteger"),
                    "blockwise_matmuls": len(outliers), "smoothquant": blockwise is not None}  # fmt: skip
