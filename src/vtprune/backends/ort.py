@@ -7,6 +7,7 @@ uses the bundle's own processor files; nothing of the original checkpoint is rea
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,9 @@ class SharedKv:
     ``(1, kv_heads, capacity, head_dim)``, bound as both the past input and the present output, so
     GroupQueryAttention writes the new token's keys and values in place and reads the first ``length`` rows
     (no copy of the cache per step; a decode step of the pocket VLM at 293 tokens: 60 instead of 159 us
-    per layer, 2-core Xeon). A state is (buffers, length): rows below ``length`` are never written again,
-    so an older state stays valid when decoding resumes from it (``snapshot`` / ``restore``)."""
+    per layer, 2-core Xeon); the prefill writes the prompt's rows into them too. A state is (buffers,
+    length): rows below ``length`` are never written again, so an older state stays valid when decoding
+    resumes from it (``snapshot`` / ``restore``)."""
 
     def __init__(self, arrays: dict[str, np.ndarray], length: int) -> None:
         ort = import_ort()
@@ -57,8 +59,8 @@ class SharedKv:
 
     def advanced(self, steps: int) -> SharedKv:
         """The state after ``steps`` more rows were written (the same buffers)."""
-        out = SharedKv.__new__(SharedKv)
-        out.arrays, out.values, out.binding, out.length = self.arrays, self.values, self.binding, self.length + steps
+        out = copy.copy(self)  # shares the buffers, their OrtValues and binding
+        out.length += steps
         return out
 
     def room_for(self, steps: int) -> SharedKv:
@@ -283,8 +285,12 @@ class OrtVlm:
         return PromptFacts(pre["visual_total"], pre["visual_kept"], pre["prompt_len"], int(pre["embeds"].shape[1]))
 
     def first_logits(self, pre: dict[str, Any]) -> tuple[np.ndarray, Any]:
+        if self.shared_kv:  # the prompt's keys and values are written straight into the shared buffers
+            logits, kv = self._shared_step(pre["embeds"], pre["positions"],
+                                           SharedKv.holding(self._empty_past(), pre["embeds"].shape[1] + KV_ROOM))
+            return logits[0], kv
         logits, past = self.prefill(pre)
-        return logits[0], (SharedKv.holding(past) if self.shared_kv else past)
+        return logits[0], past
 
     def next_logits(self, token: int, position: np.ndarray, past: Any) -> tuple[np.ndarray, Any]:
         emb = self.sessions["embed"].run(None, {"input_ids": np.array([[token]], np.int64)})[0]
