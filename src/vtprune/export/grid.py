@@ -8,10 +8,11 @@ to half a step a second time: on the pocket, the next-token distribution moved b
 accuracy fell from 0.98 to 0.64. Written onto their own grid they are exact:
 
 - 4-bit affine blocks: ``MatMulNBits`` (symmetric form, ``d * (q - 8)``, ONNX Runtime's fast int8-dot
-  kernels) plus the block offsets ``m + 8 d`` times each block's input sum, as one small MatMul over the
-  block sums (one MatMul with a 0/1 block indicator, shared by the MatMuls reading the same input). ``MatMulNBits``
-  with float zero points would be exact in one node, but ONNX Runtime's CPU kernels dequantize those to fp32
-  on every call (1.5 ms instead of 51 us for a 576 x 1536 decode step, 2-core Xeon).
+  kernels) plus the block offsets ``m + 8 d`` times each block's input sum: the block sums are one MatMul
+  with a 0/1 block indicator (shared by the MatMuls reading the same input), the offsets one small MatMul
+  over them. ``MatMulNBits`` with float zero points would be exact in one node, but ONNX Runtime's CPU
+  kernels dequantize those to fp32 on every call (1.5 ms instead of 51 us for a 576 x 1536 decode step,
+  2-core Xeon). The ``qdq`` form writes the same codes as blocked ``DequantizeLinear`` for TensorRT.
 - 8-bit symmetric blocks: ``MatMulNBits`` with 8 bits, ``d * (q - 128)``.
 
 ``grid_of`` finds the grid of one weight (or None); ``quantize_on_grid`` rewrites every constant-weight
