@@ -63,6 +63,32 @@ def test_fused_decoder_computes_what_the_traced_one_does(llava, tmp_path, past_l
         assert a.shape == b.shape and np.abs(a - b).max() < 1e-4  # logits (1, 1, V), then every present
 
 
+def test_fused_decode_graph_takes_a_cache_of_its_own_length_per_layer(llava, tmp_path):
+    """In-LLM bundles' one-token decode graph: routed layers hold fewer rows; the fused graph reads each
+    layer's length from ``cache_lengths`` and computes what the traced per-layer decode graph does."""
+    from vtprune.export.fused import export_fused_decode
+    from vtprune.export.layerwise import export_decode
+
+    d = llava.text_dims()
+    spec = export_fused_decode(llava, tmp_path / "fused" / "decode.onnx")
+    export_decode(llava, tmp_path / "traced" / "decode.onnx")
+    assert spec["exporter"] == "fused" and spec["graph"] == "decode"
+    rng = np.random.default_rng(3)
+    lengths = [9 - 2 * (i % 3) for i in range(d.layers)]  # distinct lengths, as after routing
+    feeds = {"inputs_embeds": rng.standard_normal((1, 1, d.hidden), dtype=np.float32),
+             "position_ids": np.array([[17]], np.int64)}  # fmt: skip
+    for i, n in enumerate(lengths):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = rng.standard_normal((1, d.kv_heads, n, d.head_dim),
+                                                                       dtype=np.float32)  # fmt: skip
+    fused, traced = _session(tmp_path / "fused" / "decode.onnx"), _session(tmp_path / "traced" / "decode.onnx")
+    want = traced.run(None, feeds)
+    got = fused.run(None, feeds | {"cache_lengths": np.array([lengths], np.int64)})
+    assert [o.name for o in fused.get_outputs()] == [o.name for o in traced.get_outputs()]
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape and np.abs(a - b).max() < 1e-4
+
+
 def test_fused_decoder_holds_qwen2_biases_and_few_nodes(tmp_path):
     """A Qwen2 decoder (q/k/v biases) against transformers itself, through a minimal adapter."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -151,13 +177,40 @@ def test_shared_cache_rewinds_for_candidate_scores(fused_bundle, scene):
     assert np.allclose(results[0][1], results[1][1], atol=1e-4)
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--method", "alvts", "--keep", "16"], "--decoder fused with --method alvts"),
-    (["--weights", "int4-trt"], "--decoder fused with --weights int4-trt"),
-])  # fmt: skip
-def test_fused_decoder_is_refused_where_it_cannot_serve_in_one_line(tmp_path, capsys, flags, message):
+def test_routed_bundle_decodes_with_the_fused_graph_in_place(tmp_path, cache_dir, scene, monkeypatch):
+    """ALVTS with --decoder fused: the routed prefill stays traced, the decode graph is fused; its shared
+    cache (each layer its own length, regrown twice) decodes what the copying cache decodes."""
+    from vtprune.backends import ort as backend
+
+    out = tmp_path / "alvts"
+    cfg = PruneConfig(method="alvts", keep=16, layer=1)
+    export_bundle("tiny-llava", cfg, ExportConfig(decoder="fused"), out, cache_dir)
+    m = read_manifest(out)
+    assert m["graphs"]["decode"]["exporter"] == "fused" and m["graphs"]["prefill"]["exporter"] != "fused"
+    assert all(r["ok"] for r in m["validation"]["checks"])
+    monkeypatch.setattr(backend, "KV_ROOM", 3)
+    vlm = backend.OrtVlm(out)
+    assert vlm.shared_kv and vlm.routing
+    record = vlm.prefill_inputs(vlm.inputs(scene, PROMPT), vlm.timer())
+    runs = []
+    for shared in (True, False):
+        vlm.shared_kv = shared
+        logits, state = vlm.first_logits(record)
+        rows, position = [logits], vlm.next_position(record)
+        for i in range(8):
+            token = int(np.argmax(runs[0][i])) if runs else int(np.argmax(rows[-1]))
+            row, state = vlm.next_logits(token, position + i, state)
+            rows.append(row)
+        runs.append(rows)
+        if shared:
+            assert len(set(state.lengths.tolist())) > 1, "routed layers hold fewer rows"
+    assert max(np.abs(a - b).max() for a, b in zip(*runs, strict=True)) < 1e-5
+
+
+def test_fused_decoder_is_refused_where_it_cannot_serve_in_one_line(tmp_path, capsys):
     from vtprune.cli import main
 
+    flags, message = ["--weights", "int4-trt"], "--decoder fused with --weights int4-trt"
     code = main(["export", "--model", "tiny-llava", "--out", str(tmp_path / "r"), "--decoder", "fused", *flags])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0]

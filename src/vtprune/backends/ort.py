@@ -30,45 +30,55 @@ KV_ROOM = 256  # decode steps a shared KV buffer holds beyond the prompt before 
 class SharedKv:
     """The fused decoder's KV cache (``export.fused``): one preallocated buffer per layer's keys and values,
     ``(1, kv_heads, capacity, head_dim)``, bound as both the past input and the present output, so
-    GroupQueryAttention writes the new token's keys and values in place and reads the first ``length`` rows
-    (no copy of the cache per step; a decode step of the pocket VLM at 293 tokens: 60 instead of 159 us
-    per layer, 2-core Xeon); the prefill writes the prompt's rows into them too. A state is (buffers,
-    length): rows below ``length`` are never written again, so an older state stays valid when decoding
-    resumes from it (``snapshot`` / ``restore``)."""
+    GroupQueryAttention writes the new token's keys and values in place and reads the first ``lengths[l]``
+    rows of layer l (no copy of the cache per step; a decode step of the pocket VLM at 293 tokens: 60
+    instead of 159 us per layer, 2-core Xeon); the plain decoder's prefill writes the prompt's rows into
+    them too. Every layer holds the same number of rows, except in an in-LLM bundle's decode graph (routed
+    layers keep fewer visual tokens). A state is (buffers, lengths): rows below the lengths are never
+    written again, so an older state stays valid when decoding resumes from it (``snapshot`` /
+    ``restore``)."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], length: int) -> None:
+    def __init__(self, arrays: dict[str, np.ndarray], lengths: np.ndarray) -> None:
         ort = import_ort()
-        self.arrays, self.length = arrays, length
+        self.arrays, self.lengths = arrays, lengths  # lengths: (layers,) int64, in the arrays' layer order
         self.values = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
         self.binding: Any = None  # the decoder's IO binding to these buffers, made on the first step
 
     @classmethod
     def holding(cls, past: dict[str, np.ndarray], room: int = KV_ROOM) -> SharedKv:
-        """Buffers with ``room`` free rows, holding ``past`` (each ``(1, kv_heads, length, head_dim)``)."""
-        length = next(iter(past.values())).shape[2]
+        """Buffers with ``room`` free rows past each layer's rows, holding ``past`` (each ``(1, kv_heads,
+        length, head_dim)``, keys and values of one layer alike, layers in order)."""
         arrays = {}
         for name, a in past.items():
-            buf = np.zeros((*a.shape[:2], length + room, a.shape[3]), a.dtype)
-            buf[:, :, :length] = a
+            buf = np.zeros((*a.shape[:2], a.shape[2] + room, a.shape[3]), a.dtype)
+            buf[:, :, : a.shape[2]] = a
             arrays[name] = buf
-        return cls(arrays, length)
+        return cls(arrays, np.array([a.shape[2] for a in list(past.values())[::2]], np.int64))
 
     @property
     def capacity(self) -> int:
-        return next(iter(self.arrays.values())).shape[2]
+        """Rows the smallest buffer holds."""
+        return min(a.shape[2] for a in self.arrays.values())
+
+    @property
+    def length(self) -> int:
+        """Rows held (the longest layer's)."""
+        return int(self.lengths.max())
 
     def advanced(self, steps: int) -> SharedKv:
-        """The state after ``steps`` more rows were written (the same buffers)."""
+        """The state after ``steps`` more rows were written to every layer (the same buffers)."""
         out = copy.copy(self)  # shares the buffers, their OrtValues and binding
-        out.length += steps
+        out.lengths = self.lengths + steps
         return out
 
     def room_for(self, steps: int) -> SharedKv:
         """This state, or a copy in buffers twice as large when ``steps`` more rows do not fit."""
-        if self.length + steps <= self.capacity:
+        capacities = np.array([a.shape[2] for a in list(self.arrays.values())[::2]], np.int64)  # per layer
+        if np.all(self.lengths + steps <= capacities):
             return self
-        return SharedKv.holding({n: a[:, :, : self.length] for n, a in self.arrays.items()},
-                                max(self.capacity, steps + KV_ROOM))  # fmt: skip
+        rows = np.repeat(self.lengths, 2)  # keys and values of each layer
+        return SharedKv.holding({n: a[:, :, :r] for (n, a), r in zip(self.arrays.items(), rows, strict=True)},
+                                max(int(capacities.max()), steps + KV_ROOM))  # fmt: skip
 
 
 def import_ort() -> Any:
@@ -139,7 +149,8 @@ class OrtVlm:
         self.dtype = self.manifest["export"].get("dtype", "fp32")
         self.precision = judged_precision(self.manifest["export"])  # what validation judges it as
         # the fused decoder's GroupQueryAttention updates a preallocated cache in place on the CPU
-        self.shared_kv = self.decoder_io.get("exporter") == "fused" and provider == "cpu"
+        self.fused = self.decoder_io.get("exporter") == "fused"
+        self.shared_kv = self.fused and provider == "cpu"
         self.vision_quantized = self.manifest["export"].get("vision") is not None
         self.sampling = sampling or SamplingConfig()
 
@@ -251,6 +262,8 @@ class OrtVlm:
         if not self.routing:  # the per-layer-cache decode graph takes no mask (one query after every key)
             total = embeds.shape[1] + next(iter(past.values())).shape[2]
             feeds["attention_mask"] = np.ones((1, total))
+        elif self.fused:  # ... but the fused one takes each layer's length
+            feeds["cache_lengths"] = np.array([[a.shape[2] for a in list(past.values())[::2]]], np.int64)
         return self._run_lm(self.step_graph, self.typed(self.step_graph, feeds) | past)  # past: already typed
 
     def prefill(self, pre: dict[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -285,6 +298,9 @@ class OrtVlm:
         return PromptFacts(pre["visual_total"], pre["visual_kept"], pre["prompt_len"], int(pre["embeds"].shape[1]))
 
     def first_logits(self, pre: dict[str, Any]) -> tuple[np.ndarray, Any]:
+        if self.shared_kv and self.routing:  # the routed prefill's caches move into the shared buffers once
+            logits, past = self.prefill(pre)
+            return logits[0], SharedKv.holding(past)
         if self.shared_kv:  # the prompt's keys and values are written straight into the shared buffers
             logits, kv = self._shared_step(pre["embeds"], pre["positions"],
                                            SharedKv.holding(self._empty_past(), pre["embeds"].shape[1] + KV_ROOM))
@@ -301,16 +317,19 @@ class OrtVlm:
     def _shared_step(self, embeds: np.ndarray, positions: np.ndarray, kv: SharedKv) -> tuple[np.ndarray, SharedKv]:
         """New tokens through the fused decoder, its cache written in place (``SharedKv``)."""
         kv = kv.room_for(embeds.shape[1])
-        session = self.sessions["decoder"]
+        session = self.sessions[self.step_graph]
         if kv.binding is None:  # the cache buffers are bound once (a few hundred us per step otherwise)
             kv.binding = session.io_binding()
             kv.binding.bind_output("logits")  # first: get_outputs() lists the outputs in binding order
             for name, value in kv.values.items():
                 kv.binding.bind_ortvalue_input(name, value)
                 kv.binding.bind_ortvalue_output(name.replace("past_key_values", "present", 1), value)
-        feeds = {"inputs_embeds": embeds, "position_ids": positions,
-                 "attention_mask": np.ones((1, kv.length + embeds.shape[1]), np.int64)}  # fmt: skip
-        for name, value in self.typed("decoder", feeds).items():
+        feeds = {"inputs_embeds": embeds, "position_ids": positions}
+        if self.routing:
+            feeds["cache_lengths"] = kv.lengths[None]
+        else:
+            feeds["attention_mask"] = np.ones((1, kv.length + embeds.shape[1]), np.int64)
+        for name, value in self.typed(self.step_graph, feeds).items():
             kv.binding.bind_cpu_input(name, np.ascontiguousarray(value))
         session.run_with_iobinding(kv.binding)
         logits = kv.binding.get_outputs()[0].numpy().copy()  # the bound output's buffer is reused next step

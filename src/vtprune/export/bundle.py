@@ -58,9 +58,6 @@ class ExportConfig:
 
     def check_method(self, prune: PruneConfig) -> None:
         """Refuse combinations with the pruning method before any work."""
-        if self.decoder == "fused" and prune.in_llm:
-            raise ConfigError(f"--decoder fused with --method {prune.method}: the method routes tokens inside its own "
-                              "prefill and decode graphs, which stay traced; use a pre-LLM method or no --decoder")
         if self.vision and prune.in_encoder:
             raise ConfigError(f"--vision int8 with --method {prune.method}: the method reads the encoder's own "
                               "layers, which would be quantized too; use another method or no --vision")  # fmt: skip
@@ -72,11 +69,12 @@ class ExportConfig:
 
     def decoder_kind(self, adapter: Any, prune: PruneConfig) -> str:
         """``traced`` or ``fused``: the decoder graph this export writes for ``adapter`` (the fused one by
-        default for quantized language models, which run only in ONNX Runtime; never for in-LLM methods)."""
+        default for quantized language models, which run only in ONNX Runtime). In-LLM methods route inside
+        their prefill graph, which stays traced; their one-token decode graph is the one this picks."""
         from vtprune.export.fused import fused_support
         from vtprune.export.quantize import TRT_WEIGHTS
 
-        if prune.in_llm or self.decoder == "traced" or (self.decoder is None and self.weights in (None, *TRT_WEIGHTS)):
+        if self.decoder == "traced" or (self.decoder is None and self.weights in (None, *TRT_WEIGHTS)):
             return "traced"
         reason = fused_support(adapter)
         if reason is not None and self.decoder == "fused":
@@ -138,7 +136,7 @@ SAMPLE_PROMPT = "what shape is in the image ?"
 def _lm_steps(traced: Any, prune: PruneConfig, sample: dict, export: ExportConfig, donor: Any) -> list:
     """The language-model graphs: embed + decoder (pre-LLM), or embed + routed prefill + decode (in-LLM)."""
     from vtprune.export.decoder import export_decoder, export_embed
-    from vtprune.export.fused import export_fused_decoder
+    from vtprune.export.fused import export_fused_decode, export_fused_decoder
 
     embed = ("embed", lambda p: donor["embed"](p) if donor else export_embed(traced, p, export.opset))
     if not prune.in_llm:
@@ -152,8 +150,9 @@ def _lm_steps(traced: Any, prune: PruneConfig, sample: dict, export: ExportConfi
     n_visual = int(prefill.visual_rows.numel())
     n_text = int(prefill.embeds.shape[1]) - n_visual
     budgets = layer_budgets(prune, traced, n_text, n_visual)
+    decode = export_fused_decode if export.decoder_kind(traced, prune) == "fused" else export_decode
     return [embed, ("prefill", lambda p: export_prefill(traced, prune, budgets, n_text, n_visual, p, export.opset)),
-            ("decode", lambda p: export_decode(traced, p, export.opset))]  # fmt: skip
+            ("decode", lambda p: decode(traced, p, export.opset))]  # fmt: skip
 
 
 def write_bundle(

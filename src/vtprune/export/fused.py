@@ -14,9 +14,12 @@ layer:
     SkipSimplifiedLayerNormalization -> MatMul gate|up (one packed weight) -> Split -> SiLU(gate) * up
     -> MatMul down
 
-and the LM head on the last position only. Weights are read from the loaded PyTorch modules (after
-SmoothQuant, when the bundle is ``w8a8``); ``quantize_graph`` then rewrites its MatMuls like the traced
-graph's. The rotary tables are computed by the model's own rotary module for every position up to
+and the LM head on the last position only. In-LLM bundles (ALVTS, FastV...) get the same graph as their
+one-token ``decode`` graph (``export_fused_decode``): each layer's cache has its own length there (routed
+layers keep fewer visual rows), given by the ``cache_lengths`` input instead of an attention mask; their
+routed prefill graph stays traced. Weights are read from the loaded PyTorch modules (after SmoothQuant,
+when the bundle is ``w8a8``); ``quantize_graph`` then rewrites its MatMuls like the traced graph's. The rotary
+tables are computed by the model's own rotary module for every position up to
 ``max_position_embeddings``, so any position-only RoPE scaling carries over.
 
 Supported: Llama-family decoders (Llama, Mistral, Qwen2; q/k/v biases allowed) with SiLU MLPs, 1-D
@@ -36,6 +39,7 @@ import torch
 
 from vtprune.errors import ExportError
 from vtprune.export.decoder import BATCH, PAST, SEQUENCE, TOTAL, decoder_names, io_spec, require_model
+from vtprune.export.layerwise import PAST_OF, decode_names
 from vtprune.models.base import VlmAdapter
 
 MS = "com.microsoft"
@@ -80,30 +84,73 @@ def export_fused_decoder(adapter: VlmAdapter, path: Path, opset: int = 18) -> di
     return spec
 
 
-def build_fused_decoder(adapter: VlmAdapter, opset: int = 18) -> Any:
-    """The fused decoder of ``adapter`` as an ``onnx.ModelProto`` (weights inline)."""
+def export_fused_decode(adapter: VlmAdapter, path: Path, opset: int = 18) -> dict[str, Any]:
+    """Write the fused one-token ``decode`` graph of an in-LLM bundle (each layer's cache its own length,
+    ``cache_lengths``) to ``path`` (atomically) and return its IO description (``"exporter": "fused"``)."""
+    from vtprune.export.onnx_io import EXTERNAL_ABOVE, save_graph, tensor_bytes
+
+    require_model(adapter)
+    reason = fused_support(adapter)
+    if reason is not None:
+        raise ExportError(f"the fused decode graph cannot be written for this model: {reason}")
+    model = build_fused_decoder(adapter, opset, per_layer=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    files = save_graph(model, Path(path), external=tensor_bytes(model) > EXTERNAL_ABOVE)
+    spec = io_spec(Path(path), "decode", files, opset, adapter)
+    spec["exporter"] = "fused"
+    return spec
+
+
+def build_fused_decoder(adapter: VlmAdapter, opset: int = 18, per_layer: bool = False) -> Any:
+    """The fused decoder of ``adapter`` as an ``onnx.ModelProto`` (weights inline). ``per_layer``: the
+    in-LLM ``decode`` graph: layer l's past holds its own number of rows, ``cache_lengths[:, l]`` of which
+    are valid (the rest: free rows of a preallocated buffer), and there is no attention mask."""
     from onnx import TensorProto, helper
 
     d = adapter.text_dims()
     g = _Graph(adapter.lm_head.weight.dtype)
-    inputs, outputs = decoder_names(d.layers)
     float_type = g.elem
+    if per_layer:
+        inputs, outputs = decode_names(d.layers)
+        inputs = inputs[:2] + ["cache_lengths"] + inputs[2:]
+        pasts = [PAST_OF.format(i=i // 2) for i in range(2 * d.layers)]
+        totals = [f"total_sequence_length_{i // 2}" for i in range(2 * d.layers)]
+        lengths = helper.make_tensor_value_info("cache_lengths", TensorProto.INT64, [BATCH, d.layers])
+    else:
+        inputs, outputs = decoder_names(d.layers)
+        pasts, totals = [PAST] * (2 * d.layers), [TOTAL] * (2 * d.layers)
+        lengths = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [BATCH, TOTAL])
     io_in = [
         helper.make_tensor_value_info("inputs_embeds", float_type, [BATCH, SEQUENCE, d.hidden]),
-        helper.make_tensor_value_info("position_ids", TensorProto.INT64, [BATCH, SEQUENCE]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [BATCH, TOTAL]),
-    ] + [helper.make_tensor_value_info(n, float_type, [BATCH, d.kv_heads, PAST, d.head_dim]) for n in inputs[3:]]
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, [BATCH, SEQUENCE]), lengths,
+    ] + [helper.make_tensor_value_info(n, float_type, [BATCH, d.kv_heads, p, d.head_dim])
+         for n, p in zip(inputs[3:], pasts, strict=True)]  # fmt: skip
     io_out = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [BATCH, 1, d.vocab])]
-    io_out += [helper.make_tensor_value_info(n, float_type, [BATCH, d.kv_heads, TOTAL, d.head_dim])
-               for n in outputs[1:]]  # fmt: skip
+    io_out += [helper.make_tensor_value_info(n, float_type, [BATCH, d.kv_heads, t, d.head_dim])
+               for n, t in zip(outputs[1:], totals, strict=True)]  # fmt: skip
 
-    # seqlens_k (B,) int32 = tokens seen - 1; total_sequence_length () int32 (GroupQueryAttention's inputs)
-    total = g.node("ReduceSum", ["attention_mask", g.const("one_axis", np.array([1], np.int64))], keepdims=0)
-    seqlens = g.node("Cast", [g.node("Sub", [total, g.const("one_i64", np.array(1, np.int64))])],
-                     to=TensorProto.INT32)  # fmt: skip
-    shape = g.node("Shape", ["attention_mask"], start=1, end=2)
-    total_len = g.node("Cast", [g.node("Squeeze", [shape, g.const("zero_axis", np.array([0], np.int64))])],
-                       to=TensorProto.INT32)  # fmt: skip
+    # GroupQueryAttention's seqlens_k (B,) int32 = tokens seen - 1 and total_sequence_length () int32
+    one = g.const("one_i64", np.array(1, np.int64))
+    if per_layer:  # cache_lengths (B, layers) + new tokens, then one column per layer
+        new = g.node("Squeeze", [g.node("Shape", ["inputs_embeds"], start=1, end=2),
+                                 g.const("zero_axis", np.array([0], np.int64))])  # fmt: skip
+        seen = g.node("Add", ["cache_lengths", new])
+        all_seqlens = g.node("Cast", [g.node("Sub", [seen, one])], to=TensorProto.INT32)
+        all_totals = g.node("Cast", [g.node("ReduceMax", [seen, g.const("zero_axis", None)], keepdims=0)],
+                            to=TensorProto.INT32)  # fmt: skip
+
+        def lengths_of(i: int) -> tuple[str, str]:
+            index = g.const(f"layer_{i}", np.array(i, np.int64))
+            return (g.node("Gather", [all_seqlens, index], axis=1), g.node("Gather", [all_totals, index], axis=0))
+    else:
+        total = g.node("ReduceSum", ["attention_mask", g.const("one_axis", np.array([1], np.int64))], keepdims=0)
+        seqlens = g.node("Cast", [g.node("Sub", [total, one])], to=TensorProto.INT32)
+        shape = g.node("Shape", ["attention_mask"], start=1, end=2)
+        total_len = g.node("Cast", [g.node("Squeeze", [shape, g.const("zero_axis", np.array([0], np.int64))])],
+                           to=TensorProto.INT32)  # fmt: skip
+
+        def lengths_of(i: int) -> tuple[str, str]:
+            return seqlens, total_len
     cos, sin = _rotary_tables(adapter, g)
 
     decoder = adapter.decoder
@@ -123,7 +170,7 @@ def build_fused_decoder(adapter: VlmAdapter, opset: int = 18) -> Any:
         k = g.node("RotaryEmbedding", [k, "position_ids", cos, sin], domain=MS, num_heads=d.kv_heads)
         past_k, past_v = inputs[3 + 2 * i], inputs[4 + 2 * i]
         present = [outputs[1 + 2 * i], outputs[2 + 2 * i]]
-        a = g.node("GroupQueryAttention", [q, k, v, past_k, past_v, seqlens, total_len], domain=MS,
+        a = g.node("GroupQueryAttention", [q, k, v, past_k, past_v, *lengths_of(i)], domain=MS,
                    named=[g.fresh("attn"), *present], num_heads=d.heads, kv_num_heads=d.kv_heads,
                    scale=float(getattr(attn, "scaling", 1.0 / math.sqrt(d.head_dim))))[0]  # fmt: skip
         o = g.linear(a, attn.o_proj.weight, attn.o_proj.bias, f"{scope}.self_attn.o_proj")
@@ -135,13 +182,14 @@ def build_fused_decoder(adapter: VlmAdapter, opset: int = 18) -> Any:
         h = g.linear(act, mlp.down_proj.weight, None, f"{scope}.mlp.down_proj")
     x, _ = g.norm(h, residual, decoder.norm, "decoder.norm")
     last = g.node("Slice", [x, g.const("minus_one", np.array([-1], np.int64)),
-                            g.const("int_max", np.array([2**62], np.int64)), g.const("one_axis", None)])  # fmt: skip
+                            g.const("int_max", np.array([2**62], np.int64)),
+                            g.const("one_axis", np.array([1], np.int64))])  # fmt: skip
     logits = g.linear(last, adapter.lm_head.weight, getattr(adapter.lm_head, "bias", None), "lm_head")
     if g.elem != TensorProto.FLOAT:
         logits = g.node("Cast", [logits], to=TensorProto.FLOAT)
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
 
-    graph = helper.make_graph(g.nodes, "decoder_fused", io_in, io_out, g.initializers)
+    graph = helper.make_graph(g.nodes, "decode_fused" if per_layer else "decoder_fused", io_in, io_out, g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
                               producer_name="vtprune")  # fmt: skip
     model.ir_version = 10  # ONNX Runtime reads IR <= 10 for opset 18..21 graphs

@@ -72,8 +72,9 @@ def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, A
         raise ConfigError(f"{bundle}: {', '.join(quantized)} hold ONNX Runtime's {weights} MatMulNBits weights, which "
                           "TensorRT cannot parse; export with --weights int4-trt (Q/DQ), or build the vision graph "
                           "alone (--graphs vision)")  # fmt: skip
-    if "decoder" in graphs and manifest["graphs"]["decoder"].get("exporter") == "fused":
-        raise ConfigError(f"{bundle}: decoder.onnx is the fused decoder (ONNX Runtime's contrib operators), which "
+    fused = [g for g in ("decoder", "decode") if g in graphs and manifest["graphs"][g].get("exporter") == "fused"]
+    if fused:
+        raise ConfigError(f"{bundle}: {fused[0]}.onnx is the fused decoder (ONNX Runtime's contrib operators), which "
                           "TensorRT cannot parse; export with --decoder traced, or build the other graphs (--graphs)")
     existing = [g for g in graphs if (bundle / f"{g}.engine").exists()]
     if existing and not cfg.force:
