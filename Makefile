@@ -30,11 +30,11 @@ $(VENV)/.demo: $(VENV)/.pocket
 demo: $(VENV)/.demo
 	$(VENV)/bin/vtprune demo
 
-# The test models are tiny: one intra-op thread per torch/BLAS call is faster on 2 cores than two threads
-# contending with ONNX Runtime's pools (2-core Xeon, 2026-12-07: 935 tests in 16-17 min; 901 tests took
-# 18 min with two threads).
+# The test models are tiny: one intra-op thread per torch/BLAS call, and one pytest-xdist worker per core
+# (TEST_WORKERS; each test file runs whole on one worker, so its module fixtures are built once).
 test: $(VENV)/.dev $(VENV)/.pocket
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1} $(PY) -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1} \
+		$(PY) -m pytest -q -n $${TEST_WORKERS:-2} --dist loadfile
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check src tests scripts benchmarks

@@ -92,9 +92,8 @@ def main() -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     args.work.mkdir(parents=True, exist_ok=True)
-    # an in-LLM method's routed graphs are traced with either --decoder: no @traced rows for it
-    bundles = {f"{m}/{f}": bundle_for(args.work, f, m, log) for m in names for f in formats
-               if not ("@" in f and METHODS[m]["method"] in ("alvts", "fastv", "dart"))}  # fmt: skip
+    # F@traced: --decoder traced (an in-LLM method's decode graph; its routed prefill is traced either way)
+    bundles = {f"{m}/{f}": bundle_for(args.work, f, m, log) for m in names for f in formats}
     questions = subsample(load_questions("test"), args.questions, 0)
     vlms = {k: OrtVlm(b) for k, b in bundles.items()}
     first = next(iter(vlms.values()))

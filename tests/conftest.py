@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -45,8 +46,9 @@ def tiny_adapter(request: pytest.FixtureRequest, tiny_dirs: dict[str, Path]):
     from vtprune.models import load_vlm
 
     name = request.param
-    if name not in _ADAPTERS:
-        _ADAPTERS[name] = load_vlm(tiny_dirs[name])
+    if name not in _ADAPTERS:  # loaded in normal mode even when first asked for inside inference_mode
+        with torch.inference_mode(False):  # (its buffers would be inference tensors for every later test)
+            _ADAPTERS[name] = load_vlm(tiny_dirs[name])
     return _ADAPTERS[name]
 
 
@@ -75,12 +77,29 @@ def bundles(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[s
     from vtprune.api import export_bundle
     from vtprune.export.bundle import ExportConfig
 
-    root = tmp_path_factory.mktemp("bundles")
     out = {}
     for name in FAMILIES:
-        out[name] = root / name
-        export_bundle(name, BUNDLE_CFG, ExportConfig(inline=True), out[name], cache_dir)
+        out[name] = shared_export(tmp_path_factory, f"bundles/{name}", lambda dest, name=name: export_bundle(
+            name, BUNDLE_CFG, ExportConfig(inline=True), dest, cache_dir))  # fmt: skip
     return out
+
+
+def shared_export(tmp_path_factory: pytest.TempPathFactory, name: str, export: Any) -> Path:
+    """The bundle ``name``, exported once per test run by ``export(dest)``: under pytest-xdist the workers
+    share it (the first to take the lock exports it; an export writes its directory whole or not at all).
+    Tests only read these bundles."""
+    import fcntl
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    root = tmp_path_factory.getbasetemp()
+    root = (root.parent if worker else root) / "shared"
+    dest = root / name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{name.replace('/', '_')}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (dest / "manifest.json").is_file():
+            export(dest)
+    return dest
 
 
 @pytest.fixture(scope="session")
@@ -103,6 +122,5 @@ def pocket_bundle(pocket_cache: Path, tmp_path_factory: pytest.TempPathFactory) 
     from vtprune.api import export_bundle
     from vtprune.export.bundle import ExportConfig
 
-    out = tmp_path_factory.mktemp("pocket") / "k64"
-    export_bundle("pocket", PruneConfig(method="gprune", keep=64), ExportConfig(), out, pocket_cache)
-    return out
+    return shared_export(tmp_path_factory, "pocket-k64", lambda dest: export_bundle(
+        "pocket", PruneConfig(method="gprune", keep=64), ExportConfig(), dest, pocket_cache))  # fmt: skip
