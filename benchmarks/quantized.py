@@ -6,7 +6,9 @@ bundle size, TTFT, decode speed and easy-vqa accuracy, each format beside fp32 w
                                    [--formats fp32,int8,int4,w8a8] [--methods none,gprune-64,alvts-28]
 
 A format ``F+v8`` adds ``--vision int8`` (the vision encoder and projector in int8, static scales
-calibrated on 32 easy-vqa train images) to the language-model format F, e.g. ``w8a8+v8``.
+calibrated on 32 easy-vqa train images) to the language-model format F, e.g. ``w8a8+v8``; ``F@traced``
+exports it with ``--decoder traced`` (quantized formats write the fused decoder by default; for ALVTS the
+fused graph is the one-token decode graph, its routed prefill traced either way).
 
 Latency: rounds alternate the bundles (A, B, C, A, B, C, ...), each round answers the same 4 easy-vqa images
 with up to 16 new tokens, 1 warm-up round; medians over rounds (TTFT, its vision stage, decode speed) and
