@@ -179,7 +179,7 @@ def test_shared_cache_rewinds_for_candidate_scores(fused_bundle, scene):
 
 def test_routed_bundle_decodes_with_the_fused_graph_in_place(tmp_path, cache_dir, scene, monkeypatch):
     """ALVTS with --decoder fused: the routed prefill stays traced, the decode graph is fused; its shared
-    cache (each layer its own length, regrown twice) decodes what the copying cache decodes."""
+    cache (each layer its own length, regrown when full) decodes what the copying cache decodes."""
     from vtprune.backends import ort as backend
 
     out = tmp_path / "alvts"
@@ -196,7 +196,7 @@ def test_routed_bundle_decodes_with_the_fused_graph_in_place(tmp_path, cache_dir
     for shared in (True, False):
         vlm.shared_kv = shared
         logits, state = vlm.first_logits(record)
-        rows, position = [logits], vlm.next_position(record)
+        first, rows, position = state, [logits], vlm.next_position(record)
         for i in range(8):
             token = int(np.argmax(runs[0][i])) if runs else int(np.argmax(rows[-1]))
             row, state = vlm.next_logits(token, position + i, state)
@@ -204,6 +204,7 @@ def test_routed_bundle_decodes_with_the_fused_graph_in_place(tmp_path, cache_dir
         runs.append(rows)
         if shared:
             assert len(set(state.lengths.tolist())) > 1, "routed layers hold fewer rows"
+            assert state.arrays is not first.arrays and np.all(state.lengths == first.lengths + 8)
     assert max(np.abs(a - b).max() for a, b in zip(*runs, strict=True)) < 1e-5
 
 

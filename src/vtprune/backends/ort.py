@@ -300,7 +300,7 @@ class OrtVlm:
     def first_logits(self, pre: dict[str, Any]) -> tuple[np.ndarray, Any]:
         if self.shared_kv and self.routing:  # the routed prefill's caches move into the shared buffers once
             logits, past = self.prefill(pre)
-            return logits[0], SharedKv.holding(past)
+            return logits[0], SharedKv.holding(past, KV_ROOM)
         if self.shared_kv:  # the prompt's keys and values are written straight into the shared buffers
             logits, kv = self._shared_step(pre["embeds"], pre["positions"],
                                            SharedKv.holding(self._empty_past(), pre["embeds"].shape[1] + KV_ROOM))
