@@ -50,7 +50,8 @@ VTPRUNE = {"vtprune fp32, unpruned": "none-fp32", "vtprune fp32, G-Prune 64": "g
            "vtprune w8a8 + int8 vision, ALVTS 28": "alvts-28-w8a8+v8", "vtprune int4, ALVTS 28": "alvts-28-int4",
            # the same formats with the traced decoder (quantized bundles get the fused one by default)
            "vtprune w8a8 + int8 vision, G-Prune 64, traced decoder": "gprune-64-w8a8+v8@traced",
-           "vtprune int4, G-Prune 64, traced decoder": "gprune-64-int4@traced"}  # fmt: skip
+           "vtprune int4, G-Prune 64, traced decoder": "gprune-64-int4@traced",
+           "vtprune w8a8 + int8 vision, ALVTS 28, traced decode graph": "alvts-28-w8a8+v8@traced"}  # fmt: skip
 ORTGENAI = {"ORT-GenAI fp32, LM only, unpruned-length prompt": ("fp32", "unpruned"),
             "ORT-GenAI fp32, LM only, G-Prune-64-length prompt": ("fp32", "gprune-64"),
             "ORT-GenAI int4, LM only, unpruned-length prompt": ("int4", "unpruned"),
