@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--decoder", choices=["traced", "fused"],
                      help="decoder graph: traced (portable ONNX; TensorRT builds it) or fused (ONNX Runtime's "
                           "GroupQueryAttention, RotaryEmbedding and skip-RMSNorm, KV cache updated in place; Llama-"
-                          "family decoders, pre-LLM methods). Default: fused with --weights, else traced")  # fmt: skip
+                          "family decoders; in-LLM methods: the decode graph, the routed prefill stays traced). "
+                          "Default: fused with --weights, else traced")  # fmt: skip
     exp.add_argument("--external-data", action="store_true",
                      help="keep every graph's weights in <graph>.onnx.data beside it (always done above 2 GB)")
     add_prune_args(exp)
