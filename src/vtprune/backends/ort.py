@@ -27,6 +27,11 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "te
 KV_ROOM = 256  # decode steps a shared KV buffer holds beyond the prompt before it is regrown (doubled)
 
 
+def layer_rows(cache: dict[str, np.ndarray]) -> np.ndarray:
+    """Rows of each layer's cache, ``(layers,)`` int64 (``cache``: keys then values of each layer, in order)."""
+    return np.array([a.shape[2] for a in list(cache.values())[::2]], np.int64)
+
+
 class SharedKv:
     """The fused decoder's KV cache (``export.fused``): one preallocated buffer per layer's keys and values,
     ``(1, kv_heads, capacity, head_dim)``, bound as both the past input and the present output, so
@@ -53,7 +58,7 @@ class SharedKv:
             buf = np.zeros((*a.shape[:2], a.shape[2] + room, a.shape[3]), a.dtype)
             buf[:, :, : a.shape[2]] = a
             arrays[name] = buf
-        return cls(arrays, np.array([a.shape[2] for a in list(past.values())[::2]], np.int64))
+        return cls(arrays, layer_rows(past))
 
     @property
     def capacity(self) -> int:
@@ -73,7 +78,7 @@ class SharedKv:
 
     def room_for(self, steps: int) -> SharedKv:
         """This state, or a copy in buffers twice as large when ``steps`` more rows do not fit."""
-        capacities = np.array([a.shape[2] for a in list(self.arrays.values())[::2]], np.int64)  # per layer
+        capacities = layer_rows(self.arrays)
         if np.all(self.lengths + steps <= capacities):
             return self
         rows = np.repeat(self.lengths, 2)  # keys and values of each layer
@@ -263,7 +268,7 @@ class OrtVlm:
             total = embeds.shape[1] + next(iter(past.values())).shape[2]
             feeds["attention_mask"] = np.ones((1, total))
         elif self.fused:  # ... but the fused one takes each layer's length
-            feeds["cache_lengths"] = np.array([[a.shape[2] for a in list(past.values())[::2]]], np.int64)
+            feeds["cache_lengths"] = layer_rows(past)[None]
         return self._run_lm(self.step_graph, self.typed(self.step_graph, feeds) | past)  # past: already typed
 
     def prefill(self, pre: dict[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
