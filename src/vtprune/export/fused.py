@@ -66,39 +66,29 @@ def fused_support(adapter: VlmAdapter) -> str | None:
     return None
 
 
-def export_fused_decoder(adapter: VlmAdapter, path: Path, opset: int = 18) -> dict[str, Any]:
+def export_fused_decoder(adapter: VlmAdapter, path: Path, opset: int = 18, graph: str = "decoder") -> dict[str, Any]:
     """Write the fused decoder of ``adapter`` to ``path`` (atomically) and return its IO description
-    (``export.decoder.io_spec``, with ``"exporter": "fused"``): the traced decoder's inputs and outputs."""
+    (``export.decoder.io_spec``, with ``"exporter": "fused"``): the traced graph's inputs and outputs.
+    ``graph`` ``decode``: an in-LLM bundle's one-token decode graph (``build_fused_decoder(per_layer=True)``)."""
     from vtprune.export.onnx_io import EXTERNAL_ABOVE, save_graph, tensor_bytes
 
     require_model(adapter)
     reason = fused_support(adapter)
     if reason is not None:
-        raise ExportError(f"the fused decoder cannot be written for this model: {reason}")
-    model = build_fused_decoder(adapter, opset)  # no onnx.checker: it does not know ORT's default-domain
-    # SimplifiedLayerNormalization; the export validation runs the graph in ONNX Runtime instead
+        raise ExportError(f"the fused {graph} graph cannot be written for this model: {reason}")
+    model = build_fused_decoder(adapter, opset, per_layer=graph == "decode")  # no onnx.checker: it does not
+    # know ORT's default-domain SimplifiedLayerNormalization; the export validation runs the graph in ORT
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     files = save_graph(model, Path(path), external=tensor_bytes(model) > EXTERNAL_ABOVE)
-    spec = io_spec(Path(path), "decoder", files, opset, adapter)
+    spec = io_spec(Path(path), graph, files, opset, adapter)
     spec["exporter"] = "fused"
     return spec
 
 
 def export_fused_decode(adapter: VlmAdapter, path: Path, opset: int = 18) -> dict[str, Any]:
-    """Write the fused one-token ``decode`` graph of an in-LLM bundle (each layer's cache its own length,
-    ``cache_lengths``) to ``path`` (atomically) and return its IO description (``"exporter": "fused"``)."""
-    from vtprune.export.onnx_io import EXTERNAL_ABOVE, save_graph, tensor_bytes
-
-    require_model(adapter)
-    reason = fused_support(adapter)
-    if reason is not None:
-        raise ExportError(f"the fused decode graph cannot be written for this model: {reason}")
-    model = build_fused_decoder(adapter, opset, per_layer=True)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    files = save_graph(model, Path(path), external=tensor_bytes(model) > EXTERNAL_ABOVE)
-    spec = io_spec(Path(path), "decode", files, opset, adapter)
-    spec["exporter"] = "fused"
-    return spec
+    """``export_fused_decoder`` for an in-LLM bundle's ``decode`` graph (each layer's cache its own length,
+    ``cache_lengths``)."""
+    return export_fused_decoder(adapter, path, opset, graph="decode")
 
 
 def build_fused_decoder(adapter: VlmAdapter, opset: int = 18, per_layer: bool = False) -> Any:
