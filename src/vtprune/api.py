@@ -33,12 +33,13 @@ def export_bundle(
     from vtprune.check.validate import validate_bundle
     from vtprune.export.layerwise import check_exportable
     from vtprune.export.memory import plan_export
+    from vtprune.export.quantize import SMOOTHED_WEIGHTS
     from vtprune.models import load_vlm
 
     log = log or (lambda msg: None)
     check_exportable(prune)
     export.check_method(prune)
-    plan = plan_export(Path(model), export.dtype, export.validate, smoothing=export.weights == "w8a8")
+    plan = plan_export(Path(model), export.dtype, export.validate, smoothing=export.weights in SMOOTHED_WEIGHTS)
     if plan.slice_validation and prune.in_llm:
         raise ConfigError(f"--method {prune.method} at {plan.parameters / 1e9:.1f} B parameters: validating its routed "
                           "prefill graph needs the whole model in ONNX Runtime, which does not fit this machine; "

@@ -15,6 +15,7 @@ from typing import Any
 from vtprune import __version__
 from vtprune.config import PruneConfig
 from vtprune.errors import BundleError, ConfigError
+from vtprune.export.quantize import SMOOTHED_WEIGHTS, STATIC_WEIGHTS, TRT_WEIGHTS
 from vtprune.manifest import FORMAT, PROCESSOR_DIR, SCHEMA_VERSION, read_manifest, write_manifest
 from vtprune.prune import group_budgets
 
@@ -33,7 +34,7 @@ class ExportConfig:
     reuse_lm_from: str | None = None  # a bundle of the same model whose embed/decoder graphs are reused
     weights: str | None = None  # int4 / int8 weight-only language model (``export.quantize``)
     vision: str | None = None  # int8 / int8-trt: the vision encoder and projector, static scales (quantize_vision)
-    calib_data: str = "easy-vqa"  # the images --vision int8 / --weights w8a8 calibrate on: easy-vqa or a directory
+    calib_data: str = "easy-vqa"  # what --vision int8 / calibrated --weights calibrate on: easy-vqa or a directory
     calib_n: int = 32
     external_data: bool = False  # every graph's weights in <graph>.onnx.data (always done above 2 GB)
     decoder: str | None = None  # traced | fused (``export.fused``); None: fused for --weights where supported
@@ -49,8 +50,9 @@ class ExportConfig:
         check_vision(self.vision, self.dtype, self.calib_n)
         if self.decoder not in (None, *DECODERS):
             raise ConfigError(f"--decoder {self.decoder!r} must be one of {', '.join(DECODERS)}")
-        if self.decoder == "fused" and self.weights == "int4-trt":
-            raise ConfigError("--decoder fused with --weights int4-trt: TensorRT builds the traced decoder; drop one")
+        if self.decoder == "fused" and self.weights in TRT_WEIGHTS:
+            raise ConfigError(f"--decoder fused with --weights {self.weights}: TensorRT builds the traced decoder; "
+                              "drop one")
         if self.calibrated:  # refused before any model is loaded
             from vtprune.images import calibration_images
 
@@ -61,18 +63,22 @@ class ExportConfig:
         if self.vision and prune.in_encoder:
             raise ConfigError(f"--vision int8 with --method {prune.method}: the method reads the encoder's own "
                               "layers, which would be quantized too; use another method or no --vision")  # fmt: skip
+        if self.weights in STATIC_WEIGHTS and prune.in_llm:
+            raise ConfigError(f"--weights {self.weights} with --method {prune.method}: calibrated activations are "
+                              "written for the decoder of pre-LLM methods only; use --weights int4-trt, or a "
+                              "pre-LLM method")  # fmt: skip
 
     @property
     def calibrated(self) -> bool:
-        """Whether the export calibrates on images (--vision int8; --weights w8a8's SmoothQuant)."""
-        return self.vision is not None or self.weights == "w8a8"
+        """Whether the export calibrates on images (--vision int8; --weights w8a8 / int8-trt's SmoothQuant;
+        --weights int8-trt / fp8-trt's activation scales)."""
+        return self.vision is not None or self.weights in ("w8a8", *STATIC_WEIGHTS)
 
     def decoder_kind(self, adapter: Any, prune: PruneConfig) -> str:
         """``traced`` or ``fused``: the decoder graph this export writes for ``adapter`` (the fused one by
         default for quantized language models, which run only in ONNX Runtime). In-LLM methods route inside
         their prefill graph, which stays traced; their one-token decode graph is the one this picks."""
         from vtprune.export.fused import fused_support
-        from vtprune.export.quantize import TRT_WEIGHTS
 
         if self.decoder == "traced" or (self.decoder is None and self.weights in (None, *TRT_WEIGHTS)):
             return "traced"
@@ -178,7 +184,7 @@ def write_bundle(
     manifest = new_manifest(adapter, model, prune, export) | {"keep_requested": requested.keep}
     donor = lm_donor(export, model) if export.reuse_lm_from else None
     traced = export_copy(adapter, export.dtype)  # the fp32 ``adapter`` stays the validation reference
-    if export.weights == "w8a8" and not export.reuse_lm_from:
+    if export.weights in SMOOTHED_WEIGHTS and not export.reuse_lm_from:
         traced, manifest["smoothing"] = _smoothed(adapter, prune, export, log)
     steps = [("vision", lambda p: export_vision(traced, prune, sample, p, export.opset)),
              *_lm_steps(traced, prune, sample, export, donor)]  # fmt: skip
@@ -189,7 +195,11 @@ def write_bundle(
         manifest["graphs"][name] = fn(tmp / f"{name}.onnx") | precision
         if export.weights and name in QUANTIZED_GRAPHS and "reused_from" not in manifest["graphs"][name]:
             blockwise = manifest["smoothing"]["blockwise"] if "smoothing" in manifest else None
-            manifest["graphs"][name]["quantization"] = quantize_graph(tmp / f"{name}.onnx", export.weights, blockwise)
+            if export.weights not in STATIC_WEIGHTS:
+                manifest["graphs"][name]["quantization"] = quantize_graph(tmp / f"{name}.onnx", export.weights,
+                                                                          blockwise)  # fmt: skip
+            elif name == "decoder":  # (the embed graph's table stays fp32)
+                manifest["graphs"][name]["quantization"] = _quantize_static(adapter, prune, export, tmp, blockwise, log)
         if name == "vision" and export.vision:
             manifest["graphs"]["vision"]["quantization"] = _quantize_vision(adapter, prune, export, manifest, tmp)
         if export.external_data:
@@ -207,7 +217,7 @@ def write_bundle(
 
 
 def _smoothed(adapter: Any, prune: PruneConfig, export: ExportConfig, log: Any) -> tuple[Any, dict[str, Any]]:
-    """--weights w8a8: a copy of the model with SmoothQuant folded into its decoder, calibrated on the
+    """--weights w8a8 / int8-trt: a copy of the model with SmoothQuant folded into its decoder, calibrated on the
     prefill inputs of ``export.calib_n`` images (``export.smooth``); the manifest's record."""
     from vtprune.export.smooth import prefill_feeds, smoothed_copy
     from vtprune.images import calibration_images
@@ -216,6 +226,25 @@ def _smoothed(adapter: Any, prune: PruneConfig, export: ExportConfig, log: Any) 
     log(f"calibrating SmoothQuant on {len(paths)} images from {export.calib_data}")
     traced, record = smoothed_copy(adapter, prefill_feeds(adapter, prune, paths))
     return traced, record | {"calibration": {"source": export.calib_data, "images": len(paths)}}
+
+
+def _quantize_static(
+    adapter: Any, prune: PruneConfig, export: ExportConfig, tmp: Path, blockwise: list[str] | None, log: Any
+) -> dict[str, Any]:
+    """--weights int8-trt / fp8-trt: the decoder's activation scales calibrated on the prefill inputs of
+    ``export.calib_n`` images (``export.smooth.prefill_feeds``), then ``quantize_static_lm``; int8-trt leaves
+    the down projections that SmoothQuant found too extreme (``blockwise``) unquantized."""
+    import onnx
+
+    from vtprune.export.quantize import down_projections, quantize_static_lm
+    from vtprune.export.smooth import prefill_feeds
+    from vtprune.images import calibration_images
+
+    paths = calibration_images(export.calib_data, export.calib_n)
+    log(f"calibrating {export.weights} activation scales on {len(paths)} images from {export.calib_data}")
+    path = tmp / "decoder.onnx"
+    exclude = down_projections(onnx.load(str(path), load_external_data=False), blockwise) if blockwise else []
+    return quantize_static_lm(path, prefill_feeds(adapter, prune, paths), export.weights, export.calib_data, exclude)
 
 
 def _quantize_vision(

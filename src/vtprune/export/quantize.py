@@ -27,6 +27,22 @@ it ran at under a third of the dynamic MatMuls' speed per MAC in the pocket deco
 Runtime's profile). Down projections are found by shape: the only weights whose input width is not the
 model width.
 
+``--weights int8-trt|fp8-trt`` (``quantize_static_lm``) are TensorRT's calibrated language models: every
+constant-weight MatMul of the decoder in Q/DQ form with static activation scales, calibrated on the decoder's
+prefill inputs for images (the SmoothQuant data loader, ``export.smooth.prefill_feeds``), through ONNX
+Runtime's ``quantize_static``. int8-trt: SmoothQuant first (as w8a8), then int8 weights per output channel
+and int8 activations per tensor, symmetric (TensorRT's explicit quantization), min-max calibration; the down
+projections w8a8 keeps block-wise stay unquantized. fp8-trt: E4M3 weights and activations, one scale per
+tensor, with ONNX Runtime's only float8 calibrator (``Distribution``); fp8 spans the activation outliers
+without smoothing. NVIDIA ModelOpt, the usual tool for both, pins ``onnxruntime-gpu~=1.24`` and ``onnx 1.21``
+(0.47.0), which cannot install beside vtprune's pins. Calibration runs one prompt at a time
+(``CalibStridedMinMax`` 1: prompts differ in length, which the float8 calibrator cannot stack). The
+activation scales are the prefill's; the one-token decode steps read the same layers with values inside
+those ranges. ONNX Runtime runs these graphs too (validation, and as a fallback): int8 Q/DQ pairs fuse into
+its int8 kernels; its CPU has no float8 MatMul, so fp8 graphs run with the Q/DQ fusion off (each pair
+rounds in fp32, the same numbers). Pre-LLM methods only: the routed prefill and decode graphs of in-LLM
+methods have no calibration loader yet.
+
 ``--vision int8`` (``quantize_vision``) quantizes the vision encoder and projector too, with static
 activation scales calibrated on images; its pruning stage stays fp32.
 
@@ -46,9 +62,12 @@ import numpy as np
 
 from vtprune.errors import ConfigError, InternalError
 
-WEIGHT_FORMATS = {"int8": 8, "int4": 4, "w8a8": 8, "int4-trt": 4}
+WEIGHT_FORMATS = {"int8": 8, "int4": 4, "w8a8": 8, "int4-trt": 4, "int8-trt": 8, "fp8-trt": 8}
 BLOCK_SIZE = {"int8": 128, "int4": 32, "w8a8": 128, "int4-trt": 32}  # w8a8: the down projections' MatMulNBits
-TRT_WEIGHTS = ("int4-trt",)  # Q/DQ forms TensorRT builds (the others are ONNX Runtime's MatMulNBits / MatMulInteger)
+# Q/DQ forms TensorRT builds (the others are ONNX Runtime's MatMulNBits / MatMulInteger)
+TRT_WEIGHTS = ("int4-trt", "int8-trt", "fp8-trt")
+STATIC_WEIGHTS = ("int8-trt", "fp8-trt")  # activations too, with static scales calibrated on images
+SMOOTHED_WEIGHTS = ("w8a8", "int8-trt")  # SmoothQuant folded in first (``export.smooth``)
 ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits on the CPU (ORT's fastest x86 path)
 QUANTIZED_GRAPHS = ("embed", "decoder", "prefill", "decode")
 FP32_WEIGHT_PREFIXES = ("alvts_",)  # in-LLM selector factors: token choices stay fp32
@@ -204,6 +223,8 @@ def _quiet(fn: Any) -> None:
     """The quantizer logs every node at INFO, and warns that int4 tables need opset 21 when it raises the
     graph's opset to 21 for them (ONNX Runtime loads the result; validation runs it); keep the export's
     own progress readable. All-zero weight blocks divide 0 by a 0 scale before being masked to 0."""
+    import contextlib
+    import io
     import logging
 
     import numpy as np
@@ -212,8 +233,8 @@ def _quiet(fn: Any) -> None:
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)  # quantize_dynamic warns on the root logger to pre-process first
-    try:
-        with np.errstate(invalid="ignore", divide="ignore"):
+    try:  # (the histogram calibrator prints its progress)
+        with np.errstate(invalid="ignore", divide="ignore"), contextlib.redirect_stdout(io.StringIO()):
             fn()
     finally:
         for lg, level in zip(loggers, levels, strict=True):
@@ -300,3 +321,95 @@ def quantize_vision(
             "calibration": {"source": source, "images": len(batches)}, "quantized_nodes": len(layers),
             "qdq_pairs": kinds.count("QuantizeLinear"),
             "fp32": "attention products, layer norms, softmax and the pruning stage"}  # fmt: skip
+
+
+# --- TensorRT's calibrated language models (int8-trt, fp8-trt) ------------------------------------------
+STATIC_TYPES = {"int8-trt": ("QInt8", "MinMax"), "fp8-trt": ("QFLOAT8E4M3FN", "Distribution")}
+
+
+def quantize_static_lm(
+    path: Path, feeds: Iterable[dict[str, np.ndarray]], weights: str, source: str, exclude: list[str] = ()
+) -> dict[str, Any]:
+    """Rewrite the traced decoder ``path`` in place as ``weights`` (int8-trt / fp8-trt) Q/DQ: every
+    constant-weight MatMul but those named in ``exclude``, activation scales calibrated on ``feeds`` (the
+    decoder's prefill inputs, ``export.smooth.prefill_feeds``); returns what the manifest records."""
+    import tempfile
+
+    import onnx
+
+    from vtprune.export.onnx_io import save_atomic
+
+    _, _ = _import_quantizer()
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    model = onnx.load(str(path))
+    consts = {i.name for i in model.graph.initializer}
+    selector = {name for name in consts if name.startswith(FP32_WEIGHT_PREFIXES)}
+    layers = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in consts
+              and not selector & set(n.input) and n.name not in exclude]  # fmt: skip
+    batches = [graph_feeds(model, f) for f in feeds]
+    if not batches:
+        raise InternalError("quantize_static_lm: no calibration feeds")
+    qtype, method = STATIC_TYPES[weights]
+    int8 = weights == "int8-trt"
+
+    class Reader(CalibrationDataReader):  # ONNX Runtime's data-loader protocol, ranged for strided calibration
+        def __init__(self) -> None:
+            self.set_range(0, len(batches))
+
+        def __len__(self) -> int:
+            return len(batches)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self._it = iter(batches[start_index:end_index])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+    with tempfile.TemporaryDirectory(prefix="vtprune-quant-", dir=path.parent) as tmp:
+        dst = Path(tmp) / "decoder.q.onnx"
+        _quiet(lambda: quantize_static(
+            str(path), str(dst), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+            nodes_to_quantize=layers, per_channel=int8, activation_type=getattr(QuantType, qtype),
+            weight_type=getattr(QuantType, qtype), calibrate_method=getattr(CalibrationMethod, method),
+            extra_options={"WeightSymmetric": True, "ActivationSymmetric": True, "CalibStridedMinMax": 1}))
+        save_atomic(onnx.load(str(dst)), path)
+    kinds = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+    return {"weights": weights, "form": "qdq",
+            "method": f"onnxruntime quantize_static, QDQ, {method.lower()} calibration",
+            "weight_format": "int8 per output channel, symmetric" if int8 else "float8 e4m3fn per tensor",
+            "activations": "int8 per tensor, static, symmetric" if int8 else "float8 e4m3fn per tensor, static",
+            "calibration": {"source": source, "prompts": len(batches)}, "quantized_nodes": len(layers),
+            "qdq_pairs": kinds.count("QuantizeLinear"),
+            "fp32_matmuls": sorted(set(n.name for n in model.graph.node if n.op_type == "MatMul"
+                                       and n.input[1] in consts) - set(layers))}  # fmt: skip
+
+
+def graph_feeds(model: Any, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``feed`` (a prefill's ``inputs_embeds`` and ``position_ids``) completed to every input of the decoder
+    graph ``model``: an all-ones attention mask over the prompt and empty past caches."""
+    import onnx
+
+    from vtprune.export.decoder import PAST
+
+    out, n = dict(feed), feed["inputs_embeds"].shape[1]
+    for inp in model.graph.input:
+        if inp.name in out:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else (0 if d.dim_param == PAST else n)
+                for d in inp.type.tensor_type.shape.dim]  # fmt: skip
+        dims[0] = 1  # the batch
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+        if inp.name == "attention_mask":
+            out[inp.name] = np.ones(dims, dtype)
+        elif PAST in [d.dim_param for d in inp.type.tensor_type.shape.dim]:
+            out[inp.name] = np.zeros(dims, dtype)
+        else:
+            raise InternalError(f"graph_feeds: no calibration value for decoder input {inp.name!r}")
+    return out

@@ -82,8 +82,8 @@ def smooth_groups(decoder: nn.Module) -> list[SmoothGroup]:
         needed = [(attn, ("q_proj", "k_proj", "v_proj")), (mlp, ("gate_proj", "up_proj", "down_proj")),
                   (layer, ("input_layernorm", "post_attention_layernorm"))]  # fmt: skip
         if any(m is None or not all(hasattr(m, a) for a in names) for m, names in needed):
-            raise ConfigError(f"--weights w8a8 smooths Llama/Qwen2-style decoder layers; layer {i} of this model "
-                              "has another layout (use --weights int8)")  # fmt: skip
+            raise ConfigError(f"SmoothQuant (--weights w8a8, int8-trt) smooths Llama/Qwen2-style decoder layers; "
+                              f"layer {i} of this model has another layout (use --weights int8)")  # fmt: skip
         groups += [
             SmoothGroup(f"layers.{i}.self_attn.qkv", (attn.q_proj, attn.k_proj, attn.v_proj),
                         layer.input_layernorm.weight, ALPHA_NORM),
@@ -93,7 +93,8 @@ def smooth_groups(decoder: nn.Module) -> list[SmoothGroup]:
                         mlp.up_proj.bias),
         ]  # fmt: skip
     if not groups:
-        raise ConfigError("--weights w8a8: found no decoder layers to smooth (use --weights int8)")
+        raise ConfigError("SmoothQuant (--weights w8a8, int8-trt): found no decoder layers to smooth "
+                          "(use --weights int8)")
     return groups
 
 
@@ -139,7 +140,7 @@ def activation_ranges(decoder: nn.Module, feeds: Iterable[dict[str, np.ndarray]]
         for h in handles:
             h.remove()
     if not seen:
-        raise ConfigError("--weights w8a8: no calibration images (see --calib-data)")
+        raise ConfigError("SmoothQuant (--weights w8a8, int8-trt): no calibration images (see --calib-data)")
     return ranges
 
 
