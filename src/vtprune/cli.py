@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "int8 for ONNX Runtime on CPUs (uint8 activations), int8-trt for TensorRT (symmetric Q/DQ, "
                           "which vtprune build takes); the pruning stage stays fp32")  # fmt: skip
     exp.add_argument("--calib-data", default="easy-vqa", metavar="easy-vqa|DIR",
-                     help="images --vision int8 and --weights w8a8 are calibrated on: easy-vqa's train split or "
+                     help="images --vision and --weights w8a8|int8-trt|fp8-trt calibrate on: easy-vqa's train split or "
                           "a directory")  # fmt: skip
     exp.add_argument("--calib-n", type=count(1, 4096), default=32, help="calibration images (default: 32)")
     exp.add_argument("--decoder", choices=["traced", "fused"],
