@@ -176,10 +176,27 @@ def test_int4_trt_is_blocked_qdq_that_tensorrt_builds(cache_dir, tmp_path):
     assert dqs and all(inits[n.input[0]].data_type == onnx.TensorProto.INT4 for n in dqs)
     assert all(next(a.i for a in n.attribute if a.name == "block_size") == 32 for n in dqs)
     assert "MatMulNBits" not in _ops(out / "decoder.onnx") and _weight_matmuls(out / "decoder.onnx") == []
+    _engine_judged_as_int4(out, cache_dir)
     if NO_TRT:
         pytest.skip(NO_TRT)  # what TensorRT needs is checked above; the build needs a builder
     engines = build_bundle(out, BuildConfig(graphs=("decoder",), target=TARGET))
     assert engines["decoder"]["engine_size"] > 0 and (out / "decoder.engine").is_file()
+
+
+def _engine_judged_as_int4(bundle: Path, cache_dir: Path) -> None:
+    """``vtprune check --backend trt`` judges an int4-trt bundle's engines as int4 (next-token KL), not by the
+    fp16 cosines a 4-bit model cannot meet (the engines here: ONNX Runtime stand-ins)."""
+    from tests.runtime.test_trt_runner import fake_runner
+    from vtprune.check.validate import MAX_KL, compare_backends
+    from vtprune.images import scene_image
+    from vtprune.models import load_vlm
+
+    adapter = load_vlm("tiny-llava", cache_dir=cache_dir)
+    cfg = PruneConfig.from_dict(read_manifest(bundle)["prune"])
+    rows = {r["check"]: r for r in compare_backends(adapter, cfg, bundle, scene_image(), PROMPT, 8,
+                                                    fake_runner(bundle))}  # fmt: skip
+    assert all(r["ok"] for r in rows.values()), rows
+    assert rows["prefill logits"]["max_kl"] == MAX_KL["int4"]
 
 
 @pytest.mark.parametrize("weights", ["int8-trt", "fp8-trt"])

@@ -93,16 +93,17 @@ def compare_backends(
 ) -> list:
     """Rows of metrics comparing PyTorch (``adapter`` + ``cfg``) with ONNX Runtime (``bundle``), or with
     ``runner``: a loaded bundle runner such as ``TrtVlm``, judged like an fp16 bundle (kept sets within the
-    fp16 tie margin, logits within the fp16 tolerances) since TensorRT may pick reduced-precision tactics."""
+    fp16 tie margin, logits within the fp16 tolerances) since TensorRT may pick reduced-precision tactics,
+    or at its bundle's own precision where that is a quantized one (an int4-trt engine as int4)."""
     from vtprune.backends.ort import OrtVlm
     from vtprune.runtime.generate import decode
     from vtprune.runtime.pipeline import Follow, PrunedVlm
     from vtprune.runtime.timing import StageTimer
 
     bun = runner or OrtVlm(bundle, verify=False)
-    precision = "fp16" if runner is not None else bun.precision
+    precision = "fp16" if runner is not None and bun.precision in ("fp32", "fp16") else bun.precision
     vision_limit = margin_limit(bun.dtype if runner is None else "fp16")
-    if runner is None and bun.vision_quantized:  # int8 features may rank tokens differently: reported
+    if bun.vision_quantized:  # int8 features may rank tokens differently: reported
         vision_limit = None
     image = bun._fit_image(image)
     if bun.manifest["graphs"]["vision"]["meta"].get("dynamic_grid"):
@@ -121,7 +122,7 @@ def compare_backends(
     rows.append(_exact("position ids", ref_pre.position_ids.numpy(), bun_pre["positions"]))
     if not all(r["ok"] for r in rows):
         return rows
-    quantized_vision = runner is None and bun.vision_quantized
+    quantized_vision = bun.vision_quantized
     rows.append(_close("decoder input embeds", ref_pre.embeds.numpy(), bun_pre["embeds"], "embeds",
                        embeds_precision(precision, quantized_vision)))  # fmt: skip
     bun_logits, _ = bun.prefill(bun_pre)
