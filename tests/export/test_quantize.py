@@ -229,6 +229,11 @@ def test_calibrated_trt_weights_are_static_qdq_that_tensorrt_builds(cache_dir, t
     for n in quants:  # static, one scale per tensor, symmetric
         scale, zero = inits[n.input[1]], inits[n.input[2]]
         assert not scale.dims and zero.data_type == want and not onnx.numpy_helper.to_array(zero).astype(float).any()
+    if weights == "fp8-trt":  # refused up front for a GPU without fp8 (Ampere, Jetson Orin)
+        from vtprune.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="sm86 cannot run"):
+            build_bundle(out, BuildConfig(graphs=("decoder",), target="sm89,sm86"))
     if NO_TRT:
         pytest.skip(NO_TRT)  # what TensorRT needs is checked above; the build needs a builder
     engines = build_bundle(out, BuildConfig(graphs=("decoder",), target=TARGET))
