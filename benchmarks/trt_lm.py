@@ -1,9 +1,9 @@
 """TensorRT engines of the pocket VLM's decoder in each Q/DQ format vtprune writes for TensorRT: fp32 against
-``--weights int4-trt`` (int4 weights, blocked, on the checkpoint's own GGUF grid), ``int8-trt`` (SmoothQuant,
-int8 weights per channel and static int8 activations) and ``fp8-trt`` (E4M3 weights and static activations),
-built with TensorRT for RTX on this machine's CPU.
+``--weights int4-trt`` (int4 weights, blocked, on the checkpoint's own GGUF grid) and ``int8-trt``
+(SmoothQuant, int8 weights per channel and static int8 activations), built with TensorRT for RTX on this
+machine's CPU.
 
-    python benchmarks/trt_lm.py [--formats fp32,int4-trt,int8-trt,fp8-trt] [--target sm89] [--questions 200]
+    python benchmarks/trt_lm.py [--formats fp32,int4-trt,int8-trt] [--target sm89] [--questions 200]
                                 [--out benchmarks/results/pocket/trt-lm]
 
 Exports G-Prune 64 bundles (validated against PyTorch in ONNX Runtime), builds each decoder engine, and
@@ -20,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-FORMATS = ("fp32", "int4-trt", "int8-trt", "fp8-trt")
+FORMATS = ("fp32", "int4-trt", "int8-trt")
 
 
 def main() -> None:

@@ -67,19 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     exp.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     exp.add_argument("--reuse-lm-from", help="bundle of the same model whose embed/decoder graphs to reuse")
-    exp.add_argument("--weights", choices=["int8", "int4", "w8a8", "int4-trt", "int8-trt", "fp8-trt"],
+    exp.add_argument("--weights", choices=["int8", "int4", "w8a8", "int4-trt", "int8-trt"],
                      help="quantized language model: int8 / int4 weights for ONNX Runtime (MatMulNBits), w8a8: "
                           "int8 weights and activations (MatMulInteger; SmoothQuant calibrated on --calib-data); "
-                          "Q/DQ forms that vtprune build takes: int4-trt (int4 weights), int8-trt (SmoothQuant, "
-                          "int8 weights and static int8 activations) and fp8-trt (E4M3 weights and static "
-                          "activations), both calibrated on --calib-data; the vision graph, pruning and selectors "
-                          "stay fp32")  # fmt: skip
+                          "Q/DQ forms that vtprune build takes: int4-trt (int4 weights) and int8-trt (SmoothQuant, "
+                          "int8 weights and static int8 activations calibrated on --calib-data); the vision graph, "
+                          "pruning and selectors stay fp32")  # fmt: skip
     exp.add_argument("--vision", choices=["int8", "int8-trt"],
                      help="int8 vision encoder and projector, static activation scales calibrated on --calib-data: "
                           "int8 for ONNX Runtime on CPUs (uint8 activations), int8-trt for TensorRT (symmetric Q/DQ, "
                           "which vtprune build takes); the pruning stage stays fp32")  # fmt: skip
     exp.add_argument("--calib-data", default="easy-vqa", metavar="easy-vqa|DIR",
-                     help="images --vision and --weights w8a8|int8-trt|fp8-trt calibrate on: easy-vqa's train split or "
+                     help="images --vision and --weights w8a8|int8-trt calibrate on: easy-vqa's train split or "
                           "a directory")  # fmt: skip
     exp.add_argument("--calib-n", type=count(1, 4096), default=32, help="calibration images (default: 32)")
     exp.add_argument("--decoder", choices=["traced", "fused"],

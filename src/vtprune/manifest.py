@@ -227,6 +227,6 @@ def judged_precision(export: dict) -> str:
     format or dtype; an fp32 bundle whose vision graph is int8 is ``vision-int8``."""
     precision = export.get("weights") or export.get("dtype", "fp32")
     # TensorRT's Q/DQ forms: int4-trt the same weights as int4; int8-trt int8 weights and activations, one
-    # activation scale per tensor, as w8a8 (static instead of dynamic); fp8-trt its own
-    precision = {"int4-trt": "int4", "int8-trt": "w8a8", "fp8-trt": "fp8"}.get(precision, precision)
+    # activation scale per tensor, as w8a8 (static instead of dynamic)
+    precision = {"int4-trt": "int4", "int8-trt": "w8a8"}.get(precision, precision)
     return "vision-int8" if precision == "fp32" and export.get("vision") is not None else precision

@@ -95,12 +95,10 @@ def import_ort() -> Any:
 
 
 def make_session(
-    model: Path | bytes, provider: str = "cpu", threads: int | None = None, external: dict[str, Any] | None = None,
-    fuse_qdq: bool = True,
+    model: Path | bytes, provider: str = "cpu", threads: int | None = None, external: dict[str, Any] | None = None
 ) -> Any:
     """An InferenceSession on ``provider`` from a graph's path or bytes (``external``: its external-data
-    files' bytes by location), with a clear error when that provider is not available. ``fuse_qdq`` False:
-    Q/DQ pairs run as written (float8 ones, which ONNX Runtime's CPU kernels cannot fuse)."""
+    files' bytes by location), with a clear error when that provider is not available."""
     ort = import_ort()
     if provider not in PROVIDERS:
         raise ConfigError(f"--provider {provider!r} must be one of {', '.join(PROVIDERS)}")
@@ -117,8 +115,6 @@ def make_session(
     opts.add_session_config_entry("session.force_spinning_stop", "1")
     if threads:
         opts.intra_op_num_threads = threads
-    if not fuse_qdq:
-        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     if external:
         names, buffers = list(external), [np.frombuffer(b, np.uint8) for b in external.values()]
         opts.add_external_initializers_from_files_in_memory(names, buffers, [len(b) for b in buffers])
@@ -172,15 +168,14 @@ class OrtVlm:
         the TensorRT backend (``TrtVlm``) opens engines here instead."""
         sessions = {}
         for g in graphs:
-            fuse = self.manifest["graphs"][g].get("quantization", {}).get("weights") != "fp8-trt"
             with self.sealed.opened(f"{g}.onnx", look_for=b"location") as (path, external):
                 # A graph with tensors stored outside it goes to ONNX Runtime as sealed bytes, with its
                 # external-data files in memory (their locations must be listed bundle files).
                 if external:
                     data, files = self._external(g)
-                    sessions[g] = make_session(data, provider, threads, files, fuse)
+                    sessions[g] = make_session(data, provider, threads, files)
                 else:
-                    sessions[g] = make_session(path, provider, threads, fuse_qdq=fuse)
+                    sessions[g] = make_session(path, provider, threads)
         return sessions
 
     def _external(self, graph: str) -> tuple[bytes, dict[str, bytes]]:

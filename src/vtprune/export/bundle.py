@@ -71,7 +71,7 @@ class ExportConfig:
     @property
     def calibrated(self) -> bool:
         """Whether the export calibrates on images (--vision int8; --weights w8a8 / int8-trt's SmoothQuant;
-        --weights int8-trt / fp8-trt's activation scales)."""
+        --weights int8-trt's activation scales)."""
         return self.vision is not None or self.weights in ("w8a8", *STATIC_WEIGHTS)
 
     def decoder_kind(self, adapter: Any, prune: PruneConfig) -> str:
@@ -199,7 +199,7 @@ def write_bundle(
                 manifest["graphs"][name]["quantization"] = quantize_graph(tmp / f"{name}.onnx", export.weights,
                                                                           blockwise)  # fmt: skip
             elif name == "decoder":  # (the embed graph's table stays fp32)
-                manifest["graphs"][name]["quantization"] = _quantize_static(adapter, prune, export, tmp, blockwise, log)
+                manifest["graphs"][name]["quantization"] = _quantize_static(adapter, prune, export, tmp, log)
         if name == "vision" and export.vision:
             manifest["graphs"]["vision"]["quantization"] = _quantize_vision(adapter, prune, export, manifest, tmp)
         if export.external_data:
@@ -228,23 +228,18 @@ def _smoothed(adapter: Any, prune: PruneConfig, export: ExportConfig, log: Any) 
     return traced, record | {"calibration": {"source": export.calib_data, "images": len(paths)}}
 
 
-def _quantize_static(
-    adapter: Any, prune: PruneConfig, export: ExportConfig, tmp: Path, blockwise: list[str] | None, log: Any
-) -> dict[str, Any]:
-    """--weights int8-trt / fp8-trt: the decoder's activation scales calibrated on the prefill inputs of
-    ``export.calib_n`` images (``export.smooth.prefill_feeds``), then ``quantize_static_lm``; int8-trt leaves
-    the down projections that SmoothQuant found too extreme (``blockwise``) unquantized."""
-    import onnx
-
-    from vtprune.export.quantize import down_projections, quantize_static_lm
+def _quantize_static(adapter: Any, prune: PruneConfig, export: ExportConfig, tmp: Path, log: Any) -> dict[str, Any]:
+    """--weights int8-trt: the decoder's activation scales calibrated on the prefill inputs of
+    ``export.calib_n`` images (``export.smooth.prefill_feeds``), then ``quantize_static_lm``, which leaves
+    the down projections unquantized."""
+    from vtprune.export.quantize import quantize_static_lm
     from vtprune.export.smooth import prefill_feeds
     from vtprune.images import calibration_images
 
     paths = calibration_images(export.calib_data, export.calib_n)
     log(f"calibrating {export.weights} activation scales on {len(paths)} images from {export.calib_data}")
-    path = tmp / "decoder.onnx"
-    exclude = down_projections(onnx.load(str(path), load_external_data=False), blockwise) if blockwise else []
-    return quantize_static_lm(path, prefill_feeds(adapter, prune, paths), export.weights, export.calib_data, exclude)
+    return quantize_static_lm(tmp / "decoder.onnx", prefill_feeds(adapter, prune, paths), export.weights,
+                              export.calib_data)  # fmt: skip
 
 
 def _quantize_vision(

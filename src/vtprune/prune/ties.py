@@ -31,11 +31,11 @@ FP32_MARGIN = 1e-4
 FP16_MARGIN = 1e-2
 
 
-# int8 / int4 / fp8 weights: the routed layers' selectors score hidden states the quantized layers computed, so a
+# int8 / int4 weights: the routed layers' selectors score hidden states the quantized layers computed, so a
 # quantized bundle legitimately chooses other tokens (pocket, ALVTS k=28 from layer 12: margins up to 0.045
 # with int8 in blocks of 128, above 0.1 with int4). Their margins are reported, not gated: the reference
 # follows those choices and the logits' KL divergence judges the result.
-QUANT_MARGIN: dict[str, float | None] = {"int8": None, "int4": None, "w8a8": None, "fp8": None, "vision-int8": None}
+QUANT_MARGIN: dict[str, float | None] = {"int8": None, "int4": None, "w8a8": None, "vision-int8": None}
 
 
 def margin_limit(precision: str) -> float | None:

@@ -256,11 +256,10 @@ def resolve_target(trt: ModuleType, flavour: str, target: str | None) -> list[An
         )
     offered = {name.lower(): cap for name, cap in trt.ComputeCapability.__members__.items() if name.startswith("SM")}
     offered["native"] = trt.ComputeCapability.CURRENT
-    return [_one_target(name, offered, trt.__version__) for name in split_targets(target)]
+    return [_one_target(name, offered, trt.__version__) for name in _split_targets(target)]
 
 
-def split_targets(target: str) -> list[str]:
-    """The ``smXY`` names of a comma-separated target string (``"sm_86, sm89"`` -> ``["sm86", "sm89"]``)."""
+def _split_targets(target: str) -> list[str]:
     names = [re.sub(r"^sm_", "sm", part.strip().lower()) for part in target.split(",") if part.strip()]
     if not names:
         raise ConfigError(f"target={target!r} names no compute capability; use e.g. 'sm89'")

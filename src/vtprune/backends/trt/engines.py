@@ -72,7 +72,6 @@ def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, A
         raise ConfigError(f"{bundle}: {', '.join(quantized)} hold ONNX Runtime's {weights} MatMulNBits weights, which "
                           "TensorRT cannot parse; export with --weights int4-trt (Q/DQ), or build the vision graph "
                           "alone (--graphs vision)")  # fmt: skip
-    check_fp8_target(bundle, manifest, graphs, cfg.target)
     fused = [g for g in ("decoder", "decode") if g in graphs and manifest["graphs"][g].get("exporter") == "fused"]
     if fused:
         raise ConfigError(f"{bundle}: {fused[0]}.onnx is the fused decoder (ONNX Runtime's contrib operators), which "
@@ -117,24 +116,6 @@ def build_bundle(bundle: Path, cfg: BuildConfig, log: Any = None) -> dict[str, A
         manifest["engines"] = engines
         write_manifest(tmp, manifest)
     return engines
-
-
-FP8_MIN_SM = 89  # Ada and newer (Hopper, Blackwell, Jetson Thor); Ampere and Jetson Orin (sm87) have no fp8
-
-
-def check_fp8_target(bundle: Path, manifest: dict[str, Any], graphs: list[str], target: str | None) -> None:
-    """Refuse, before any build, an fp8 (``--weights fp8-trt``) graph for a named compute capability
-    without fp8 tensor cores."""
-    from vtprune.backends.trt.build import split_targets
-
-    fp8 = [g for g in graphs if manifest["graphs"][g].get("quantization", {}).get("weights") == "fp8-trt"]
-    if not fp8 or target is None or target.strip().lower() == "native":
-        return
-    old = [name for name in split_targets(target) if name[2:].isdigit() and int(name[2:]) < FP8_MIN_SM]
-    if old:
-        raise ConfigError(f"{bundle}: {fp8[0]}.onnx holds fp8 (E4M3) Q/DQ, which {old[0]} cannot run (fp8 needs "
-                          f"sm{FP8_MIN_SM} or newer); export with --weights int8-trt for it, or build for a "
-                          "newer target")  # fmt: skip
 
 
 # Host memory of a TensorRT(-RTX) build, per byte of the graph's weights: the parsed network holds them and
