@@ -285,28 +285,15 @@ def quantize_vision(
     from vtprune.export.onnx_io import save_atomic
 
     _, _ = _import_quantizer()
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     layers = vision_layer_nodes(onnx.load(str(path), load_external_data=False))
     batches, symmetric = list(feeds), fmt == "int8-trt"
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._it = iter(batches)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self._it, None)
-
     with tempfile.TemporaryDirectory(prefix="vtprune-quant-", dir=path.parent) as tmp:
         dst = Path(tmp) / "vision.int8.onnx"
         _quiet(lambda: quantize_static(
-            str(path), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+            str(path), str(dst), calibration_reader(batches), quant_format=QuantFormat.QDQ,
             op_types_to_quantize=["MatMul", "Gemm", "Conv"], nodes_to_quantize=layers, per_channel=True,
             activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
@@ -337,13 +324,7 @@ def quantize_static_lm(
     from vtprune.export.onnx_io import save_atomic
 
     _, _ = _import_quantizer()
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     model = onnx.load(str(path))
     consts = {i.name for i in model.graph.initializer}
@@ -355,24 +336,12 @@ def quantize_static_lm(
     if not batches:
         raise InternalError("quantize_static_lm: no calibration feeds")
 
-    class Reader(CalibrationDataReader):  # ONNX Runtime's data-loader protocol, ranged for strided calibration
-        def __init__(self) -> None:
-            self.set_range(0, len(batches))
-
-        def __len__(self) -> int:
-            return len(batches)
-
-        def set_range(self, start_index: int, end_index: int) -> None:
-            self._it = iter(batches[start_index:end_index])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self._it, None)
-
     with tempfile.TemporaryDirectory(prefix="vtprune-quant-", dir=path.parent) as tmp:
         dst = Path(tmp) / "decoder.q.onnx"
         _quiet(lambda: quantize_static(
-            str(path), str(dst), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
-            nodes_to_quantize=layers, per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            str(path), str(dst), calibration_reader(batches), quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul"], nodes_to_quantize=layers, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
             extra_options={"WeightSymmetric": True, "ActivationSymmetric": True, "CalibStridedMinMax": 1}))
         save_atomic(onnx.load(str(dst)), path)
@@ -408,3 +377,24 @@ def graph_feeds(model: Any, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray
         else:
             raise InternalError(f"graph_feeds: no calibration value for decoder input {inp.name!r}")
     return out
+
+
+def calibration_reader(batches: list[dict[str, np.ndarray]]) -> Any:
+    """``batches`` (graph feeds) as ONNX Runtime's calibration data reader, ranged for strided calibration
+    (``CalibStridedMinMax``)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.set_range(0, len(batches))
+
+        def __len__(self) -> int:
+            return len(batches)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self._it = iter(batches[start_index:end_index])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+    return Reader()
