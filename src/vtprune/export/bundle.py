@@ -171,7 +171,7 @@ def write_bundle(
 
     from vtprune.export.memory import release_memory
     from vtprune.export.precision import export_copy, fp32_parts
-    from vtprune.export.quantize import QUANTIZED_GRAPHS, quantize_graph
+    from vtprune.export.quantize import QUANTIZED_GRAPHS, quantize_graph, quantize_static_lm
     from vtprune.export.vision import export_vision
     from vtprune.images import scene_image
     from vtprune.runtime.pipeline import PrunedVlm
@@ -184,8 +184,10 @@ def write_bundle(
     manifest = new_manifest(adapter, model, prune, export) | {"keep_requested": requested.keep}
     donor = lm_donor(export, model) if export.reuse_lm_from else None
     traced = export_copy(adapter, export.dtype)  # the fp32 ``adapter`` stays the validation reference
+    feeds = None  # the decoder's prefill inputs for the calibration images, when its weights are calibrated
     if export.weights in SMOOTHED_WEIGHTS and not export.reuse_lm_from:
-        traced, manifest["smoothing"] = _smoothed(adapter, prune, export, log)
+        feeds = _calibration_feeds(adapter, prune, export, log)
+        traced, manifest["smoothing"] = _smoothed(adapter, feeds, export)
     steps = [("vision", lambda p: export_vision(traced, prune, sample, p, export.opset)),
              *_lm_steps(traced, prune, sample, export, donor)]  # fmt: skip
     for i, (name, fn) in enumerate(steps, 1):
@@ -199,7 +201,8 @@ def write_bundle(
                 manifest["graphs"][name]["quantization"] = quantize_graph(tmp / f"{name}.onnx", export.weights,
                                                                           blockwise)  # fmt: skip
             elif name == "decoder":  # (the embed graph's table stays fp32)
-                manifest["graphs"][name]["quantization"] = _quantize_static(adapter, prune, export, tmp, log)
+                manifest["graphs"][name]["quantization"] = quantize_static_lm(tmp / "decoder.onnx", feeds,
+                                                                              export.weights, export.calib_data)
         if name == "vision" and export.vision:
             manifest["graphs"]["vision"]["quantization"] = _quantize_vision(adapter, prune, export, manifest, tmp)
         if export.external_data:
@@ -216,30 +219,24 @@ def write_bundle(
     return manifest, prune, image
 
 
-def _smoothed(adapter: Any, prune: PruneConfig, export: ExportConfig, log: Any) -> tuple[Any, dict[str, Any]]:
-    """--weights w8a8 / int8-trt: a copy of the model with SmoothQuant folded into its decoder, calibrated on the
-    prefill inputs of ``export.calib_n`` images (``export.smooth``); the manifest's record."""
-    from vtprune.export.smooth import prefill_feeds, smoothed_copy
-    from vtprune.images import calibration_images
-
-    paths = calibration_images(export.calib_data, export.calib_n)
-    log(f"calibrating SmoothQuant on {len(paths)} images from {export.calib_data}")
-    traced, record = smoothed_copy(adapter, prefill_feeds(adapter, prune, paths))
-    return traced, record | {"calibration": {"source": export.calib_data, "images": len(paths)}}
-
-
-def _quantize_static(adapter: Any, prune: PruneConfig, export: ExportConfig, tmp: Path, log: Any) -> dict[str, Any]:
-    """--weights int8-trt: the decoder's activation scales calibrated on the prefill inputs of
-    ``export.calib_n`` images (``export.smooth.prefill_feeds``), then ``quantize_static_lm``, which leaves
-    the down projections unquantized."""
-    from vtprune.export.quantize import quantize_static_lm
+def _calibration_feeds(adapter: Any, prune: PruneConfig, export: ExportConfig, log: Any) -> list[dict[str, Any]]:
+    """--weights w8a8 / int8-trt: the decoder's prefill inputs for ``export.calib_n`` calibration images
+    (``export.smooth.prefill_feeds``), which SmoothQuant and int8-trt's activation scales calibrate on."""
     from vtprune.export.smooth import prefill_feeds
     from vtprune.images import calibration_images
 
     paths = calibration_images(export.calib_data, export.calib_n)
-    log(f"calibrating {export.weights} activation scales on {len(paths)} images from {export.calib_data}")
-    return quantize_static_lm(tmp / "decoder.onnx", prefill_feeds(adapter, prune, paths), export.weights,
-                              export.calib_data)  # fmt: skip
+    log(f"calibrating --weights {export.weights} on {len(paths)} images from {export.calib_data}")
+    return list(prefill_feeds(adapter, prune, paths))
+
+
+def _smoothed(adapter: Any, feeds: list[dict[str, Any]], export: ExportConfig) -> tuple[Any, dict[str, Any]]:
+    """A copy of the model with SmoothQuant folded into its decoder, calibrated on ``feeds``
+    (``export.smooth``); the manifest's record."""
+    from vtprune.export.smooth import smoothed_copy
+
+    traced, record = smoothed_copy(adapter, feeds)
+    return traced, record | {"calibration": {"source": export.calib_data, "images": len(feeds)}}
 
 
 def _quantize_vision(

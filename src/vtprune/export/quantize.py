@@ -328,10 +328,9 @@ def quantize_static_lm(
 
     model = onnx.load(str(path))
     consts = {i.name for i in model.graph.initializer}
-    selector = {name for name in consts if name.startswith(FP32_WEIGHT_PREFIXES)}
-    exclude = set(down_projections(model))
+    exclude = down_projections(model)
     layers = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in consts
-              and not selector & set(n.input) and n.name not in exclude]  # fmt: skip
+              and n.name not in exclude]  # fmt: skip
     batches = [graph_feeds(model, f) for f in feeds]
     if not batches:
         raise InternalError("quantize_static_lm: no calibration feeds")
@@ -350,9 +349,7 @@ def quantize_static_lm(
             "method": "onnxruntime quantize_static, QDQ, min-max calibration, after SmoothQuant",
             "weight_format": "int8 per output channel, symmetric", "activations": "int8 per tensor, static, symmetric",
             "calibration": {"source": source, "prompts": len(batches)}, "quantized_nodes": len(layers),
-            "qdq_pairs": kinds.count("QuantizeLinear"),
-            "fp32_matmuls": sorted(set(n.name for n in model.graph.node if n.op_type == "MatMul"
-                                       and n.input[1] in consts) - set(layers))}  # fmt: skip
+            "qdq_pairs": kinds.count("QuantizeLinear"), "fp32_matmuls": sorted(exclude)}  # fmt: skip
 
 
 def graph_feeds(model: Any, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
