@@ -72,7 +72,7 @@ class ExportConfig:
     def calibrated(self) -> bool:
         """Whether the export calibrates on images (--vision int8; --weights w8a8 / int8-trt's SmoothQuant;
         --weights int8-trt's activation scales)."""
-        return self.vision is not None or self.weights in ("w8a8", *STATIC_WEIGHTS)
+        return self.vision is not None or self.weights in (*SMOOTHED_WEIGHTS, *STATIC_WEIGHTS)
 
     def decoder_kind(self, adapter: Any, prune: PruneConfig) -> str:
         """``traced`` or ``fused``: the decoder graph this export writes for ``adapter`` (the fused one by

@@ -223,8 +223,6 @@ def _quiet(fn: Any) -> None:
     """The quantizer logs every node at INFO, and warns that int4 tables need opset 21 when it raises the
     graph's opset to 21 for them (ONNX Runtime loads the result; validation runs it); keep the export's
     own progress readable. All-zero weight blocks divide 0 by a 0 scale before being masked to 0."""
-    import contextlib
-    import io
     import logging
 
     import numpy as np
@@ -233,8 +231,8 @@ def _quiet(fn: Any) -> None:
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)  # quantize_dynamic warns on the root logger to pre-process first
-    try:  # (the histogram calibrator prints its progress)
-        with np.errstate(invalid="ignore", divide="ignore"), contextlib.redirect_stdout(io.StringIO()):
+    try:
+        with np.errstate(invalid="ignore", divide="ignore"):
             fn()
     finally:
         for lg, level in zip(loggers, levels, strict=True):
