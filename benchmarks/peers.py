@@ -11,7 +11,11 @@ and measures:
 
 - vtprune's ONNX Runtime bundles from ``benchmarks/quantized.py`` (fp32, int8, int4, w8a8, w8a8 with an
   int8 vision graph; unpruned, G-Prune 64 and ALVTS 28; a few with the traced decoder beside the fused one
-  quantized bundles get by default); ``--only`` picks configurations by label;
+  quantized bundles get by default); ``--only`` picks configurations by label. A worker keeps its runner open,
+  so from the warm-up round on the text before the image comes from the runner's prefix cache (the system
+  prompt: 24 rows); the ``no prefix cache`` rows prefill every prompt whole. OpenVINO's ``VLMPipeline`` as
+  made here keeps no cache between requests (its prefix caching belongs to the continuous-batching
+  scheduler, not set; with the same 4 images every round it would also hold their image tokens);
 - OpenVINO GenAI's ``VLMPipeline``: fp32 weights computed in fp32 (``INFERENCE_PRECISION_HINT=f32``), fp32
   weights with its default precision (bf16 on CPUs with AMX/AVX-512 BF16), and int8 weights;
 - with ``--ortgenai-python`` (a venv with ``onnxruntime-genai``, torch, transformers, onnx), ONNX Runtime
@@ -51,7 +55,12 @@ VTPRUNE = {"vtprune fp32, unpruned": "none-fp32", "vtprune fp32, G-Prune 64": "g
            # the same formats with the traced decoder (quantized bundles get the fused one by default)
            "vtprune w8a8 + int8 vision, G-Prune 64, traced decoder": "gprune-64-w8a8+v8@traced",
            "vtprune int4, G-Prune 64, traced decoder": "gprune-64-int4@traced",
-           "vtprune w8a8 + int8 vision, ALVTS 28, traced decode graph": "alvts-28-w8a8+v8@traced"}  # fmt: skip
+           "vtprune w8a8 + int8 vision, ALVTS 28, traced decode graph": "alvts-28-w8a8+v8@traced",
+           # every prompt prefilled whole (the runner's prefix cache off: the rows above reuse the text before
+           # the image from the previous request, as a runner kept open does)
+           "vtprune fp32, unpruned, no prefix cache": "none-fp32#whole",
+           "vtprune fp32, G-Prune 64, no prefix cache": "gprune-64-fp32#whole",
+           "vtprune w8a8 + int8 vision, G-Prune 64, no prefix cache": "gprune-64-w8a8+v8#whole"}  # fmt: skip
 ORTGENAI = {"ORT-GenAI fp32, LM only, unpruned-length prompt": ("fp32", "unpruned"),
             "ORT-GenAI fp32, LM only, G-Prune-64-length prompt": ("fp32", "gprune-64"),
             "ORT-GenAI int4, LM only, unpruned-length prompt": ("int4", "unpruned"),
@@ -68,7 +77,8 @@ def vtprune_worker(bundle: str, images: list[str]) -> None:
     from vtprune.backends.ort import OrtVlm
     from vtprune.runtime.generate import generate
 
-    vlm = OrtVlm(bundle)
+    bundle, _, whole = bundle.partition("#")
+    vlm = OrtVlm(bundle, prefix_cache=not whole)
     pics = [Image.open(p).convert("RGB") for p in images]
 
     def one(img: Any) -> dict[str, float]:
@@ -287,7 +297,7 @@ def run_driver(args: argparse.Namespace) -> None:
 
     workers = [Worker(label, [sys.executable, me, "--worker", "vtprune", str(args.bundles / name), *images])
                for label, name in VTPRUNE.items()
-               if wanted(label) and (args.bundles / name / "manifest.json").is_file()]  # fmt: skip
+               if wanted(label) and (args.bundles / name.partition("#")[0] / "manifest.json").is_file()]  # fmt: skip
     if args.openvino_python:
         for label, (fmt, props) in OPENVINO.items():
             if not wanted(label):

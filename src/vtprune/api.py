@@ -74,11 +74,12 @@ def export_bundle(
 def open_runner(
     source: str | Path, backend: str = "ort", *, provider: str = "cpu", threads: int | None = None,
     sampling: SamplingConfig | None = None, prune: PruneConfig | None = None, dtype: str = "fp32",
-    device: str = "cpu", cache_dir: Path | None = None, allow_pickle: bool = False,
+    device: str = "cpu", cache_dir: Path | None = None, allow_pickle: bool = False, prefix_cache: bool = True,
 ) -> Iterator[Any]:  # fmt: skip
     """A runner for ``runtime.generate``: a bundle directory on ONNX Runtime (``ort``, ``provider`` cpu |
     cuda | tensorrt) or as TensorRT engines (``trt``), or a checkpoint in PyTorch (``torch``, with
-    ``prune``). Closed (sessions and engines released) when the block ends."""
+    ``prune``). ``prefix_cache``: ONNX Runtime keeps the keys and values of the prompt's text before the image
+    for the next prompt (``OrtVlm``). Closed (sessions and engines released) when the block ends."""
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r} must be one of {', '.join(BACKENDS)}")
     if backend == "torch":
@@ -94,7 +95,7 @@ def open_runner(
     else:
         from vtprune.backends.ort import OrtVlm
 
-        runner = OrtVlm(source, provider, threads, sampling=sampling)
+        runner = OrtVlm(source, provider, threads, sampling=sampling, prefix_cache=prefix_cache)
     try:
         yield runner
     finally:

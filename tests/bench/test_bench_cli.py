@@ -21,7 +21,7 @@ def test_bench_exports_per_budget_and_reports_every_stage(bench_run):
         ".vtprune-output", "latency_vs_budget.png", "report.json", "report.md", "stage_breakdown.png"]  # fmt: skip
     assert sorted(p.name for p in bench_run["work"].iterdir()) == ["gprune-k8", "none-all"]
     assert report["workload"]["warmup"] == 1 and report["workload"]["iters"] == 2
-    want = {"backend": "ort", "model": "tiny-llava", "method": "gprune", "precision": "fp32"}
+    want = {"backend": "ort", "model": "tiny-llava", "method": "gprune", "precision": "fp32", "prefix_cache": True}
     assert {k: report["subject"][k] for k in want} == want
     assert report["environment"]["execution_provider"] == "onnxruntime:CPUExecutionProvider"
     assert "tiny random-weight model" in report["notes"][0]
@@ -30,6 +30,8 @@ def test_bench_exports_per_budget_and_reports_every_stage(bench_run):
     assert (full["tokens"]["visual_kept"], pruned["tokens"]["visual_kept"], pruned["tokens"]["visual_pruned"]) == (
         64, 8, 56)  # fmt: skip
     assert pruned["tokens"]["prefill"] == full["tokens"]["prefill"] - 56 and pruned["tokens"]["decode_steps"] == 3
+    # timed runs follow the warm-up: the text before the image ("USER:") comes from the prefix cache
+    assert full["tokens"]["cached"] == pruned["tokens"]["cached"] > 0
     assert pruned["flops"]["prefill_flops"] < full["flops"]["prefill_flops"]
     for entry in report["budgets"]:
         assert set(entry["stages"]) == MEASURED

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vtprune.api import export_bundle
 from vtprune.config import PruneConfig
@@ -156,6 +157,20 @@ def test_fused_bundle_validates_and_decodes_in_place_like_the_copying_cache(fuse
         row, past = vlm.next_logits(int(np.argmax(shared[i])), position + i, past)  # the same tokens
         copying.append(row)
     assert max(np.abs(a - b).max() for a, b in zip(shared, copying, strict=True)) < 1e-5
+
+
+def test_prefix_cache_in_the_shared_buffers_survives_the_prompts_after_it(fused_bundle, scene):
+    """Each prompt writes its image and question rows over the last one's, past the cached prefix."""
+    from vtprune.backends.ort import OrtVlm, SharedKv
+
+    cached, whole = OrtVlm(fused_bundle), OrtVlm(fused_bundle, prefix_cache=False)
+    other = Image.fromarray(255 - np.asarray(scene))
+    for i, image in enumerate([scene, other, scene, other]):
+        a = cached.generate(image, PROMPT, max_new_tokens=8)
+        b = whole.generate(image, PROMPT, max_new_tokens=8)
+        assert a.token_ids == b.token_ids and b.cached_tokens == 0
+        assert a.cached_tokens == (0 if i == 0 else cached._prefix[1].length)
+    assert isinstance(cached._prefix[1], SharedKv) and a.cached_tokens > 0
 
 
 def test_shared_cache_rewinds_for_candidate_scores(fused_bundle, scene):

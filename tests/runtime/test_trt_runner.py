@@ -45,6 +45,7 @@ def test_generation_through_engine_sessions_equals_onnx_runtime(bundles, scene, 
     got = runner.generate(scene, "what is in the image ?", max_new_tokens=6)
     assert got.token_ids == ref.token_ids and got.visual_tokens_kept == ref.visual_tokens_kept
     assert runner.sessions["decoder"].engine.contexts[0].calls == len(got.token_ids)  # prefill + decode steps
+    assert not runner.prefix_cache and got.cached_tokens == 0  # the engine's prefill takes the prompt whole
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the stand-in engine then reads and "

@@ -127,10 +127,11 @@ class OrtVlm:
 
     def __init__(
         self, bundle: str | Path, provider: str = "cpu", threads: int | None = None, verify: bool = True,
-        sampling: SamplingConfig | None = None, only: tuple[str, ...] | None = None,
+        sampling: SamplingConfig | None = None, only: tuple[str, ...] | None = None, prefix_cache: bool = True,
     ):  # fmt: skip
         """``only``: open just these graphs (``("vision", "embed")`` for the prefill inputs of a model whose
-        language model would not fit this machine's memory: ``vtprune predict``)."""
+        language model would not fit this machine's memory: ``vtprune predict``). ``prefix_cache``: keep the
+        keys and values of the prompt's text before the image (``first_logits``)."""
         from transformers import AutoConfig
 
         from vtprune.manifest import Sealed
@@ -158,6 +159,9 @@ class OrtVlm:
         self.shared_kv = self.fused and provider == "cpu"
         self.vision_quantized = self.manifest["export"].get("vision") is not None
         self.sampling = sampling or SamplingConfig()
+        # in-LLM bundles route over the whole prompt in one prefill graph: nothing of it can be reused
+        self.prefix_cache = prefix_cache and not self.routing
+        self._prefix: tuple[bytes, Any] | None = None  # (the prefix's token ids and positions, its state)
 
     def close(self) -> None:
         """Release the sessions (and their thread pools and weights)."""
@@ -238,9 +242,12 @@ class OrtVlm:
         positions = self.adapter.position_ids(inputs).numpy()[..., seq_keep]
         if self.cfg.positions == "contiguous":
             positions = np.broadcast_to(np.arange(seq_keep.size), positions.shape).copy()
+        # the text before the first image token: every kept row, the same for every image (prefix cache)
+        prefix = int(image_pos.min()) if image_pos.size else 0
         out = {"embeds": embeds[:, seq_keep], "positions": positions, "visual_kept": int(keep.size),
                "visual_total": int(image_pos.size), "prompt_len": int(ids.shape[1]), "keep_idx": keep,
-               "seq_keep": seq_keep}  # fmt: skip
+               "seq_keep": seq_keep, "prefix_len": prefix, "prefix_cached": 0,
+               "prefix_key": ids[0, :prefix].tobytes() + positions[..., :prefix].tobytes()}  # fmt: skip
         return out | (self._routing_rows(text_pos, image_pos, ids.shape[1]) if self.routing else {})
 
     def _routing_rows(self, text_pos: np.ndarray, image_pos: np.ndarray, length: int) -> dict[str, np.ndarray]:
@@ -300,9 +307,12 @@ class OrtVlm:
         return pre["positions"].max(axis=-1, keepdims=True) + 1
 
     def facts(self, pre: dict[str, Any]) -> PromptFacts:
-        return PromptFacts(pre["visual_total"], pre["visual_kept"], pre["prompt_len"], int(pre["embeds"].shape[1]))
+        return PromptFacts(pre["visual_total"], pre["visual_kept"], pre["prompt_len"], int(pre["embeds"].shape[1]),
+                           pre.get("prefix_cached", 0))  # fmt: skip
 
     def first_logits(self, pre: dict[str, Any]) -> tuple[np.ndarray, Any]:
+        if self.prefix_cache and 0 < pre["prefix_len"] < pre["embeds"].shape[1]:
+            return self._after_prefix(pre)
         if self.shared_kv and self.routing:  # the routed prefill's caches move into the shared buffers once
             logits, past = self.prefill(pre)
             return logits[0], SharedKv.holding(past, KV_ROOM)
@@ -312,6 +322,25 @@ class OrtVlm:
             return logits[0], kv
         logits, past = self.prefill(pre)
         return logits[0], past
+
+    def _after_prefix(self, pre: dict[str, Any]) -> tuple[np.ndarray, Any]:
+        """The prompt through the decoder in two parts: the text before the image (its keys and values kept
+        from the last prompt that began with the same tokens, else computed and kept), then the rest with
+        that cache. A robot asking about one frame after another with the same system prompt prefills only
+        the image and the question. The cached state is never written below its length (``SharedKv``; the
+        plain decoder returns new arrays), so every prompt starts from it unchanged."""
+        p, n = pre["prefix_len"], int(pre["embeds"].shape[1])
+        step = self._shared_step if self.shared_kv else self.decoder_step
+        cached = self._prefix
+        if (cached is None or cached[0] != pre["prefix_key"] or isinstance(cached[1], SharedKv) != self.shared_kv
+                or (self.shared_kv and cached[1].capacity < n)):  # fmt: skip
+            empty = SharedKv.holding(self._empty_past(), n + KV_ROOM) if self.shared_kv else self._empty_past()
+            _, state = step(pre["embeds"][:, :p], pre["positions"][..., :p], empty)
+            cached = self._prefix = (pre["prefix_key"], state)
+        else:
+            pre["prefix_cached"] = p
+        logits, state = step(pre["embeds"][:, p:], pre["positions"][..., p:], cached[1])
+        return logits[0], state
 
     def next_logits(self, token: int, position: np.ndarray, past: Any) -> tuple[np.ndarray, Any]:
         emb = self.sessions["embed"].run(None, {"input_ids": np.array([[token]], np.int64)})[0]

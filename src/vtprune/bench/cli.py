@@ -87,6 +87,9 @@ def add_bench(sub: Any) -> None:
     p.add_argument("--note", dest="notes", action="append", help="a note to print in the report (repeatable)")
     p.add_argument("--background-load", type=int, default=0, metavar="N",
                    help="N busy processes (one core each) run while measuring, as on a shared robot computer")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="bundles on ONNX Runtime: prefill each prompt whole, without the keys and values kept "
+                        "from the previous prompt's text before the image")
 
 
 def add_compare(sub: Any) -> None:

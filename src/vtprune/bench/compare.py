@@ -16,7 +16,7 @@ from typing import Any
 from vtprune.bench.markdown import STAGE_TITLES, environment_lines, fmt_ms, table
 from vtprune.bench.schema import COMPARE_FILE, COMPARE_KIND, SCHEMA_VERSION, STAGES, ComparisonError, dumps
 
-SUBJECT_ALLOWED = ("backend", "provider", "precision", "threads")
+SUBJECT_ALLOWED = ("backend", "provider", "precision", "threads", "prefix_cache")
 
 
 def refusals(reports: list[dict[str, Any]]) -> list[str]:

@@ -135,6 +135,7 @@ class BenchConfig(_Serializable):
     no_progress: bool = False
     notes: tuple[str, ...] = ()
     background_load: int = 0
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("backend", self.backend, BACKENDS)

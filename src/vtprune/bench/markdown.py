@@ -77,7 +77,8 @@ def summary_table(report: dict[str, Any]) -> list[str]:
     for b in report["budgets"]:
         t, th, p50 = b["tokens"], b["throughput"], lambda s, b=b: b["stages"].get(s, {}).get("p50_ms")
         rss = b["memory"].get("peak_rss_mb")
-        rows.append([b["label"], f"{t['visual_kept']} / {t['visual_total']}", str(t["prefill"]),
+        prefill = f"{t['prefill']} ({t['cached']} cached)" if t.get("cached") else str(t["prefill"])
+        rows.append([b["label"], f"{t['visual_kept']} / {t['visual_total']}", prefill,
                      f"{b['flops']['prefill_flops'] / 1e9:.4g}", fmt_ms(p50("vision_prune")), fmt_ms(p50("prefill")),
                      fmt_rate(th.get("prefill_tok_per_s")), fmt_ms(p50("ttft")), fmt_ms(p50("decode_per_token")),
                      fmt_rate(th.get("decode_tok_per_s")), fmt_ms(p50("e2e")),

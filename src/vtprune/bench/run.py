@@ -101,7 +101,7 @@ def targets(cfg: BenchConfig, log: Log) -> Iterator[tuple[Budget, Callable[[], T
         return
     if cfg.backend == "ort":
         for budget, bundle in ort_bundles(cfg, log):
-            yield budget, lambda b=bundle: OrtTarget(b, cfg.provider, cfg.threads)
+            yield budget, lambda b=bundle: OrtTarget(b, cfg.provider, cfg.threads, cfg.prefix_cache)
         return
     from vtprune.models import load_vlm
 
@@ -172,7 +172,7 @@ def bench_budget(target: Target, samples: list[Sample], cfg: BenchConfig, tick: 
 
 # report token key -> ``Generation`` field
 TOKEN_FIELDS = {"visual_total": "visual_tokens_total", "visual_kept": "visual_tokens_kept", "prompt": "prompt_tokens",
-                "prefill": "prefill_tokens", "decode_steps": "decode_steps"}  # fmt: skip
+                "prefill": "prefill_tokens", "cached": "cached_tokens", "decode_steps": "decode_steps"}  # fmt: skip
 
 
 def _median_int(values: list[int]) -> int:
@@ -196,14 +196,15 @@ def budget_entry(budget: Budget, target: Target, measured: dict, rss_scope: str)
 
 
 def throughput(stages: dict[str, dict], tokens: dict[str, int]) -> dict[str, float | None]:
-    """Edge-LLM's vocabulary at the median: ViT tok/s (image tokens), prefill tok/s, decode tok/s."""
+    """Edge-LLM's vocabulary at the median: ViT tok/s (image tokens), prefill tok/s (rows computed: the
+    prefix cache's rows are not), decode tok/s."""
 
     def rate(count: int, stage: str) -> float | None:
         ms = stages.get(stage, {}).get("p50_ms")
         return count / (ms / 1e3) if ms and count else None
 
     return {"vision_tok_per_s": rate(tokens["visual_total"], "vision_prune"),
-            "prefill_tok_per_s": rate(tokens["prefill"], "prefill"),
+            "prefill_tok_per_s": rate(tokens["prefill"] - tokens.get("cached", 0), "prefill"),
             "decode_tok_per_s": rate(1, "decode_per_token")}  # fmt: skip
 
 

@@ -34,11 +34,13 @@ class OrtTarget:
 
     backend = "ort"
 
-    def __init__(self, bundle: Path, provider: str = "cpu", threads: int | None = None) -> None:
+    def __init__(
+        self, bundle: Path, provider: str = "cpu", threads: int | None = None, prefix_cache: bool = True
+    ) -> None:
         from vtprune.backends.ort import OrtVlm
 
         self.bundle, self.provider, self.threads = Path(bundle), provider, threads
-        self.vlm = OrtVlm(bundle, provider, threads)
+        self.vlm = OrtVlm(bundle, provider, threads, prefix_cache=prefix_cache)
         self.cfg = self.vlm.cfg
 
     def run(self, sample: Sample, new_tokens: int) -> tuple[dict[str, float], Generation]:
@@ -48,7 +50,7 @@ class OrtTarget:
         m = self.vlm.manifest
         return {"backend": "ort", "model": m["model"]["source"], "family": m["model"]["family"],
                 "model_type": m["model"]["model_type"], "provider": self.provider, "threads": self.threads,
-                "precision": self.vlm.precision, "bundle": str(self.bundle),
+                "precision": self.vlm.precision, "prefix_cache": self.vlm.prefix_cache, "bundle": str(self.bundle),
                 "bundle_fingerprint": bundle_fingerprint(m)}  # fmt: skip
 
     def close(self) -> None:

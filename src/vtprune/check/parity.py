@@ -77,7 +77,7 @@ def record_feeds(bundle: Path, image: Any, prompt: str, steps: int) -> tuple[Any
     from vtprune.runtime.generate import decode
     from vtprune.runtime.timing import StageTimer
 
-    ort_vlm = OrtVlm(bundle, verify=False)
+    ort_vlm = OrtVlm(bundle, verify=False, prefix_cache=False)  # the prompt whole, as the engines take it
     recorders = {g: _Recorder(s, 1 + steps) for g, s in ort_vlm.sessions.items()}
     ort_vlm.sessions = recorders
     pre = ort_vlm.prefill_inputs(ort_vlm.inputs(ort_vlm._fit_image(image), prompt), StageTimer())

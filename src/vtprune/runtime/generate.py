@@ -32,6 +32,7 @@ class PromptFacts:
     visual_kept: int  # after the pruning stage, or the fewest any decoder layer processed (in-LLM)
     prompt_len: int  # the unpruned prompt
     prefill_tokens: int  # rows entering the decoder
+    cached_tokens: int = 0  # of those, rows whose keys and values came from the prefix cache
 
 
 class Runner(Protocol):
@@ -77,6 +78,7 @@ class Generation:
     prompt_tokens: int
     prefill_tokens: int
     flops: FlopsReport
+    cached_tokens: int = 0  # prefill rows whose keys and values a runner's prefix cache held
     timings_ms: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: float = 0.0
     layer_visual_tokens: list[int] | None = None  # in-LLM methods: visual tokens each decoder layer processed
@@ -216,7 +218,8 @@ def generate(
         answer=runner.adapter.decode([t for t in tokens if t not in model_eos]), token_ids=tokens,
         method=runner.cfg.method, keep=runner.cfg.keep, visual_tokens_total=facts.visual_total,
         visual_tokens_kept=facts.visual_kept, prompt_tokens=facts.prompt_len, prefill_tokens=facts.prefill_tokens,
-        flops=runner.flops(record), timings_ms=dict(timer.ms), peak_rss_mb=peak_rss_mb(),
+        flops=runner.flops(record), cached_tokens=facts.cached_tokens, timings_ms=dict(timer.ms),
+        peak_rss_mb=peak_rss_mb(),
         layer_visual_tokens=costs[0] if costs else None, layer_macs=costs[1] if costs else None,
         candidate_logprobs=scores.logprobs if scores is not None else None,
     )  # fmt: skip

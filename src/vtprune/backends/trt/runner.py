@@ -147,7 +147,8 @@ class TrtVlm(OrtVlm):
     ):  # fmt: skip
         self.device = torch.device(device)
         self._trt, self._load_engine = trt, load_engine
-        super().__init__(bundle, "cpu", None, verify, sampling)
+        # no prefix cache: the engine's prefill takes the prompt whole, as ``vtprune check`` compares it
+        super().__init__(bundle, "cpu", None, verify, sampling, prefix_cache=False)
 
     def open_sessions(self, graphs: tuple[str, ...], provider: str, threads: int | None) -> dict[str, Any]:
         if self._load_engine is None:
