@@ -182,6 +182,9 @@ def convert_openvino(ov_python: str, work: Path, fmt: str, log: Any) -> Path:
     cmd = [ov_python, "-m", "optimum.commands.optimum_cli", "export", "openvino", "-m", str(src),
            "--task", "image-text-to-text", "--weight-format", fmt, str(out)]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True, text=True)
+    if not (out / "preprocessor_config.json").is_file():  # optimum-intel 2.2 writes only processor_config.json;
+        # without this file OpenVINO GenAI falls back to a default image size (576 image tokens, not 256)
+        shutil.copy(src / "preprocessor_config.json", out / "preprocessor_config.json")
     return out
 
 
