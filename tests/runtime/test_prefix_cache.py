@@ -17,6 +17,21 @@ def other_image(scene: Image.Image) -> Image.Image:
     return Image.fromarray(255 - np.asarray(scene))  # another image, same size
 
 
+def decided(whole: OrtVlm, image: Image.Image, tokens: int, prompt: str = PROMPT, tie: float = 1e-3) -> list[int]:
+    """``whole``'s greedy tokens up to the first step whose two best logits lie within ``tie`` (where
+    another CPU's rounding, or the split prefill's, may pick the other one)."""
+    record = whole.prefill_inputs(whole.inputs(image, prompt), whole.timer())
+    logits, state = whole.first_logits(record)
+    out, position = [], whole.next_position(record)
+    for i in range(tokens):
+        top = np.sort(logits)[-2:]
+        if top[1] - top[0] < tie:
+            break
+        out.append(int(np.argmax(logits)))
+        logits, state = whole.next_logits(out[-1], position + i, state)
+    return out
+
+
 def first_logits(vlm: OrtVlm, image: Image.Image, prompt: str, raw: bool = False) -> tuple[np.ndarray, dict]:
     record = vlm.prefill_inputs(vlm.inputs(image, prompt, raw), vlm.timer())
     logits, _ = vlm.first_logits(record)
@@ -33,8 +48,9 @@ def test_prompts_after_the_first_reuse_the_text_before_the_image(bundles, scene,
         assert record["prefix_cached"] == (0 if i == 0 else record["prefix_len"])
         assert np.abs(got - want).max() < 1e-4
         a = cached.generate(image, PROMPT, max_new_tokens=6)
-        b = whole.generate(image, PROMPT, max_new_tokens=6)
-        assert a.token_ids == b.token_ids and a.cached_tokens == record["prefix_len"] and b.cached_tokens == 0
+        want_tokens = decided(whole, image, 6)
+        assert want_tokens and a.token_ids[: len(want_tokens)] == want_tokens  # (the first logits: above)
+        assert a.cached_tokens == record["prefix_len"]
 
 
 def test_another_text_before_the_image_is_prefilled_again(bundles, scene):
