@@ -129,8 +129,15 @@ def test_summarize_and_measure_stages():
 
 
 def test_peak_rss_can_be_reset():
-    transient = bytearray(b"\x01" * (64 * 2**20))  # 64 MiB, every page touched (a zeroed one may never be)
-    del transient  # the peak now lies at least 64 MiB above the current RSS, whatever ran before
+    import mmap
+
+    # 64 MiB of anonymous pages, every one touched, then unmapped: the peak now lies at least 64 MiB above
+    # the current RSS, whatever ran before (a freed Python buffer may stay in the heap, and in the RSS, when
+    # a library earlier in the process has raised malloc's mmap threshold)
+    transient = mmap.mmap(-1, 64 * 2**20)
+    for i in range(0, len(transient), mmap.PAGESIZE):
+        transient[i] = 1
+    transient.close()
     high = rep.peak_rss_mb()
     if rep.reset_peak_rss():
         assert rep.peak_rss_mb() < high
