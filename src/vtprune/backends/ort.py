@@ -311,42 +311,44 @@ class OrtVlm:
                            pre.get("prefix_cached", 0))  # fmt: skip
 
     def first_logits(self, pre: dict[str, Any]) -> tuple[np.ndarray, Any]:
-        if self.prefix_cache and 0 < pre["prefix_len"] < pre["embeds"].shape[1]:
-            return self._after_prefix(pre)
-        if self.shared_kv and self.routing:  # the routed prefill's caches move into the shared buffers once
+        if self.routing:  # the routed prefill's caches move into the shared buffers once
             logits, past = self.prefill(pre)
-            return logits[0], SharedKv.holding(past, KV_ROOM)
-        if self.shared_kv:  # the prompt's keys and values are written straight into the shared buffers
-            logits, kv = self._shared_step(pre["embeds"], pre["positions"],
-                                           SharedKv.holding(self._empty_past(), pre["embeds"].shape[1] + KV_ROOM))
-            return logits[0], kv
-        logits, past = self.prefill(pre)
-        return logits[0], past
-
-    def _after_prefix(self, pre: dict[str, Any]) -> tuple[np.ndarray, Any]:
-        """The prompt through the decoder in two parts: the text before the image (its keys and values kept
-        from the last prompt that began with the same tokens, else computed and kept), then the rest with
-        that cache. A robot asking about one frame after another with the same system prompt prefills only
-        the image and the question. The cached state is never written below its length (``SharedKv``; the
-        plain decoder returns new arrays), so every prompt starts from it unchanged."""
-        p, n = pre["prefix_len"], int(pre["embeds"].shape[1])
-        step = self._shared_step if self.shared_kv else self.decoder_step
-        cached = self._prefix
-        if (cached is None or cached[0] != pre["prefix_key"] or isinstance(cached[1], SharedKv) != self.shared_kv
-                or (self.shared_kv and cached[1].capacity < n)):  # fmt: skip
-            empty = SharedKv.holding(self._empty_past(), n + KV_ROOM) if self.shared_kv else self._empty_past()
-            _, state = step(pre["embeds"][:, :p], pre["positions"][..., :p], empty)
-            cached = self._prefix = (pre["prefix_key"], state)
-        else:
-            pre["prefix_cached"] = p
-        logits, state = step(pre["embeds"][:, p:], pre["positions"][..., p:], cached[1])
+            return logits[0], SharedKv.holding(past, KV_ROOM) if self.shared_kv else past
+        # the prompt's keys and values go straight into the shared buffers (or a new cache), after the text
+        # before the image where the prefix cache holds it
+        n = int(pre["embeds"].shape[1])
+        p = pre["prefix_len"] if self.prefix_cache and 0 < pre["prefix_len"] < n else 0
+        state = self._prefix_state(pre, n) if p else self._empty_state(n)
+        logits, state = self._step(pre["embeds"][:, p:], pre["positions"][..., p:], state)
         return logits[0], state
+
+    def _empty_state(self, rows: int) -> Any:
+        """A decoding state holding nothing yet, with room for ``rows`` prompt rows (and ``KV_ROOM`` more)."""
+        return SharedKv.holding(self._empty_past(), rows + KV_ROOM) if self.shared_kv else self._empty_past()
+
+    def _prefix_state(self, pre: dict[str, Any], rows: int) -> Any:
+        """The state after the text before the image: kept from the last prompt that began with the same
+        tokens, else computed and kept (``first_logits`` then prefills only the image and the question). A
+        robot asking about one frame after another with the same system prompt computes it once. The kept
+        state is never written below its length (``SharedKv``; the plain decoder returns new arrays), so
+        every prompt starts from it unchanged."""
+        p, cached = pre["prefix_len"], self._prefix
+        if (cached is None or cached[0] != pre["prefix_key"] or isinstance(cached[1], SharedKv) != self.shared_kv
+                or (self.shared_kv and cached[1].capacity < rows)):  # fmt: skip
+            _, state = self._step(pre["embeds"][:, :p], pre["positions"][..., :p], self._empty_state(rows))
+            self._prefix = (pre["prefix_key"], state)
+            return state
+        pre["prefix_cached"] = p
+        return cached[1]
 
     def next_logits(self, token: int, position: np.ndarray, past: Any) -> tuple[np.ndarray, Any]:
         emb = self.sessions["embed"].run(None, {"input_ids": np.array([[token]], np.int64)})[0]
-        step = self._shared_step if self.shared_kv else self.decoder_step
-        logits, past = step(emb, position, past)
+        logits, past = self._step(emb, position, past)
         return logits[0], past
+
+    def _step(self, embeds: np.ndarray, positions: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
+        """New rows through the step graph with the decoding state (in place where the cache is shared)."""
+        return (self._shared_step if self.shared_kv else self.decoder_step)(embeds, positions, state)
 
     def _shared_step(self, embeds: np.ndarray, positions: np.ndarray, kv: SharedKv) -> tuple[np.ndarray, SharedKv]:
         """New tokens through the fused decoder, its cache written in place (``SharedKv``)."""
