@@ -9,13 +9,14 @@ script copies the pocket checkpoint, adds the ``preprocessor_config.json`` OpenV
 writes ``processor_config.json``), converts it with ``optimum-cli export openvino`` (fp32 and int8 weights)
 and measures:
 
-- vtprune's ONNX Runtime bundles from ``benchmarks/quantized.py`` (fp32, int8, int4, w8a8, w8a8 with an
-  int8 vision graph; unpruned, G-Prune 64 and ALVTS 28; a few with the traced decoder beside the fused one
-  quantized bundles get by default); ``--only`` picks configurations by label. A worker keeps its runner open,
-  so from the warm-up round on the text before the image comes from the runner's prefix cache (the system
-  prompt: 24 rows); the ``no prefix cache`` rows prefill every prompt whole. OpenVINO's ``VLMPipeline`` as
-  made here keeps no cache between requests (its prefix caching belongs to the continuous-batching
-  scheduler, not set; with the same 4 images every round it would also hold their image tokens);
+- vtprune's ONNX Runtime bundles from ``benchmarks/quantized.py`` (fp32, int8, int4, w8a8, w8a8 with an int8
+  vision graph; unpruned, G-Prune 64 and ALVTS 28; a few with the traced decoder beside the fused one
+  quantized bundles get by default, and fp32 with the fused one, ``F@fused``); ``--only`` picks configurations
+  by label. A worker keeps its runner open, so from the warm-up round on the text before the image comes from
+  the runner's prefix cache (the system prompt: 24 rows); the ``no prefix cache`` rows prefill every prompt
+  whole. OpenVINO's ``VLMPipeline`` as made here keeps no cache between requests (its prefix caching belongs
+  to the continuous-batching scheduler, not set; with the same 4 images every round it would also hold their
+  image tokens);
 - OpenVINO GenAI's ``VLMPipeline``: fp32 weights computed in fp32 (``INFERENCE_PRECISION_HINT=f32``), fp32
   weights with its default precision (bf16 on CPUs with AMX/AVX-512 BF16), and int8 weights;
 - with ``--ortgenai-python`` (a venv with ``onnxruntime-genai``, torch, transformers, onnx), ONNX Runtime
@@ -56,6 +57,9 @@ VTPRUNE = {"vtprune fp32, unpruned": "none-fp32", "vtprune fp32, G-Prune 64": "g
            "vtprune w8a8 + int8 vision, G-Prune 64, traced decoder": "gprune-64-w8a8+v8@traced",
            "vtprune int4, G-Prune 64, traced decoder": "gprune-64-int4@traced",
            "vtprune w8a8 + int8 vision, ALVTS 28, traced decode graph": "alvts-28-w8a8+v8@traced",
+           # fp32 with the fused decoder (fp32 bundles get the portable traced one by default, which TensorRT builds)
+           "vtprune fp32 fused decoder, unpruned": "none-fp32@fused",
+           "vtprune fp32 fused decoder, G-Prune 64": "gprune-64-fp32@fused",
            # every prompt prefilled whole (the runner's prefix cache off: the rows above reuse the text before
            # the image from the previous request, as a runner kept open does)
            "vtprune fp32, unpruned, no prefix cache": "none-fp32#whole",
