@@ -6,9 +6,10 @@ bundle size, TTFT, decode speed and easy-vqa accuracy, each format beside fp32 w
                                    [--formats fp32,int8,int4,w8a8] [--methods none,gprune-64,alvts-28]
 
 A format ``F+v8`` adds ``--vision int8`` (the vision encoder and projector in int8, static scales
-calibrated on 32 easy-vqa train images) to the language-model format F, e.g. ``w8a8+v8``; ``F@traced``
-exports it with ``--decoder traced`` (quantized formats write the fused decoder by default; for ALVTS the
-fused graph is the one-token decode graph, its routed prefill traced either way).
+calibrated on 32 easy-vqa train images) to the language-model format F, e.g. ``w8a8+v8``; ``F@traced`` and
+``F@fused`` export it with ``--decoder traced|fused`` (quantized formats write the fused decoder by default,
+fp32 the traced one; for ALVTS the fused graph is the one-token decode graph, its routed prefill traced either
+way). ``benchmarks/peers.py`` reads the bundles exported here.
 
 Latency: rounds alternate the bundles (A, B, C, A, B, C, ...), each round answers the same 4 easy-vqa images
 with up to 16 new tokens, 1 warm-up round; medians over rounds (TTFT, its vision stage, decode speed) and
@@ -94,7 +95,7 @@ def main() -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     args.work.mkdir(parents=True, exist_ok=True)
-    # F@traced: --decoder traced (an in-LLM method's decode graph; its routed prefill is traced either way)
+    # F@traced / F@fused: --decoder traced or fused (an in-LLM method's decode graph; its routed prefill is traced)
     bundles = {f"{m}/{f}": bundle_for(args.work, f, m, log) for m in names for f in formats}
     questions = subsample(load_questions("test"), args.questions, 0)
     vlms = {k: OrtVlm(b) for k, b in bundles.items()}
